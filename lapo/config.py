@@ -1,0 +1,437 @@
+"""Typed settings for every lapo command.
+
+One source of truth: the dataclasses below hold every default. A YAML file only
+overrides fields, and command-line ``key.sub=value`` pairs override the YAML. A
+wrong key or a bad value fails at start-up with a message naming it, before any
+data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, mistyped or impossible. The message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Training dataset: a directory of shards + manifest.json, or any URL/brace pattern webdataset accepts."""
+    val_path: str | None = None
+    """Validation dataset. None: hold out the last `val_shards` shards of `path`."""
+    val_shards: int = 1
+    """Shards of `path` held out for validation when `val_path` is not given (0: no validation)."""
+    context: int = 2
+    """k: frames of context o[t-k+1..t]; each window holds k+1 frames (context plus o[t+1])."""
+    frame_gap: int = 1
+    """Steps between consecutive frames of a window (1: consecutive frames)."""
+    batch_size: int = 32
+    """Windows per batch, per rank."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 2048
+    """Windows held in the shuffle buffer of each worker (bounds memory)."""
+    windows_per_clip: int = 0
+    """At most this many windows are cut from each decoded clip (0: all of them)."""
+    batches_per_epoch: int = 500
+    """Training batches per rank per epoch (the stream is resampled, so every rank gets exactly this)."""
+    val_batches: int = 20
+    """Validation batches per rank (a deterministic, finite pass)."""
+    seed: int = 0
+    """Seed for shard resampling and window shuffling."""
+
+    def __post_init__(self) -> None:
+        _check(self.context >= 1, "data.context", f"must be >= 1, got {self.context}")
+        _check(self.frame_gap >= 1, "data.frame_gap", f"must be >= 1, got {self.frame_gap}")
+        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        _check(self.windows_per_clip >= 0, "data.windows_per_clip", "must be >= 0")
+        _check(self.batches_per_epoch >= 1, "data.batches_per_epoch", "must be >= 1")
+        _check(self.val_shards >= 0, "data.val_shards", "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 64
+    """Frames are resized (square) to this many pixels on a side before the model."""
+    encoder: Literal["impala", "transformer"] = "impala"
+    """IMPALA CNN for small frames; a spatio-temporal patch transformer for large ones."""
+    impala_scale: int = 4
+    """Width multiplier of the IMPALA CNN (channels 16, 32, 32 times this)."""
+    patch_size: int = 8
+    """Transformer encoder: pixels per patch side."""
+    tf_dim: int = 256
+    """Transformer encoder: embedding width."""
+    tf_depth: int = 4
+    """Transformer encoder: number of blocks."""
+    tf_heads: int = 4
+    """Transformer encoder: attention heads."""
+    latent_dim: int = 128
+    """Size of the latent action vector z[t] fed to the world model."""
+    bottleneck: Literal["vq", "fsq", "continuous"] = "vq"
+    """How z[t] is constrained: vector quantisation, finite scalar quantisation, or a small continuous vector."""
+    vq_codebook_size: int = 64
+    """VQ: codes per codebook."""
+    vq_heads: int = 2
+    """VQ: heads (z is split in this many parts, each quantised separately)."""
+    vq_decay: float = 0.8
+    """VQ: EMA decay of the codebook."""
+    vq_commitment: float = 0.25
+    """VQ: commitment loss weight."""
+    vq_kmeans_init: bool = False
+    """VQ: initialise codebooks with k-means on the first batch."""
+    vq_dead_code_threshold: float = 0.0
+    """VQ: replace codes used fewer than this many times per batch (0: off)."""
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    """FSQ: levels per dimension (codebook size is their product)."""
+    continuous_dim: int = 8
+    """Continuous: size of the bottleneck vector before projection to latent_dim."""
+    continuous_norm: Literal["none", "l2", "tanh"] = "tanh"
+    """Continuous: how the vector is bounded."""
+    continuous_noise: float = 0.1
+    """Continuous: std of Gaussian noise added while training (an information limit)."""
+    fdm: Literal["pixel", "latent"] = "pixel"
+    """World model target: pixels (U-Net, LAPO) or a learned embedding with an EMA target encoder (LAOM)."""
+    fdm_channels: int = 64
+    """Base width of the U-Net world model."""
+    ema_decay: float = 0.995
+    """Latent world model: EMA decay of the target encoder."""
+    sup_weight: float = 0.0
+    """Weak supervision: weight of a head z -> true action on labelled windows (0: off)."""
+    num_actions: int = 0
+    """True action count for the weak-supervision head (0: read from the dataset manifest)."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 8, "model.image_size", "must be >= 8")
+        _check(self.impala_scale >= 1, "model.impala_scale", "must be >= 1")
+        _check(self.latent_dim >= 1, "model.latent_dim", "must be >= 1")
+        _check(self.vq_codebook_size >= 2, "model.vq_codebook_size", "must be >= 2")
+        _check(self.vq_heads >= 1, "model.vq_heads", "must be >= 1")
+        _check(
+            self.latent_dim % self.vq_heads == 0 or self.bottleneck != "vq",
+            "model.vq_heads",
+            f"latent_dim {self.latent_dim} must be divisible by vq_heads {self.vq_heads}",
+        )
+        _check(0.0 < self.vq_decay < 1.0, "model.vq_decay", "must be in (0, 1)")
+        _check(
+            len(self.fsq_levels) >= 1 and all(lv >= 2 for lv in self.fsq_levels),
+            "model.fsq_levels",
+            f"must be a non-empty list of integers >= 2, got {self.fsq_levels}",
+        )
+        _check(self.continuous_dim >= 1, "model.continuous_dim", "must be >= 1")
+        _check(self.continuous_noise >= 0, "model.continuous_noise", "must be >= 0")
+        _check(self.sup_weight >= 0, "model.sup_weight", "must be >= 0")
+        if self.encoder == "transformer":
+            _check(
+                self.image_size % self.patch_size == 0,
+                "model.patch_size",
+                f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}",
+            )
+            _check(self.tf_dim % self.tf_heads == 0, "model.tf_heads", "must divide tf_dim")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    grad_clip: float = 1.0
+    """Gradient norm clip (0: off)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2, "optim.betas", "must hold two numbers")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimiser steps (Lightning's key)."""
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu."""
+    devices: Union[int, str] = "auto"
+    """Devices per node (Lightning's meaning)."""
+    num_nodes: int = 1
+    """Nodes (under Slurm, match --nodes)."""
+    strategy: Literal["auto", "ddp", "fsdp", "ddp_find_unused_parameters_true"] = "auto"
+    """Distribution strategy."""
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    """Numeric precision; bf16-mixed falls back to 32-true with a warning on CPU."""
+    compile: bool = False
+    """torch.compile the models (GPU only; ignored with a warning on CPU)."""
+    log_every_n_steps: int = 10
+    """Scalar logging interval."""
+    val_every_n_steps: int = 200
+    """Validation interval in optimiser steps."""
+    ckpt_every_n_steps: int = 500
+    """Checkpoint interval in optimiser steps (last.ckpt is kept too)."""
+    image_every_n_steps: int = 500
+    """Interval of the o[t] / predicted / true image strip."""
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])
+    """Any of tensorboard, csv, wandb."""
+    seed: int = 0
+    """Global seed (models, data order)."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """On a NaN/inf loss: skip the step, or stop naming the step and batch."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+        for name in ("log_every_n_steps", "val_every_n_steps", "ckpt_every_n_steps", "image_every_n_steps"):
+            _check(getattr(self, name) >= 1, f"trainer.{name}", "must be >= 1")
+        bad = [lg for lg in self.loggers if lg not in ("tensorboard", "csv", "wandb")]
+        _check(not bad, "trainer.loggers", f"unknown logger(s) {bad}; allowed: tensorboard, csv, wandb")
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1: the latent action model (IDM + world model)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class PolicyModelConfig:
+    encoder: Literal["impala", "transformer"] = "impala"
+    """Observation encoder of the latent policy."""
+    impala_scale: int = 4
+    """Width multiplier of the IMPALA CNN."""
+    hidden: int = 256
+    """Width of the policy head."""
+    target: Literal["continuous", "codes"] = "continuous"
+    """Regress the IDM's pre-quantisation latent, or classify its codes (vq/fsq only)."""
+
+    def __post_init__(self) -> None:
+        _check(self.impala_scale >= 1, "policy.impala_scale", "must be >= 1")
+        _check(self.hidden >= 1, "policy.hidden", "must be >= 1")
+
+
+@dataclass
+class PolicyConfig:
+    """Stage 2: the latent policy cloned from the IDM's latent actions."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyModelConfig = field(default_factory=PolicyModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 3: decoder from latent to true actions and policy fine-tune (Accelerate)."""
+
+    label_budget: int = 1000
+    """Labelled transitions used (whole episodes first, then clips; seeded)."""
+    method: Literal["lapo", "idm-supervised", "bc"] = "lapo"
+    """lapo: decoder on latents; idm-supervised: VPT-style IDM on the labels; bc: clone true actions."""
+    finetune_policy: bool = False
+    """Also fine-tune the latent policy end to end through the decoder."""
+    use_obs_features: bool = False
+    """Decoder also sees the IDM's observation features."""
+    decoder_hidden: int = 128
+    """Decoder MLP width."""
+    epochs: int = 20
+    """Passes over the labelled budget."""
+    batch_size: int = 64
+    """Per-process batch size."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    val_fraction: float = 0.2
+    """Fraction of labelled episodes held out for evaluation (never used for training)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Accelerate mixed precision."""
+    num_workers: int = 0
+    """DataLoader workers."""
+    seed: int = 0
+    """Seed for budget selection and training."""
+
+    def __post_init__(self) -> None:
+        _check(self.label_budget >= 1, "finetune.label_budget", "must be >= 1")
+        _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "finetune.batch_size", "must be >= 1")
+        _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", "must be in (0, 1)")
+        _check(self.lr > 0, "finetune.lr", "must be > 0")
+
+
+# --------------------------------------------------------------------------- machinery
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass `cls` from a (possibly partial) dict; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key; allowed keys here: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            key = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """``["model.bottleneck=fsq", "trainer.max_steps=10"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r}: expected key=value, e.g. trainer.max_steps=100")
+        key, raw = pair.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with the safe loader (never executes tags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | dict | None = None
+) -> T:
+    """Defaults of `cls`, overridden by the YAML at `path`, overridden by `overrides`."""
+    tree: dict = read_yaml(path) if path else {}
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    tree = _merge(tree, extra)
+    where = f" (in {path})" if path else ""
+    try:
+        return from_dict(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
