@@ -9,6 +9,7 @@ data is read.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class DataConfig:
     batches_per_epoch: int = 500
     """Training batches per rank per epoch (the stream is resampled, so every rank gets exactly this)."""
     val_batches: int = 20
-    """Validation batches per rank (a deterministic, finite pass)."""
+    """Validation batches per rank, at most (a deterministic, finite pass; 0: the whole split)."""
     seed: int = 0
     """Seed for shard resampling and window shuffling."""
 
@@ -66,6 +67,7 @@ class DataConfig:
         _check(self.windows_per_clip >= 0, "data.windows_per_clip", "must be >= 0")
         _check(self.batches_per_epoch >= 1, "data.batches_per_epoch", "must be >= 1")
         _check(self.val_shards >= 0, "data.val_shards", "must be >= 0")
+        _check(self.val_batches >= 0, "data.val_batches", "must be >= 0 (0: the whole split)")
 
 
 @dataclass
@@ -86,6 +88,8 @@ class ModelConfig:
     """Transformer encoder: attention heads."""
     latent_dim: int = 128
     """Size of the latent action vector z[t] fed to the world model."""
+    embed_dim: int = 256
+    """Width of encoder outputs: the IDM's features before its latent head, and the latent world model's embedding."""
     bottleneck: Literal["vq", "fsq", "continuous"] = "vq"
     """How z[t] is constrained: vector quantisation, finite scalar quantisation, or a small continuous vector."""
     vq_codebook_size: int = 64
@@ -110,10 +114,12 @@ class ModelConfig:
     """Continuous: std of Gaussian noise added while training (an information limit)."""
     fdm: Literal["pixel", "latent"] = "pixel"
     """World model target: pixels (U-Net, LAPO) or a learned embedding with an EMA target encoder (LAOM)."""
-    fdm_channels: int = 64
-    """Base width of the U-Net world model."""
+    fdm_channels: int = 32
+    """Base width of the U-Net world model (widths are this times 1, 2, 4, 8 over four halvings)."""
     ema_decay: float = 0.995
     """Latent world model: EMA decay of the target encoder."""
+    fdm_latent_loss: Literal["cosine", "mse"] = "cosine"
+    """Latent world model: distance between predicted and target embeddings (cosine is scale-free, so cannot shrink to zero)."""
     sup_weight: float = 0.0
     """Weak supervision: weight of a head z -> true action on labelled windows (0: off)."""
     num_actions: int = 0
@@ -139,6 +145,20 @@ class ModelConfig:
         _check(self.continuous_dim >= 1, "model.continuous_dim", "must be >= 1")
         _check(self.continuous_noise >= 0, "model.continuous_noise", "must be >= 0")
         _check(self.sup_weight >= 0, "model.sup_weight", "must be >= 0")
+        _check(self.num_actions >= 0, "model.num_actions", "must be >= 0")
+        _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
+        _check(self.patch_size >= 1, "model.patch_size", "must be >= 1")
+        _check(self.tf_depth >= 1, "model.tf_depth", "must be >= 1")
+        _check(self.fdm_channels >= 1, "model.fdm_channels", "must be >= 1")
+        _check(self.vq_commitment >= 0, "model.vq_commitment", "must be >= 0")
+        _check(self.vq_dead_code_threshold >= 0, "model.vq_dead_code_threshold", "must be >= 0")
+        _check(0.0 <= self.ema_decay < 1.0, "model.ema_decay", "must be in [0, 1)")
+        if self.fdm == "pixel":
+            _check(
+                self.image_size % 16 == 0,
+                "model.image_size",
+                f"the pixel world model (U-Net, four halvings) needs a multiple of 16, got {self.image_size}",
+            )
         if self.encoder == "transformer":
             _check(
                 self.image_size % self.patch_size == 0,
@@ -160,6 +180,8 @@ class OptimConfig:
     """Linear warm-up steps."""
     schedule: Literal["constant", "cosine"] = "cosine"
     """Learning-rate schedule after warm-up."""
+    min_lr_ratio: float = 0.0
+    """Cosine schedule: the learning rate at max_steps, as a fraction of lr."""
     grad_clip: float = 1.0
     """Gradient norm clip (0: off)."""
 
@@ -168,6 +190,7 @@ class OptimConfig:
         _check(len(self.betas) == 2, "optim.betas", "must hold two numbers")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
 
 
 @dataclass
@@ -204,12 +227,31 @@ class TrainerConfig:
     """On a NaN/inf loss: skip the step, or stop naming the step and batch."""
     progress: bool = True
     """Show a progress bar."""
+    sanity_val_steps: int = 0
+    """Validation batches run before training starts, to fail early on a broken val pass."""
+    wandb_project: str = "lapo"
+    """Weights & Biases project (used when loggers include wandb)."""
+    log_keys: bool = False
+    """Debug: append every training batch's sample keys to RUN/debug/keys-rank<R>.txt."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
         for name in ("log_every_n_steps", "val_every_n_steps", "ckpt_every_n_steps", "image_every_n_steps"):
             _check(getattr(self, name) >= 1, f"trainer.{name}", "must be >= 1")
+        _check(self.sanity_val_steps >= 0, "trainer.sanity_val_steps", "must be >= 0")
+        _check(
+            isinstance(self.devices, str) and self.devices == "auto"
+            or isinstance(self.devices, int) and (self.devices >= 1 or self.devices == -1),
+            "trainer.devices",
+            f"must be 'auto', -1 (all) or an integer >= 1, got {self.devices!r}",
+        )
+        accelerators = ("auto", "cpu", "gpu", "cuda", "mps")
+        _check(
+            self.accelerator in accelerators,
+            "trainer.accelerator",
+            f"{self.accelerator!r} is not allowed; choose one of {list(accelerators)}",
+        )
         bad = [lg for lg in self.loggers if lg not in ("tensorboard", "csv", "wandb")]
         _check(not bad, "trainer.loggers", f"unknown logger(s) {bad}; allowed: tensorboard, csv, wandb")
 
@@ -230,14 +272,26 @@ class PolicyModelConfig:
     """Observation encoder of the latent policy."""
     impala_scale: int = 4
     """Width multiplier of the IMPALA CNN."""
+    patch_size: int = 8
+    """Transformer encoder: pixels per patch side (frames are at the latent action model's image_size)."""
+    tf_dim: int = 256
+    """Transformer encoder: embedding width."""
+    tf_depth: int = 4
+    """Transformer encoder: number of blocks."""
+    tf_heads: int = 4
+    """Transformer encoder: attention heads."""
     hidden: int = 256
-    """Width of the policy head."""
+    """Width of the policy head (and of the observation features it exposes)."""
     target: Literal["continuous", "codes"] = "continuous"
     """Regress the IDM's pre-quantisation latent, or classify its codes (vq/fsq only)."""
 
     def __post_init__(self) -> None:
         _check(self.impala_scale >= 1, "policy.impala_scale", "must be >= 1")
         _check(self.hidden >= 1, "policy.hidden", "must be >= 1")
+        _check(self.patch_size >= 1, "policy.patch_size", "must be >= 1")
+        _check(self.tf_depth >= 1, "policy.tf_depth", "must be >= 1")
+        if self.encoder == "transformer":
+            _check(self.tf_dim % self.tf_heads == 0, "policy.tf_heads", "must divide tf_dim")
 
 
 @dataclass
@@ -259,34 +313,77 @@ class FinetuneConfig:
     method: Literal["lapo", "idm-supervised", "bc"] = "lapo"
     """lapo: decoder on latents; idm-supervised: VPT-style IDM on the labels; bc: clone true actions."""
     finetune_policy: bool = False
-    """Also fine-tune the latent policy end to end through the decoder."""
+    """Also fine-tune the latent policy end to end through the decoder (lapo with a policy run)."""
     use_obs_features: bool = False
-    """Decoder also sees the IDM's observation features."""
+    """lapo: the decoder also sees observation features (the IDM's features of o[t-k+1..t] with o[t] repeated as the next frame, so act() can compute them too)."""
     decoder_hidden: int = 128
     """Decoder MLP width."""
     epochs: int = 20
-    """Passes over the labelled budget."""
+    """Passes over the labelled budget (decoder fit; idm-supervised and bc training)."""
+    policy_epochs: int = 0
+    """Passes of the end-to-end policy fine-tune (0: same as epochs)."""
     batch_size: int = 64
     """Per-process batch size."""
+    eval_batch_size: int = 256
+    """Per-process batch size for held-out evaluation and latent extraction."""
     lr: float = 1e-3
-    """AdamW learning rate."""
+    """AdamW learning rate (decoder fit, idm-supervised, bc)."""
+    policy_lr: float = 3e-4
+    """AdamW learning rate of the end-to-end policy fine-tune (the pretrained policy moves slowly)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clip (0: off)."""
     val_fraction: float = 0.2
     """Fraction of labelled episodes held out for evaluation (never used for training)."""
+    val_max: int = 5000
+    """At most this many held-out transitions are loaded (seeded subset; 0: all)."""
+    context: int = 0
+    """k frames of context. 0: the LAM's (lapo) or 2 (baselines); for lapo any other value must equal the LAM's."""
+    frame_gap: int = 0
+    """Steps between frames of a window. 0: the LAM's (lapo) or 1 (baselines)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Accelerate mixed precision."""
+    """Accelerate mixed precision (fp16 needs a GPU; on CPU it falls back to no with a warning)."""
     num_workers: int = 0
-    """DataLoader workers."""
+    """DataLoader workers (the labelled set is in memory: 0 is usually fastest)."""
+    keep_checkpoints: int = 2
+    """Epoch checkpoints kept per phase under RUN_F/checkpoints (older ones are deleted)."""
+    progress: bool = True
+    """Show a progress bar (main process only)."""
     seed: int = 0
     """Seed for budget selection and training."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """idm-supervised: the IDM's architecture (the LAM's IDM encoder; the bottleneck and world model are unused)."""
+    policy: PolicyModelConfig = field(default_factory=PolicyModelConfig)
+    """bc: the policy network's architecture (its head outputs true actions)."""
 
     def __post_init__(self) -> None:
         _check(self.label_budget >= 1, "finetune.label_budget", "must be >= 1")
         _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
+        _check(self.policy_epochs >= 0, "finetune.policy_epochs", "must be >= 0")
         _check(self.batch_size >= 1, "finetune.batch_size", "must be >= 1")
+        _check(self.eval_batch_size >= 1, "finetune.eval_batch_size", "must be >= 1")
+        _check(self.decoder_hidden >= 1, "finetune.decoder_hidden", "must be >= 1")
         _check(0.0 < self.val_fraction < 1.0, "finetune.val_fraction", "must be in (0, 1)")
+        _check(self.val_max >= 0, "finetune.val_max", "must be >= 0")
         _check(self.lr > 0, "finetune.lr", "must be > 0")
+        _check(self.policy_lr > 0, "finetune.policy_lr", "must be > 0")
+        _check(self.weight_decay >= 0, "finetune.weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, "finetune.grad_clip", "must be >= 0")
+        _check(self.context >= 0, "finetune.context", "must be >= 0 (0: the LAM's, or 2)")
+        _check(self.frame_gap >= 0, "finetune.frame_gap", "must be >= 0 (0: the LAM's, or 1)")
+        _check(self.num_workers >= 0, "finetune.num_workers", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "finetune.keep_checkpoints", "must be >= 1")
+        _check(
+            not self.finetune_policy or self.method == "lapo",
+            "finetune.finetune_policy",
+            f"only applies to method lapo (method is {self.method}; bc trains its policy anyway)",
+        )
+        _check(
+            not self.use_obs_features or self.method == "lapo",
+            "finetune.use_obs_features",
+            f"only applies to method lapo (method is {self.method})",
+        )
 
 
 # --------------------------------------------------------------------------- machinery
@@ -338,6 +435,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `3e-4` as a string: accept any numeric spelling.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -432,6 +535,9 @@ def load_config(
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (tmp + rename: readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

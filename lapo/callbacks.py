@@ -1,0 +1,139 @@
+"""Lightning callbacks shared by the pretraining stages (1 and 2).
+
+- `StepProgressBar`: one bar over the whole run (0..max_steps), not one per epoch:
+  epochs are an artefact of the resampled loader and mean nothing to the user.
+- `GracefulStop`: SIGTERM / SIGUSR1 outside Slurm -> write ``last.ckpt`` and stop at
+  the end of the current step. Under Slurm, Lightning's own requeue handler owns
+  SIGUSR1 and we only add the ``last.ckpt`` save on SIGTERM.
+- `KeyLog`: debug record of the sample keys each rank trained on (audits the
+  loader's shard splitting across ranks).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A training bar whose total is ``max_steps`` and whose position is ``global_step``."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.initial = trainer.global_step  # resumed runs start part-way
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description("train")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        pass  # keep one bar across epochs
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        bar = self.train_progress_bar
+        step = trainer.global_step
+        if not bar.disable and self._should_update(step, trainer.max_steps):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # the bar is closed once, in on_train_end
+
+
+class GracefulStop(Callback):
+    """Save ``last.ckpt`` and stop cleanly when the job is told to go away.
+
+    Handlers only set a flag; the save happens at the next step boundary, where the
+    training state is consistent. Under DDP the flag is OR-reduced so every rank stops
+    at the same step (a rank that stops alone would hang the others' all-reduce).
+    """
+
+    def __init__(self, last_path: Path) -> None:
+        self.last_path = Path(last_path)
+        self.signum: int | None = None
+        self.saved_step: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    # Installed before trainer.fit so that Lightning's SIGTERM handler, registered
+    # inside fit, calls ours too (it composes with handlers already present).
+    def install(self) -> None:
+        signums = [signal.SIGTERM]
+        if not SLURMEnvironment.detect():
+            signums.append(signal.SIGUSR1)  # under Slurm this is Lightning's requeue signal
+        for s in signums:
+            try:
+                self._previous[s] = signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
+                pass
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.last_path, weights_only=False)
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        stop = self.requested
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and self.saved_step != trainer.global_step:
+            name = signal.Signals(self.signum).name if self.signum else "a signal on another rank"
+            rank_zero_info(
+                f"lapo: received {name}; saving {self.last_path} at step {trainer.global_step} and stopping"
+            )
+            self.save(trainer)
+            trainer.should_stop = True
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # SIGTERM during validation stops Lightning before any step boundary. With one
+        # process it is safe to save here; with several, ranks may be at different points.
+        if (
+            isinstance(exception, SIGTERMException)
+            and trainer.world_size == 1
+            and self.saved_step != trainer.global_step
+        ):
+            self.save(trainer)
+
+
+class KeyLog(Callback):
+    """Append ``step<TAB>key`` for every training sample to ``RUN/debug/keys-rank<R>.txt``."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        keys = batch.get("key") if isinstance(batch, dict) else None
+        if keys is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"keys-rank{trainer.global_rank}.txt"
+        with open(path, "a") as f:
+            f.writelines(f"{trainer.global_step}\t{k}\n" for k in keys)

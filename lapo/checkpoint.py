@@ -1,0 +1,187 @@
+"""Checkpoint files: atomic writes, Lightning's checkpoint IO, safetensors export.
+
+Two kinds of file live in a run directory:
+
+- Lightning checkpoints (``checkpoints/last.ckpt``, ``step-XXXXXXX.ckpt``): the whole
+  training state for ``--resume``. They are written to a temporary file in the same
+  directory and renamed over the target, so a job killed mid-save never leaves a torn
+  ``last.ckpt`` behind.
+- The exported model (``model.safetensors`` + ``model.json``): weights as safetensors
+  and the settings needed to rebuild the module as JSON. Loading them runs no pickle,
+  so a run directory can be shared and opened safely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from safetensors.torch import load_model, save_file
+
+EXPORT_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or exported model is missing or does not match what reads it."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    The rename is atomic on POSIX file systems, so readers see the old file or the new
+    one, never half of the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes local files with tmp + rename.
+
+    Every checkpoint Lightning writes (ModelCheckpoint, ``last.ckpt``, the Slurm
+    requeue ``hpc_ckpt_N.ckpt``, ``trainer.save_checkpoint``) goes through here.
+    Remote URLs (s3://, gs://) fall back to Lightning's fsspec transaction.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_torch_save(checkpoint, path)
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path:
+    """The newest checkpoint to resume `run_dir` from.
+
+    Candidates are ``checkpoints/last.ckpt`` (periodic and on-signal saves) and
+    Lightning's Slurm requeue files ``hpc_ckpt_N.ckpt`` in the run directory; the most
+    recently written wins, since either can be the newer after a preemption.
+    """
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise CheckpointError(
+            f"--resume: no checkpoint in {run_dir} (looked for checkpoints/last.ckpt and "
+            "hpc_ckpt_*.ckpt); start without --resume"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """Global step stored in a Lightning checkpoint (tensors and plain data only: no pickle code)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return int(ckpt["global_step"])
+
+
+def state_dict_from_checkpoint(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The weights under `prefix` of a Lightning checkpoint, with the prefix stripped."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise CheckpointError(f"{path}: no weights under the prefix {prefix!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- safetensors export
+
+
+def export_model(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    *,
+    kind: str,
+    config: dict,
+    extra: dict | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``RUN/model.safetensors`` and ``RUN/model.json``.
+
+    `kind` names the class that reads it back (``"lam"``, ``"policy"``, ...); `config`
+    is the plain dict of settings that rebuilds the module; `extra` holds anything else
+    its constructor needs (e.g. ``num_actions``). `state_dict`, when given, replaces
+    ``model.state_dict()`` (FSDP gathers the full one outside the module).
+    """
+    run_dir = Path(run_dir)
+    state = model.state_dict() if state_dict is None else state_dict
+    # safetensors refuses tensors that share memory (tied weights); a private copy of
+    # each breaks the sharing, and loading both names into the tied module is harmless.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    atomic_write(run_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), {"kind": kind}))
+    meta = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "kind": kind,
+        "config": config,
+        "extra": extra or {},
+        "weights": WEIGHTS_FILE,
+    }
+    atomic_write_text(run_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return run_dir / WEIGHTS_FILE
+
+
+def read_model_meta(run_dir: str | Path, kind: str | None = None) -> dict:
+    """Read ``RUN/model.json``; with `kind`, check that the run holds that kind of model."""
+    path = Path(run_dir) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} does not exist: {run_dir} holds no exported model (did training finish?)"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {meta.get('format_version')} is not supported"
+        )
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path}: holds a {meta.get('kind')!r} model, expected {kind!r}")
+    return meta
+
+
+def load_weights(model: torch.nn.Module, run_dir: str | Path, *, strict: bool = True) -> None:
+    """Fill `model` from ``RUN/model.safetensors`` (no pickle); names missing or extra keys."""
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    missing, unexpected = load_model(model, str(path), strict=False)
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path} does not match {type(model).__name__}: "
+            f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )

@@ -1,0 +1,480 @@
+"""`lapo label`: pseudo-label an unlabelled dataset with real actions (VPT-style).
+
+A fine-tuned run (RUN_F: IDM + action decoder) labels every transition of every
+clip. Each input shard becomes one output shard of the same name holding the
+same clips: the mp4 bytes are copied as they are (no re-encode), the json gains
+a ``label`` entry, and per-frame arrays are added:
+
+- ``actions.npy``: the predicted action of row t (o[t] -> o[t+1]), int64 (T,) or float32 (T, D).
+- ``latents.npy``: the IDM's latent action z[t], float32 (T, latent_dim) (absent when the
+  method has no latent, e.g. ``idm-supervised``).
+- ``confidence.npy``: float32 (T,): the decoder's probability of its action (discrete), or
+  1 for continuous actions; 0 marks a row that was filled rather than predicted.
+- ``true_actions.npy``: the clip's original ``actions.npy`` when it had one.
+- ``rewards.npy`` / ``dones.npy``: copied unchanged.
+
+Clip edges. A window needs k context frames and the next frame. Context before
+the first frame comes from the previous clip of the same episode when it is the
+previous sample of the shard, else the first frame is repeated (the convention
+of rollouts at an episode start). The last row's next frame is the first frame
+of the next clip of the same episode when that is the next sample; otherwise the
+row is filled with the previous row (action and latent) and confidence 0, and
+the json says why: ``label.last_row`` is ``"predicted"``, ``"filled_episode_end"``
+(dones ends the clip: no action follows a terminal frame) or
+``"filled_clip_end"`` (the clip stops mid-episode, or the data has no dones).
+
+Scale: shards are independent jobs. ``--workers`` runs a process pool over
+shards, ``--rank/--world-size`` (or RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS)
+give each process every world_size-th shard, and each GPU process uses
+``cuda:LOCAL_RANK``. Shards are written atomically, so one that exists under its
+final name is complete and a rerun skips it. Rank 0 writes manifest.json once
+every shard exists (``--merge`` does only that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from tqdm import tqdm
+
+from lapo.shards import (
+    iter_tar_samples,
+    load_npy,
+    npy_bytes,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+from lapo.video import decode_video_bytes
+
+LAST_ROW_DOC = (
+    "row t of actions.npy is the action of o[t] -> o[t+1]; the last row of a clip is predicted "
+    "from the next clip of the same episode when it follows in the shard, else filled with the "
+    "previous row and confidence 0 (json label.last_row says which)"
+)
+
+
+@dataclass
+class LabelJob:
+    """What every worker needs to label one shard (picklable for the process pool)."""
+
+    model: str
+    batch_size: int
+    device: str
+    threads: int
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def _continues(prev_meta: dict | None, meta: dict, prev_dones: np.ndarray | None) -> bool:
+    """True when clip `meta` carries on the episode of `prev_meta` with no frame missing.
+
+    Clips may overlap (lapo.record shares one frame between neighbours by default),
+    so the next clip may start at or before the frame after the previous one ends.
+    """
+    if prev_meta is None or prev_meta.get("episode") != meta.get("episode"):
+        return False
+    if prev_dones is not None and len(prev_dones) and bool(prev_dones[-1]):
+        return False
+    start, prev_start = int(meta["start"]), int(prev_meta["start"])
+    return prev_start < start <= prev_start + int(prev_meta["num_frames"])
+
+
+def clip_windows(
+    frames: torch.Tensor, k: int, before: torch.Tensor | None, after: torch.Tensor | None
+) -> torch.Tensor:
+    """Windows of k+1 frames whose transition rows are 0..T-1 (or T-2 without `after`).
+
+    frames (T, 3, H, W) uint8; before: up to k-1 earlier frames of the same episode
+    (None: repeat the first frame); after: the next frame (1, 3, H, W) or None.
+    Returns a view (N, k+1, 3, H, W), N = T or T - 1.
+    """
+    pad = k - 1
+    ctx = before[-pad:] if (before is not None and pad > 0) else frames[:0]
+    if len(ctx) < pad:  # not enough real history: repeat the earliest frame we have
+        first = (ctx if len(ctx) else frames)[:1]
+        ctx = torch.cat([first.expand(pad - len(ctx), -1, -1, -1), ctx])
+    parts = [ctx, frames] + ([after] if after is not None else [])
+    seq = torch.cat(parts)  # (pad + T [+1], 3, H, W)
+    win = seq.unfold(0, k + 1, 1)  # (N, 3, H, W, k+1)
+    return rearrange(win, "n c h w k -> n k c h w")
+
+
+@torch.no_grad()
+def label_windows(agent, windows: torch.Tensor, batch_size: int, device: str) -> dict:
+    """agent.label over (N, k+1, 3, H, W) uint8 in batches -> numpy arrays of N rows."""
+    acts, confs, lats = [], [], []
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size].contiguous().to(device)  # (B, k+1, 3, H, W)
+        out = agent.label(batch)
+        acts.append(out["action"].cpu())
+        confs.append(out["confidence"].float().cpu())
+        if out.get("latent") is not None:
+            lats.append(out["latent"].float().cpu())
+    res = {"action": torch.cat(acts).numpy(), "confidence": torch.cat(confs).numpy()}
+    res["latent"] = torch.cat(lats).numpy() if lats else None
+    return res
+
+
+def _fill_last(rows: np.ndarray | None, t: int) -> np.ndarray | None:
+    """Extend T-1 rows to T by repeating the last one (zeros when there is none)."""
+    if rows is None:
+        return None
+    if len(rows) == t:
+        return rows
+    last = rows[-1:] if len(rows) else np.zeros((1, *rows.shape[1:]), rows.dtype)
+    return np.concatenate([rows, last])
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+def _decode(sample: dict) -> torch.Tensor:
+    # frames stay at the dataset's size: the models resize (lapo.models.common.prepare_frames)
+    frames = decode_video_bytes(sample["mp4"])  # (T, H, W, 3) uint8
+    return rearrange(torch.from_numpy(frames), "t h w c -> t c h w")
+
+
+def label_shard(agent, src: str | Path, dst: str | Path, *, batch_size: int, device: str) -> dict:
+    """Label every clip of shard `src` into shard `dst` (atomic); return write_shard's entry.
+
+    Windows of consecutive clips are pooled so that every forward pass but the
+    last of a group holds `batch_size` windows, whatever the clip length; at most
+    about one batch plus one clip of windows is held at a time.
+    """
+    k = int(agent.context)
+    samples = list(iter_tar_samples(src))  # raw bytes only: a shard of clips fits in memory
+    metas = [json.loads(s["json"]) for s in samples]
+    dones = [load_npy(s["dones.npy"]) if "dones.npy" in s else None for s in samples]
+    out_samples: list[dict] = []
+    # (sample index, last row predicted, windows) of clips waiting for a full batch
+    pending: list[tuple[int, bool, torch.Tensor]] = []
+
+    def flush() -> None:
+        counts = [len(w) for _, _, w in pending]
+        res = None
+        if sum(counts):
+            res = label_windows(agent, torch.cat([w for _, _, w in pending]), batch_size, device)
+        offset = 0
+        for (i, predicted_last, _), n in zip(pending, counts):
+            part = None
+            if n:
+                part = {
+                    k_: (None if v is None else v[offset : offset + n]) for k_, v in res.items()
+                }
+            offset += n
+            t = int(metas[i]["num_frames"])
+            out_samples.append(
+                _labelled_sample(samples[i], metas[i], part, t, predicted_last, dones[i], agent)
+            )
+        pending.clear()
+
+    prev_frames = next_frames = None
+    for i, sample in enumerate(samples):
+        frames = next_frames if next_frames is not None else _decode(sample)  # (T, 3, H, W)
+        next_frames = None
+        if len(frames) != int(metas[i]["num_frames"]):
+            raise ValueError(
+                f"lapo label: {src}: clip {sample['__key__']} decodes to {len(frames)} frames, "
+                f"its json says {metas[i]['num_frames']}"
+            )
+        start, t = int(metas[i]["start"]), len(frames)
+        before = after = None
+        if i and _continues(metas[i - 1], metas[i], dones[i - 1]):
+            before = prev_frames[: start - int(metas[i - 1]["start"])]  # frames before o[start]
+        if i + 1 < len(samples) and _continues(metas[i], metas[i + 1], dones[i]):
+            next_frames = _decode(samples[i + 1])
+            j = start + t - int(metas[i + 1]["start"])  # o[start + T] in the next clip
+            after = next_frames[j : j + 1] if j < len(next_frames) else None  # (1, 3, H, W)
+        windows = clip_windows(frames, k, before, after)  # (T or T-1, k+1, 3, H, W)
+        pending.append((i, after is not None, windows))
+        if sum(len(w) for _, _, w in pending) >= batch_size:
+            flush()
+        prev_frames = frames
+    flush()
+    return write_shard(dst, out_samples)
+
+
+def _labelled_sample(sample, meta, res, t, predicted_last, dones, agent) -> dict:
+    if res is None:  # a one-frame clip with no next frame: one filled row, no latent
+        space = agent.action_space
+        discrete = space["type"] == "discrete"
+        empty = np.zeros(
+            (0,) if discrete else (0, space["dim"]), np.int64 if discrete else np.float32
+        )
+        res = {"action": empty, "confidence": np.zeros(0, np.float32), "latent": None}
+    actions = _fill_last(res["action"], t)
+    confidence = _fill_last(res["confidence"], t).astype(np.float32)
+    if not predicted_last:
+        confidence[-1] = 0.0  # filled, not predicted
+    latents = _fill_last(res["latent"], t)
+    if predicted_last:
+        last_row = "predicted"
+    elif dones is not None and len(dones) and bool(dones[-1]):
+        last_row = "filled_episode_end"
+    else:
+        last_row = "filled_clip_end"
+    out = {"__key__": sample["__key__"], "mp4": sample["mp4"]}  # bytes as they were
+    meta = dict(meta)
+    meta["label"] = {"method": agent.method, "last_row": last_row}
+    out["json"] = json.dumps(meta, sort_keys=True).encode()
+    if agent.action_space["type"] == "discrete":
+        out["actions.npy"] = npy_bytes(actions.astype(np.int64))
+    else:
+        out["actions.npy"] = npy_bytes(actions.astype(np.float32).reshape(t, -1))
+    out["confidence.npy"] = npy_bytes(confidence)
+    if latents is not None:
+        out["latents.npy"] = npy_bytes(latents.astype(np.float32))
+    if "actions.npy" in sample:
+        out["true_actions.npy"] = sample["actions.npy"]
+    for ext in ("rewards.npy", "dones.npy"):
+        if ext in sample:
+            out[ext] = sample[ext]
+    return out
+
+
+# --------------------------------------------------------------------------- workers
+
+
+_WORKER: dict = {}
+
+
+def _load(job: LabelJob):
+    from lapo.agent import load_agent
+
+    if job.threads > 0:
+        torch.set_num_threads(job.threads)
+    agent = load_agent(job.model)
+    agent.to(job.device)
+    agent.eval()
+    if getattr(agent, "method", None) == "bc":
+        raise ValueError(
+            f"lapo label: {job.model} is a bc run (a policy only); label needs an IDM "
+            "(finetune --method lapo or idm-supervised)"
+        )
+    return agent
+
+
+def _init_worker(job: LabelJob) -> None:
+    _WORKER["agent"], _WORKER["job"] = _load(job), job
+
+
+def _work(paths: tuple[str, str]) -> dict:
+    job = _WORKER["job"]
+    return label_shard(_WORKER["agent"], *paths, batch_size=job.batch_size, device=job.device)
+
+
+def shard_complete(path: Path, expected_samples: int) -> bool:
+    """An output shard counts as done when it exists and holds the expected clip count."""
+    if not path.is_file():
+        return False
+    try:
+        return sum(1 for _ in _tar_keys(path)) == expected_samples
+    except Exception:  # truncated or foreign file: label it again
+        return False
+
+
+def _tar_keys(path: Path):
+    import tarfile
+
+    keys = set()
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key = m.name.rsplit("/", 1)[-1].split(".", 1)[0]
+            if key not in keys:
+                keys.add(key)
+                yield key
+
+
+def dist_env(rank: int | None, world_size: int | None) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the arguments, torchrun's or Slurm's variables."""
+    env = os.environ
+    rank = rank if rank is not None else int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world = world_size if world_size is not None else int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))  # fmt: skip
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    if not 0 <= rank < world:
+        raise ValueError(f"lapo label: rank {rank} is outside world size {world}")
+    return rank, world, local
+
+
+def pick_device(device: str, local_rank: int) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def merge(data: str | Path, out: str | Path, *, made_by: dict, action_space: dict) -> dict:
+    """Write out/manifest.json from the input manifest once every output shard is complete."""
+    src = read_manifest(data)
+    out = Path(out)
+    entries, missing = [], []
+    for e in src["shards"]:
+        path = out / e["name"]
+        if not shard_complete(path, int(e["samples"])):
+            missing.append(e["name"])
+            continue
+        # same clips as the input: samples and frames carry over, bytes are the new file's
+        entries.append({**e, "bytes": path.stat().st_size})
+    if missing:
+        raise FileNotFoundError(
+            f"lapo label: {out} lacks {len(missing)} of {len(src['shards'])} labelled shards "
+            f"(first: {missing[0]}); run the missing ranks, then `lapo label --merge`"
+        )
+    return write_manifest(
+        out, entries, height=src["height"], width=src["width"], fps=src["fps"],
+        action_space=action_space, made_by=made_by,
+    )  # fmt: skip
+
+
+def _made_by(model: str | Path, data: str | Path, data_manifest: dict, method: str) -> dict:
+    import lapo
+
+    return {
+        "command": "lapo label",
+        "lapo_version": lapo.__version__,
+        "model": str(Path(model).resolve()),
+        "method": method,
+        "source": str(Path(data).resolve()),
+        "source_made_by": data_manifest.get("made_by"),
+        "last_row": LAST_ROW_DOC,
+    }
+
+
+def label_dataset(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    batch_size: int = 256,
+    rank: int | None = None,
+    world_size: int | None = None,
+    device: str = "auto",
+    merge_only: bool = False,
+    merge_timeout: float = 3600.0,
+    progress: bool = True,
+) -> dict | None:
+    """Label `data` with the run `model` into `out`; return the manifest (rank 0) or None."""
+    data, out = Path(data), Path(out)
+    if out.resolve() == data.resolve():
+        raise ValueError(
+            f"lapo label: --out {out} must differ from --data (a new dataset is written)"
+        )
+    src = read_manifest(data)
+    rank, world, local = dist_env(rank, world_size)
+    out.mkdir(parents=True, exist_ok=True)
+    job = LabelJob(str(model), batch_size, pick_device(device, local), 0)
+    in_process = workers <= 1 and not merge_only
+    agent = _load(job if in_process else LabelJob(str(model), batch_size, "cpu", 0))
+    space = agent.action_space
+    made_by = _made_by(model, data, src, agent.method)
+    if merge_only:
+        return merge(data, out, made_by=made_by, action_space=space)
+    mine = src["shards"][rank::world]
+    todo = [e for e in mine if not shard_complete(out / e["name"], int(e["samples"]))]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard",
+               desc=f"label rank {rank}/{world}", disable=not progress)  # fmt: skip
+    paths = [(str(data / e["name"]), str(out / e["name"])) for e in todo]
+    frames = 0
+    if in_process:
+        for p in paths:
+            frames += label_shard(agent, *p, batch_size=batch_size, device=job.device)["frames"]
+            bar.update(1)
+            bar.set_postfix(frames=frames)
+    else:
+        job.threads = max(1, (os.cpu_count() or 1) // workers)  # no oversubscription
+        ctx = get_context("spawn")  # fork after torch threads start can deadlock
+        with ProcessPoolExecutor(min(workers, len(paths)), ctx, _init_worker, (job,)) as pool:
+            for entry in pool.map(_work, paths):
+                frames += entry["frames"]
+                bar.update(1)
+                bar.set_postfix(frames=frames)
+    bar.close()
+    if rank != 0:
+        return None
+    deadline = time.monotonic() + merge_timeout
+    while True:  # rank 0 merges once the other ranks' shards are all there
+        try:
+            return merge(data, out, made_by=made_by, action_space=space)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(5.0)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--model", required=True, help="fine-tuned run directory (RUN_F from lapo finetune)"
+    )
+    p.add_argument(
+        "--data", required=True, help="dataset directory to label (shards + manifest.json)"
+    )
+    p.add_argument("--out", required=True, help="new dataset directory for the labelled shards")
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes, each labelling whole shards"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="windows per forward pass")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda:LOCAL_RANK if a GPU is there), cpu, cuda:0, ...",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="this process's rank (default: RANK or SLURM_PROCID, else 0)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="processes sharing the shards (default: WORLD_SIZE or SLURM_NTASKS, else 1)",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="only write manifest.json from finished shards"
+    )
+    p.add_argument(
+        "--merge-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds rank 0 waits for the other ranks' shards",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = label_dataset(
+        args.model, args.data, args.out, workers=args.workers, batch_size=args.batch_size,
+        rank=args.rank, world_size=args.world_size, device=args.device, merge_only=args.merge,
+        merge_timeout=args.merge_timeout, progress=not args.no_progress,
+    )  # fmt: skip
+    if manifest is not None:
+        print(f"labelled {manifest['num_samples']} clips, {manifest['num_frames']} frames "
+              f"in {len(manifest['shards'])} shards -> {args.out}")  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lapo label", description=__doc__.split("\n")[0])
+    return run(add_arguments(p).parse_args(argv))

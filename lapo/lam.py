@@ -1,0 +1,266 @@
+"""Stage 1: the latent action model (IDM + world model) as a thin LightningModule.
+
+``training_step`` calls ``LatentActionModel.loss`` and logs what it returns. Validation
+adds what one batch cannot show: codebook perplexity and usage over the whole val pass,
+and, when the val windows carry true actions, an online probe from latent actions to
+true actions (``val/probe_acc`` against ``val/probe_majority``). Every
+``image_every_n_steps`` an image strip o[t] | predicted o[t+1] | true o[t+1] goes to
+the loggers and to ``RUN/images/``.
+
+At the end of training the model is exported to ``RUN/model.safetensors`` +
+``RUN/model.json``; `load_lam` rebuilds it from those two files alone (no pickle).
+Command: ``lapo pretrain --config configs/lam/procgen.yaml --data DATASET --out RUN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from einops import rearrange
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from PIL import Image
+from torch import Tensor
+
+from lapo.checkpoint import export_model, load_weights, read_model_meta
+from lapo.config import ModelConfig, PretrainConfig, from_dict, to_dict
+from lapo.models import LatentActionModel, code_histogram, perplexity_from_counts, usage_from_counts
+from lapo.probe import fit_probe
+from lapo.train import (
+    StageModule,
+    add_run_arguments,
+    config_from_args,
+    fit,
+    prepare_run,
+    write_metrics,
+)
+
+KIND = "lam"
+STRIP_ROWS = 4  # samples shown in an image strip
+
+
+class LAMModule(StageModule):
+    """Stage 1 LightningModule: a `LatentActionModel` plus logging, probing and images."""
+
+    compile_targets = ("model.idm", "model.fdm")
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        *,
+        in_channels: int = 3,
+        num_actions: int = 0,
+        action_dim: int = 0,
+    ) -> None:
+        super().__init__(cfg.optim, cfg.trainer)
+        self.cfg = cfg
+        # everything LatentActionModel needs besides ModelConfig; goes to model.json
+        self.model_kwargs = {
+            "in_channels": in_channels,
+            "num_actions": num_actions,
+            "action_dim": action_dim,
+            "context": cfg.data.context,
+        }
+        self.model = LatentActionModel(cfg.model, **self.model_kwargs)
+        # plain dicts only: checkpoints stay loadable with torch.load(weights_only=True)
+        self.save_hyperparameters({"config": to_dict(cfg), "model_kwargs": self.model_kwargs})
+        self._val_counts: Tensor | None = None
+        self._val_probe: list[tuple[Tensor, Tensor, list[str]]] = []
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        frames = batch["frames"]  # (B, k+1, C, H, W) uint8
+        loss, logs, pred_next = self.model.loss(
+            frames, batch.get("actions"), batch.get("has_action")
+        )
+        if not self.check_loss(loss, batch, batch_idx):
+            return None  # skipped: no backward, no update (nan_policy=skip)
+        b = frames.shape[0]
+        self.log_dict(
+            {f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b
+        )
+        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=b)
+        if "psnr" in logs:
+            self.log("psnr", logs["psnr"], prog_bar=True, logger=False, batch_size=b)
+        if pred_next is not None and self.global_step % self.trainer_cfg.image_every_n_steps == 0:
+            self.log_strip(frames, pred_next, "train")
+        return loss
+
+    # ------------------------------------------------------------------ validation
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_counts = None
+        self._val_probe = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        frames = batch["frames"]  # (B, k+1, C, H, W) uint8
+        actions, has_action = batch.get("actions"), batch.get("has_action")
+        b = frames.shape[0]
+        _, logs, pred_next = self.model.loss(frames, actions, has_action)
+        self.log_dict(
+            {f"val/{k}": v for k, v in logs.items()}, on_epoch=True, sync_dist=True, batch_size=b
+        )
+        if batch_idx == 0 and pred_next is not None:
+            self.log_strip(frames, pred_next, "val")
+
+        enc = self.model.encode(frames)
+        codes = enc["codes"]  # (B, heads) long or None
+        if codes is not None and self.model.num_codes > 0:
+            counts = code_histogram(codes, self.model.num_codes)  # (heads, num_codes)
+            self._val_counts = counts if self._val_counts is None else self._val_counts + counts
+        if actions is not None and has_action is not None and bool(has_action.any()):
+            keep = has_action.bool()  # (B,)
+            keys = [k for k, m in zip(batch.get("key", [""] * b), keep.tolist()) if m]
+            self._val_probe.append((enc["latent"][keep].float().cpu(), actions[keep].cpu(), keys))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_counts is not None:
+            counts = self.trainer.strategy.reduce(
+                self._val_counts, reduce_op="sum"
+            )  # (heads, num_codes)
+            self.log("val/codebook_perplexity", perplexity_from_counts(counts), sync_dist=False)
+            self.log("val/codebook_usage", usage_from_counts(counts), sync_dist=False)
+        collected = _gather_to_zero(self._val_probe)
+        if not collected:  # None off rank zero; [] when no val window carries an action
+            return
+        latents = torch.cat([c[0] for c in collected])  # (N, D)
+        actions = torch.cat([c[1] for c in collected])  # (N,) or (N, A)
+        keys = [k for c in collected for k in c[2]]
+        device = self.device if self.device.type != "cpu" else torch.device("cpu")
+        scores = fit_probe(
+            latents.to(device),
+            actions.to(device),
+            num_actions=self.model_kwargs["num_actions"],
+            keys=keys if all(keys) else None,
+            seed=self.cfg.trainer.seed,
+        )
+        for k, v in scores.items():
+            self.log(f"val/{k}", v, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ images
+
+    @torch.no_grad()
+    def log_strip(self, frames: Tensor, pred_next: Tensor, split: str) -> None:
+        """Rows of o[t] | predicted o[t+1] | true o[t+1] to the loggers and RUN/images/."""
+        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        n = min(STRIP_ROWS, frames.shape[0])
+        x = self.model.prepare(frames[:n])  # (n, k+1, C, S, S) float in [0, 1]
+        cols = torch.stack(
+            [x[:, -2], pred_next[:n].float().clamp(0, 1), x[:, -1]], dim=1
+        )  # (n, 3, C, S, S)
+        grid = rearrange(cols, "n col c h w -> (n h) (col w) c")  # (n*S, 3*S, C)
+        img = (grid * 255).round().to(torch.uint8).cpu().numpy()
+        if img.shape[-1] == 1:
+            img = np.repeat(img, 3, axis=-1)
+        step = self.global_step
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(f"{split}/strip", img, step, dataformats="HWC")
+            elif type(logger).__name__ == "WandbLogger":
+                logger.log_image(key=f"{split}/strip", images=[img], step=step)
+        out = Path(self.trainer.default_root_dir) / "images" / f"{split}-step{step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(out)
+
+    # ------------------------------------------------------------------ export
+
+    def on_train_end(self) -> None:
+        if self.global_step < self.trainer.max_steps:
+            return  # stopped early by a signal: the export belongs to the real end
+        # every rank takes part: FSDP gathers the full state dict here
+        state = self.trainer.strategy.lightning_module_state_dict()
+        if self.trainer.is_global_zero:
+            weights = {
+                k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")
+            }
+            run_dir = Path(self.trainer.default_root_dir)
+            export_model(
+                run_dir,
+                self.model,
+                kind=KIND,
+                config=to_dict(self.cfg),
+                extra=self.model_kwargs,
+                state_dict=weights,
+            )
+
+
+def _gather_to_zero(items: list) -> list | None:
+    """All ranks' `items` concatenated on rank 0 (None on the other ranks)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return items
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, out, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return [x for part in out for x in part]
+
+
+def load_lam(run_dir: str | Path, map_location: str | torch.device = "cpu") -> LatentActionModel:
+    """The trained LatentActionModel of a stage-1 run, in eval mode, from RUN/model.{json,safetensors}."""
+    meta = read_model_meta(run_dir, kind=KIND)
+    mcfg = from_dict(ModelConfig, meta["config"]["model"], prefix="model")
+    model = LatentActionModel(mcfg, **meta["extra"], sync_codebook=False)
+    load_weights(model, run_dir)
+    return model.to(map_location).eval()
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def action_info(space: dict | None) -> tuple[int, int]:
+    """Manifest action space -> (num_actions, action_dim) for the model and the probe."""
+    if not space:
+        return 0, 0
+    if space.get("type") == "discrete":
+        return int(space["n"]), 0
+    return 0, int(space["dim"])
+
+
+def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
+    """Train stage 1 into `run_dir`; returns the final metrics (also in RUN/metrics.json)."""
+    from lapo.data import VideoDataModule  # the loader pulls in webdataset and decoders
+
+    run_dir = Path(run_dir)
+    ckpt = prepare_run(cfg, run_dir, resume=resume)
+    dm = VideoDataModule(cfg.data)
+    num_actions, action_dim = action_info(dm.action_space)
+    if cfg.model.num_actions:
+        num_actions = cfg.model.num_actions
+    module = LAMModule(cfg, num_actions=num_actions, action_dim=action_dim)
+    result = fit(module, dm, cfg.trainer, run_dir, ckpt_path=ckpt)
+    return write_metrics(
+        result.trainer,
+        run_dir,
+        {"finished": result.finished, "nonfinite_steps": module.nonfinite_steps},
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "pretrain",
+        help="stage 1: train the latent action model (IDM + world model) on unlabelled video",
+        description="Stage 1 (Lightning): train the IDM and world model on video alone. Writes "
+        "RUN/config.yaml, RUN/checkpoints/, RUN/logs/, RUN/images/, RUN/metrics.json and, at the "
+        "end, RUN/model.safetensors + RUN/model.json.",
+    )
+    add_run_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(PretrainConfig, args)
+    if not cfg.data.path:
+        raise SystemExit(
+            "lapo pretrain: no dataset; pass --data DATASET (or set data.path in the config)"
+        )
+    metrics = pretrain(cfg, args.out, resume=args.resume)
+    if rank_zero_only.rank == 0:
+        state = "finished" if metrics.get("finished") else "stopped early (resume with --resume)"
+        print(f"lapo pretrain: {state} at step {metrics['global_step']}; run in {args.out}")
+    return 0

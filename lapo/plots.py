@@ -1,0 +1,174 @@
+"""PNG and GIF figures written by `lapo evaluate` next to its metrics.json.
+
+Matplotlib runs on the Agg backend (no display needed: clusters, CI). Every
+function takes plain arrays and a path, draws one figure and returns the path,
+so the plots can be reused from notebooks without the evaluation code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: headless machines have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def project_2d(latents: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Latents (N, D) -> points (N, 2) and the method's name.
+
+    UMAP when the optional `umap-learn` package is installed (it keeps clusters
+    apart better), PCA otherwise via `torch.pca_lowrank` (centred, seeded).
+    """
+    x = np.asarray(latents, dtype=np.float32)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"lapo/plots.py: latents must be (N, D) with N > 0, got {x.shape}")
+    if x.shape[1] == 1:  # one dimension: plot it against a zero axis
+        return np.concatenate([x, np.zeros_like(x)], axis=1), "identity"
+    if x.shape[1] == 2:
+        return x, "identity"
+    try:
+        import umap  # type: ignore[import-not-found]
+
+        if len(x) >= 16:
+            reducer = umap.UMAP(n_components=2, random_state=seed)
+            return np.asarray(reducer.fit_transform(x), dtype=np.float32), "UMAP"
+    except ImportError:
+        pass
+    torch.manual_seed(seed)  # pca_lowrank uses a randomised range finder
+    t = torch.from_numpy(x)  # (N, D)
+    q = min(2, *t.shape)
+    u, s, _ = torch.pca_lowrank(t, q=q, center=True)  # u (N, q), s (q,)
+    pts = (u * s).numpy()  # (N, q) principal-component scores
+    if pts.shape[1] < 2:
+        pts = np.concatenate([pts, np.zeros((len(pts), 2 - pts.shape[1]), pts.dtype)], axis=1)
+    return pts, "PCA"
+
+
+def plot_latents_2d(
+    latents: np.ndarray,
+    true_actions: np.ndarray | None,
+    path: str | Path,
+    *,
+    action_names: list[str] | None = None,
+    title: str = "latent actions",
+    max_points: int = 5000,
+    seed: int = 0,
+) -> Path:
+    """Scatter of latent actions in 2D, coloured by the true discrete action when known."""
+    rng = np.random.default_rng(seed)
+    latents = np.asarray(latents)
+    idx = np.arange(len(latents))
+    if len(idx) > max_points:  # keep the figure readable and the PCA cheap
+        idx = np.sort(rng.choice(idx, size=max_points, replace=False))
+    pts, method = project_2d(latents[idx], seed=seed)
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    discrete = true_actions is not None and np.asarray(true_actions).ndim == 1
+    if discrete:
+        acts = np.asarray(true_actions)[idx]
+        classes = np.unique(acts)
+        cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+        for i, a in enumerate(classes):
+            m = acts == a
+            name = action_names[int(a)] if action_names and int(a) < len(action_names) else str(a)
+            ax.scatter(pts[m, 0], pts[m, 1], s=6, alpha=0.7, color=cmap(i % cmap.N), label=name)
+        ax.legend(title="true action", fontsize=7, markerscale=2, loc="best", ncol=2)
+    else:
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.7, color="tab:blue")
+    ax.set_title(f"{title} ({method}, {len(idx)} points)")
+    ax.set_xlabel(f"{method} 1")
+    ax.set_ylabel(f"{method} 2")
+    return _save(fig, path)
+
+
+def plot_budget_curve(
+    budgets: list[int],
+    scores: list[float],
+    path: str | Path,
+    *,
+    ylabel: str = "decoder accuracy (held out)",
+    baseline: float | None = None,
+    baseline_label: str = "majority class",
+) -> Path:
+    """Decoder quality against the number of labelled transitions (log x axis)."""
+    if len(budgets) != len(scores) or not budgets:
+        raise ValueError(
+            f"lapo/plots.py: budgets and scores must be equal-length and non-empty, "
+            f"got {len(budgets)} and {len(scores)}"
+        )
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    ax.plot(budgets, scores, marker="o", color="tab:blue", label="decoder")
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", color="grey", label=baseline_label)
+    ax.set_xscale("log")
+    ax.set_xlabel("label budget (transitions)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def save_rollout_gif(frames: np.ndarray, path: str | Path, *, fps: float = 10.0) -> Path:
+    """Frames (T, H, W, 3) uint8 -> an animated GIF (loops forever)."""
+    frames = _check_frames(frames)
+    images = [Image.fromarray(f) for f in frames]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(
+        path,
+        save_all=True,
+        append_images=images[1:],
+        duration=max(int(1000 / fps), 20),
+        loop=0,
+    )
+    return path
+
+
+def save_rollout_strip(
+    frames: np.ndarray,
+    path: str | Path,
+    *,
+    num: int = 8,
+    actions: np.ndarray | None = None,
+    title: str = "policy rollout",
+) -> Path:
+    """`num` evenly spaced frames of an episode in one row, each titled with its step (and action)."""
+    frames = _check_frames(frames)
+    picks = np.unique(
+        np.linspace(0, len(frames) - 1, num=min(num, len(frames))).round().astype(int)
+    )
+    fig, axes = plt.subplots(1, len(picks), figsize=(1.6 * len(picks), 1.9), dpi=100, squeeze=False)
+    for ax, t in zip(axes[0], picks):
+        ax.imshow(frames[t])
+        label = f"t={t}"
+        if actions is not None and t < len(actions):
+            label += f" a={int(actions[t])}"
+        ax.set_title(label, fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(
+            f"lapo/plots.py: frames must be (T, H, W, 3) with T > 0, got {frames.shape}"
+        )
+    if frames.dtype != np.uint8:
+        raise ValueError(f"lapo/plots.py: frames must be uint8, got {frames.dtype}")
+    return frames
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)  # many figures in one process: free each one
+    return path

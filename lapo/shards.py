@@ -1,0 +1,430 @@
+"""The dataset format on disk: webdataset shards of clips plus manifest.json.
+
+A sample is one clip: ``mp4`` (H.264, every frame), ``json`` (where it came
+from), and optionally ``actions.npy`` / ``rewards.npy`` / ``dones.npy`` with one
+row per frame. Row t of each is about the transition o[t] -> o[t+1]: the
+action taken after frame t, the reward it earned, and whether the episode
+ended after it. Keys are ``<source-stem>__c<5-digit clip index>``.
+
+Everything here writes atomically (``path.tmp`` then ``os.replace``), so a
+shard or manifest that exists under its final name is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lapo.video import encode_video
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+META_KEYS = ("source", "episode", "start", "num_frames", "fps", "height", "width")
+TAR_MTIME = 1_700_000_000  # fixed member mtime: the same samples give byte-identical shards
+MIN_CLIP_FRAMES = 2  # one transition; a shorter tail clip carries nothing to learn from
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def shard_name(i: int) -> str:
+    """Name of shard number i: ``shard-000042.tar``."""
+    return f"shard-{i:06d}.tar"
+
+
+def sanitize_stem(name: str) -> str:
+    """Make a key-safe stem: only letters, digits, ``_`` and ``-``; never ``__`` (the key separator)."""
+    stem = _UNSAFE.sub("_", name)
+    stem = re.sub(r"_{2,}", "_", stem).strip("_")
+    return stem or "video"
+
+
+def clip_key(stem: str, clip_index: int) -> str:
+    """``<stem>__c00007``: the webdataset key of clip 7 of a source."""
+    if not 0 <= clip_index <= 99_999:
+        raise ValueError(f"clip index {clip_index} of {stem!r} does not fit in 5 digits")
+    return f"{sanitize_stem(stem)}__c{clip_index:05d}"
+
+
+def clip_spans(
+    num_frames: int, clip_frames: int, min_frames: int = MIN_CLIP_FRAMES
+) -> list[tuple[int, int]]:
+    """Cut ``num_frames`` consecutive frames into [start, end) clips of ``clip_frames``.
+
+    Clips do not overlap. The short remainder at the end is kept as a last clip
+    when it holds at least ``min_frames`` frames, otherwise dropped.
+    """
+    if clip_frames < 1:
+        raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
+    spans = []
+    for start in range(0, max(num_frames, 0), clip_frames):
+        end = min(start + clip_frames, num_frames)
+        if end - start == clip_frames or end - start >= min_frames:
+            spans.append((start, end))
+    return spans
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def normalize_actions(actions: np.ndarray) -> np.ndarray:
+    """Discrete -> int64 (T,); continuous -> float32 (T, D). A (T,) float array is D = 1."""
+    actions = np.asarray(actions)
+    if actions.dtype.kind in "biu":
+        if actions.ndim == 2 and actions.shape[1] == 1:
+            actions = actions[:, 0]
+        if actions.ndim != 1:
+            raise ValueError(f"discrete actions must have shape (T,), got {actions.shape}")
+        if actions.size and actions.min() < 0:
+            raise ValueError(f"discrete actions must be >= 0, got minimum {actions.min()}")
+        return actions.astype(np.int64)
+    if actions.dtype.kind == "f":
+        if actions.ndim == 1:
+            actions = actions[:, None]
+        if actions.ndim != 2:
+            raise ValueError(f"continuous actions must have shape (T, D), got {actions.shape}")
+        return actions.astype(np.float32)
+    raise ValueError(f"actions must be integer or float, got dtype {actions.dtype}")
+
+
+def action_space_of(actions: np.ndarray | None) -> dict | None:
+    """The manifest's action space implied by one (normalised) actions array."""
+    if actions is None:
+        return None
+    if actions.dtype == np.int64:
+        return {"type": "discrete", "n": int(actions.max()) + 1 if actions.size else 0}
+    return {"type": "continuous", "dim": int(actions.shape[1])}
+
+
+def merge_action_spaces(a: dict | None, b: dict | None) -> dict | None:
+    """Union of two action spaces (discrete n is the max); raises if they disagree."""
+    if a is None or b is None:
+        return a or b
+    if a["type"] != b["type"]:
+        raise ValueError(f"mixed action types: {a} and {b}")
+    if a["type"] == "discrete":
+        return {"type": "discrete", "n": max(a["n"], b["n"])}
+    if a["dim"] != b["dim"]:
+        raise ValueError(f"continuous actions of different sizes: {a['dim']} and {b['dim']}")
+    return dict(a)
+
+
+def clip_sample(
+    key: str,
+    frames: np.ndarray,
+    *,
+    fps: float,
+    source: str,
+    episode: str,
+    start: int,
+    actions: np.ndarray | None = None,
+    rewards: np.ndarray | None = None,
+    dones: np.ndarray | None = None,
+    extra: dict | None = None,
+    gop: int = 16,
+    crf: int = 20,
+) -> dict:
+    """One webdataset sample (all values bytes) for a clip of uint8 frames (T, H, W, 3)."""
+    if not key or any(c in key for c in "./\\"):
+        raise ValueError(f"sample key {key!r} must be non-empty without dots or slashes")
+    frames = np.asarray(frames)
+    t, h, w = frames.shape[:3]
+    sample = {"__key__": key, "mp4": encode_video(frames, fps, gop=gop, crf=crf)}
+    meta = {
+        "source": str(source),
+        "episode": str(episode),
+        "start": int(start),
+        "num_frames": int(t),
+        "fps": float(fps),
+        "height": int(h),
+        "width": int(w),
+    }
+    clash = set(extra or {}) & set(meta)
+    if clash:
+        raise ValueError(f"{key}: extra metadata may not replace {sorted(clash)}")
+    meta.update(extra or {})
+    sample["json"] = json.dumps(meta, sort_keys=True).encode()
+    rows = {
+        "actions.npy": None if actions is None else normalize_actions(actions),
+        "rewards.npy": None if rewards is None else np.asarray(rewards, dtype=np.float32),
+        "dones.npy": None if dones is None else np.asarray(dones, dtype=bool),
+    }
+    for name, arr in rows.items():
+        if arr is None:
+            continue
+        if len(arr) != t:
+            raise ValueError(f"{key}: {name} has {len(arr)} rows but the clip has {t} frames")
+        if name != "actions.npy" and arr.ndim != 1:
+            raise ValueError(f"{key}: {name} must have shape (T,), got {arr.shape}")
+        sample[name] = npy_bytes(arr)
+    return sample
+
+
+def _num_frames(sample: dict) -> int:
+    meta = sample.get("json")
+    if isinstance(meta, (bytes, bytearray, str)):
+        meta = json.loads(meta)
+    if not isinstance(meta, dict) or "num_frames" not in meta:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no json with num_frames")
+    return int(meta["num_frames"])
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(path: str | Path, samples: Iterable[dict]) -> dict:
+    """Write samples to a tar shard atomically; return ``{"name", "samples", "frames", "bytes"}``."""
+    import webdataset as wds  # lazy: it imports torch, which video workers never need
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    count = frames = 0
+    try:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f, mtime=TAR_MTIME) as writer:
+                for sample in samples:
+                    frames += _num_frames(sample)
+                    writer.write(sample)
+                    count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"name": path.name, "samples": count, "frames": frames, "bytes": path.stat().st_size}
+
+
+def write_manifest(
+    out_dir: str | Path,
+    shards: list[dict],
+    *,
+    height: int,
+    width: int,
+    fps: float,
+    action_space: dict | None,
+    made_by: dict,
+) -> dict:
+    """Write ``manifest.json`` (atomically) describing the shards; return it."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "shards": [{k: s[k] for k in ("name", "samples", "frames", "bytes")} for s in shards],
+        "num_samples": sum(int(s["samples"]) for s in shards),
+        "num_frames": sum(int(s["frames"]) for s in shards),
+        "height": int(height),
+        "width": int(width),
+        "fps": float(fps),
+        "action_space": action_space,
+        "made_by": made_by,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read ``manifest.json`` from a dataset directory (or the file itself)."""
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no manifest.json (is {path} a lapo dataset directory?)")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON: {e}") from e
+    missing = [
+        k for k in ("format_version", "shards", "height", "width", "fps") if k not in manifest
+    ]
+    if missing:
+        raise ValueError(f"{file}: missing keys {missing}")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{file}: format_version {manifest['format_version']} is newer than this lapo "
+            f"understands ({FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[dict]:
+    """Samples of a shard as dicts ``{"__key__": key, ext: bytes, ...}``, in file order.
+
+    A plain reader (no webdataset pipeline) for tools and checks. Members are
+    grouped as webdataset does: the key is the name up to the first dot.
+    """
+    current: dict | None = None
+    with tarfile.open(path, mode="r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            prefix = member.name[: len(member.name) - len(base)]
+            key, ext = base.split(".", 1)
+            key = prefix + key
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current
+
+
+def _check_sample(sample: dict, manifest: dict, where: str) -> list[str]:
+    """Problems with one sample against the format and the manifest's frame size / actions."""
+    problems = []
+    key = sample["__key__"]
+    for ext in ("mp4", "json"):
+        if ext not in sample:
+            problems.append(f"{where}: sample {key} has no {ext}")
+    if "json" not in sample:
+        return problems
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as e:
+        return problems + [f"{where}: sample {key}: json does not parse: {e}"]
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        return problems + [f"{where}: sample {key}: json lacks {missing}"]
+    t = int(meta["num_frames"])
+    if t < 1:
+        problems.append(f"{where}: sample {key}: num_frames {t} < 1")
+    if (meta["height"], meta["width"]) != (manifest["height"], manifest["width"]):
+        problems.append(
+            f"{where}: sample {key}: frame size {meta['height']}x{meta['width']} differs from the "
+            f"manifest's {manifest['height']}x{manifest['width']}"
+        )
+    space = manifest.get("action_space")
+    for ext in ("actions.npy", "rewards.npy", "dones.npy"):
+        if ext not in sample:
+            continue
+        try:
+            arr = load_npy(sample[ext])
+        except Exception as e:
+            problems.append(f"{where}: sample {key}: {ext} does not load: {e}")
+            continue
+        if len(arr) != t:
+            problems.append(
+                f"{where}: sample {key}: {ext} has {len(arr)} rows, clip has {t} frames"
+            )
+        if ext != "actions.npy":
+            continue
+        if space is None:
+            problems.append(
+                f"{where}: sample {key} has actions but the manifest's action_space is null"
+            )
+        elif space["type"] == "discrete" and (
+            arr.dtype != np.int64 or arr.ndim != 1 or (arr.size and arr.max() >= space["n"])
+        ):
+            problems.append(
+                f"{where}: sample {key}: actions {arr.dtype} {arr.shape} are not int64 (T,) in [0, {space['n']})"
+            )
+        elif space["type"] == "continuous" and (
+            arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[1] != space["dim"]
+        ):
+            problems.append(
+                f"{where}: sample {key}: actions {arr.dtype} {arr.shape} are not float32 (T, {space['dim']})"
+            )
+    return problems
+
+
+def validate_dataset(
+    path: str | Path,
+    *,
+    decode: bool = False,
+    visit: Callable[[str, dict], None] | None = None,
+) -> list[str]:
+    """Check a dataset directory against its manifest; return the problems found (empty: valid).
+
+    Reads every shard (not just the manifest): missing or extra shard files,
+    leftover ``.tmp`` files, unreadable tars, sample / frame / byte counts, sample
+    keys and metadata, per-frame arrays. ``decode=True`` also decodes every clip and
+    checks its frame count and size (slow). ``visit(shard_name, sample)`` is called
+    for every sample read, so callers can gather statistics in the same pass.
+    """
+    from lapo.video import VideoDecodeError, decode_video_bytes
+
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except (FileNotFoundError, ValueError) as e:
+        return [str(e)]
+    problems: list[str] = []
+    listed = [s.get("name", "?") for s in manifest["shards"]]
+    seen_keys: set[str] = set()
+    for entry in manifest["shards"]:
+        name = entry.get("name", "?")
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: listed in the manifest but missing")
+            continue
+        if file.stat().st_size != entry.get("bytes"):
+            problems.append(
+                f"{name}: {file.stat().st_size} bytes, manifest says {entry.get('bytes')}"
+            )
+        count = frames = 0
+        try:
+            for sample in iter_tar_samples(file):
+                key = sample["__key__"]
+                count += 1
+                if key in seen_keys:
+                    problems.append(f"{name}: duplicate sample key {key}")
+                seen_keys.add(key)
+                if "." in key or "/" in key:
+                    problems.append(f"{name}: sample key {key!r} holds a dot or slash")
+                if visit is not None:
+                    visit(name, sample)
+                sample_problems = _check_sample(sample, manifest, name)
+                problems += sample_problems
+                if "json" in sample and not sample_problems:
+                    frames += int(json.loads(sample["json"])["num_frames"])
+                if decode and "mp4" in sample and not sample_problems:
+                    try:
+                        clip = decode_video_bytes(sample["mp4"])
+                    except VideoDecodeError as e:
+                        problems.append(f"{name}: sample {key}: {e}")
+                        continue
+                    meta = json.loads(sample["json"])
+                    want = (meta["num_frames"], meta["height"], meta["width"])
+                    if clip.shape[:3] != want:
+                        problems.append(
+                            f"{name}: sample {key}: decodes to {clip.shape[:3]}, json says {want}"
+                        )
+        except (tarfile.TarError, OSError, EOFError) as e:
+            problems.append(f"{name}: unreadable tar: {e}")
+            continue
+        if count != entry.get("samples"):
+            problems.append(f"{name}: {count} samples, manifest says {entry.get('samples')}")
+        if frames != entry.get("frames"):
+            problems.append(f"{name}: {frames} frames, manifest says {entry.get('frames')}")
+    for key, field in (("num_samples", "samples"), ("num_frames", "frames")):
+        total = sum(int(s.get(field, 0)) for s in manifest["shards"])
+        if manifest.get(key) != total:
+            problems.append(f"manifest: {key} is {manifest.get(key)} but its shards sum to {total}")
+    for extra in sorted(set(p.name for p in path.glob("shard-*.tar")) - set(listed)):
+        problems.append(f"{extra}: shard file not listed in the manifest")
+    for tmp in sorted(path.glob("*.tmp")):
+        problems.append(f"{tmp.name}: leftover temporary file (an interrupted write)")
+    return problems

@@ -1,0 +1,369 @@
+"""Lightning plumbing shared by the pretraining stages (1: latent action model, 2: policy).
+
+A stage supplies a `StageModule` subclass (its loss and metrics) and a DataModule;
+this file turns a `TrainerConfig` into a Trainer and runs it:
+
+- hardware: bf16 and torch.compile on GPU; on CPU both fall back with a warning.
+- distribution: DDP (gloo on CPU, NCCL on GPU) or FSDP; under Slurm the
+  SLURMEnvironment with auto-requeue on SIGUSR1 (``#SBATCH --signal=SIGUSR1@90``).
+- checkpoints: ``RUN/checkpoints/step-XXXXXXX.ckpt`` every ``ckpt_every_n_steps`` and
+  ``last.ckpt``, all written atomically; ``--resume`` restores the newest one.
+- logs: TensorBoard + CSV under ``RUN/logs`` (W&B when installed and asked for).
+- safety: NaN/inf losses are skipped (and counted) or stop the run naming the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from lapo.callbacks import GracefulStop, KeyLog, StepProgressBar
+from lapo.checkpoint import AtomicCheckpointIO, atomic_write_text, resume_checkpoint
+from lapo.config import OptimConfig, TrainerConfig, load_config, parse_overrides, save_config
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss was NaN or inf and ``trainer.nan_policy`` is ``stop``."""
+
+
+# --------------------------------------------------------------------------- the module side
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int):
+    """Multiplier of ``optim.lr`` at each optimiser step: linear warm-up, then constant or cosine."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, max_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
+
+    return factor
+
+
+class StageModule(L.LightningModule):
+    """Base LightningModule: AdamW + schedule, NaN guard, FSDP-aware clipping, compile.
+
+    Subclasses build their models in ``__init__`` and call `check_loss` in
+    ``training_step``; ``compile_targets`` names the submodules worth compiling.
+    """
+
+    compile_targets: tuple[str, ...] = ()
+
+    def __init__(self, optim: OptimConfig, trainer_cfg: TrainerConfig) -> None:
+        super().__init__()
+        self.optim_cfg = optim
+        self.trainer_cfg = trainer_cfg
+        self.compile_enabled = False  # set by `fit` once the hardware is known
+        self.nonfinite_steps = 0
+
+    def configure_model(self) -> None:
+        if not self.compile_enabled:
+            return
+        for name in self.compile_targets:
+            # Module.compile() compiles in place: parameter names (and so checkpoints
+            # and the safetensors export) stay the same as without compile.
+            self.get_submodule(name).compile()
+
+    def configure_optimizers(self) -> dict:
+        # No weight decay on biases and norm gains (1-D tensors): decaying them only hurts.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {
+                "params": [p for p in params if p.ndim >= 2],
+                "weight_decay": self.optim_cfg.weight_decay,
+            },
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(self.optim_cfg, self.trainer_cfg.max_steps)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        clip = self.optim_cfg.grad_clip
+        wrapped = self.trainer.model
+        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm must be computed over all shards
+            norm = wrapped.clip_grad_norm_(clip if clip > 0 else float("inf"))
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.parameters(), clip if clip > 0 else float("inf")
+            )
+        if self.global_step % self.trainer_cfg.log_every_n_steps == 0:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            # both parameter groups share one schedule: the first group's lr says it all
+            self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def check_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> bool:
+        """True when `loss` is finite on every rank; otherwise skip (count) or raise per nan_policy."""
+        finite = bool(torch.isfinite(loss).all())
+        if self.trainer.world_size > 1:  # all ranks must skip together or DDP's all-reduce hangs
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return True
+        keys = batch.get("key") if isinstance(batch, dict) else None
+        where = f"step {self.global_step}, batch {batch_idx}" + (
+            f", keys {list(keys)[:4]}" if keys else ""
+        )
+        if self.trainer_cfg.nan_policy == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at {where}; trainer.nan_policy=stop"
+            )
+        self.nonfinite_steps += 1
+        rank_zero_warn(
+            f"lapo: skipping a non-finite loss at {where} ({self.nonfinite_steps} so far)"
+        )
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
+        return False
+
+
+# --------------------------------------------------------------------------- the trainer side
+
+
+@dataclass
+class Hardware:
+    accelerator: str
+    precision: str
+    compile: bool
+
+
+def resolve_hardware(cfg: TrainerConfig) -> Hardware:
+    """Pick the accelerator; on CPU drop bf16/fp16 and compile with a warning."""
+    accel = cfg.accelerator
+    if accel == "auto":
+        accel = "gpu" if torch.cuda.is_available() else "cpu"
+    if accel in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            "trainer.accelerator=gpu but torch sees no CUDA device (use cpu or auto)"
+        )
+    precision, compile_ = cfg.precision, cfg.compile
+    if accel == "cpu":
+        if precision != "32-true":
+            warnings.warn(
+                f"lapo: trainer.precision={precision} is ignored on CPU; using 32-true",
+                stacklevel=2,
+            )
+            precision = "32-true"
+        if compile_:
+            warnings.warn("lapo: trainer.compile=true is ignored on CPU", stacklevel=2)
+            compile_ = False
+    return Hardware(accel, precision, compile_)
+
+
+def make_strategy(cfg: TrainerConfig, hw: Hardware) -> str | Strategy:
+    if cfg.strategy == "ddp":
+        return DDPStrategy(process_group_backend="gloo" if hw.accelerator == "cpu" else None)
+    if cfg.strategy == "fsdp":
+        if hw.accelerator == "cpu":
+            raise RuntimeError("trainer.strategy=fsdp needs GPUs; use ddp on CPU")
+        # full state dicts keep checkpoints single files (atomic writes, simple resume)
+        return FSDPStrategy(state_dict_type="full")
+    return cfg.strategy  # "auto" or "ddp_find_unused_parameters_true"
+
+
+def make_loggers(cfg: TrainerConfig, run_dir: Path) -> list[Logger]:
+    logs = run_dir / "logs"
+    out: list[Logger] = []
+    for name in cfg.loggers:
+        if name == "tensorboard":
+            out.append(
+                TensorBoardLogger(save_dir=logs, name="tensorboard", default_hp_metric=False)
+            )
+        elif name == "csv":
+            out.append(CSVLogger(save_dir=logs, name="csv"))
+        elif name == "wandb":
+            try:
+                import wandb  # noqa: F401
+                from lightning.pytorch.loggers import WandbLogger
+            except ImportError:
+                rank_zero_warn(
+                    "lapo: trainer.loggers includes wandb but wandb is not installed; skipping it"
+                )
+                continue
+            out.append(
+                WandbLogger(project=cfg.wandb_project, name=run_dir.name, save_dir=str(logs))
+            )
+    return out
+
+
+def build_trainer(cfg: TrainerConfig, run_dir: Path, hw: Hardware, stop: GracefulStop) -> L.Trainer:
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks: list[Any] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step-{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=cfg.ckpt_every_n_steps,
+            save_top_k=-1,
+            save_last=True,
+        ),
+        stop,
+    ]
+    if cfg.progress:
+        callbacks.append(StepProgressBar())
+    if cfg.log_keys:
+        callbacks.append(KeyLog(run_dir / "debug"))
+    loggers = make_loggers(cfg, run_dir)
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+    return L.Trainer(
+        accelerator=hw.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=make_strategy(cfg, hw),
+        precision=hw.precision,
+        max_steps=cfg.max_steps,
+        max_epochs=-1,
+        # the train loader is a resampled stream of fixed length, so validation is
+        # scheduled in global steps rather than in epochs
+        val_check_interval=cfg.val_every_n_steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=cfg.sanity_val_steps,
+        log_every_n_steps=cfg.log_every_n_steps,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=plugins,
+        default_root_dir=run_dir,
+        enable_progress_bar=cfg.progress,
+        deterministic=cfg.deterministic,
+        # the loader splits shards by rank itself; a DistributedSampler would not apply
+        use_distributed_sampler=False,
+        benchmark=hw.accelerator != "cpu" and not cfg.deterministic,
+    )
+
+
+def prepare_run(cfg: Any, run_dir: str | Path, *, resume: bool) -> Path | None:
+    """Seed, create RUN, write RUN/config.yaml; return the checkpoint to resume from (or None).
+
+    Call before building models (the seed must precede weight init) and before any
+    data is read, so that a missing checkpoint fails at once.
+    """
+    run_dir = Path(run_dir)
+    ckpt = resume_checkpoint(run_dir) if resume else None
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    return ckpt
+
+
+@dataclass
+class FitResult:
+    trainer: L.Trainer
+    finished: bool
+    """True when max_steps was reached; False when a signal stopped the run early."""
+
+
+def fit(
+    module: StageModule,
+    datamodule: L.LightningDataModule,
+    cfg: TrainerConfig,
+    run_dir: str | Path,
+    *,
+    ckpt_path: Path | None = None,
+) -> FitResult:
+    """Train `module` to ``cfg.max_steps`` (from `ckpt_path` when resuming); always leaves last.ckpt."""
+    run_dir = Path(run_dir)
+    hw = resolve_hardware(cfg)
+    module.compile_enabled = hw.compile
+    stop = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
+    trainer = build_trainer(cfg, run_dir, hw, stop)
+    if ckpt_path is not None:
+        rank_zero_info(f"lapo: resuming from {ckpt_path}")
+    stop.install()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SIGTERMException:
+        rank_zero_info(
+            f"lapo: stopped by SIGTERM at step {trainer.global_step}; resume with --resume"
+        )
+        return FitResult(trainer, finished=False)
+    finally:
+        stop.uninstall()
+    if stop.saved_step != trainer.global_step:
+        stop.save(trainer)  # the final state, so --resume with a larger max_steps goes on
+    return FitResult(trainer, finished=trainer.global_step >= cfg.max_steps and not stop.requested)
+
+
+def final_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """Last logged value of every scalar metric, as plain floats."""
+    out = {}
+    for k, v in trainer.callback_metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            out[k] = float(v)
+    return dict(sorted(out.items()))
+
+
+def write_metrics(trainer: L.Trainer, run_dir: Path, extra: dict | None = None) -> dict:
+    metrics = {"global_step": trainer.global_step, **final_metrics(trainer), **(extra or {})}
+    if trainer.is_global_zero:
+        atomic_write_text(Path(run_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+# --------------------------------------------------------------------------- command-line flags
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, default_config: str | None = None) -> None:
+    """Flags every Lightning stage shares: --config, --data, --out, --resume, --set."""
+    p.add_argument(
+        "--config",
+        default=default_config,
+        help="YAML file overriding the typed defaults"
+        + (f" (default: {default_config})" if default_config else ""),
+    )
+    p.add_argument(
+        "--data",
+        help="dataset directory (shards + manifest.json) or shard URL pattern; sets data.path",
+    )
+    p.add_argument(
+        "--out", required=True, help="run directory: checkpoints, logs, config.yaml, metrics.json"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out (checkpoints/last.ckpt or a Slurm hpc_ckpt)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any setting, e.g. --set trainer.max_steps=100 model.bottleneck=fsq",
+    )
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Typed config from --config, then --set pairs, then --data (a wrong key fails here, before data)."""
+    tree = parse_overrides(args.overrides)
+    if getattr(args, "data", None):
+        # set directly, not through YAML parsing: a path like `2024` or `yes` must stay a string
+        tree.setdefault("data", {})["path"] = str(args.data)
+    return load_config(cls, args.config, tree)

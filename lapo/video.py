@@ -1,0 +1,335 @@
+"""Video in and out: mp4 bytes <-> uint8 frames, source files, fps and size changes.
+
+Decoding clips (the hot path of every loader worker) uses decord when it can be
+imported and PyAV otherwise. The choice is made once at import and logged; the
+environment variable ``LAPO_VIDEO_BACKEND=pyav|decord`` forces one, and
+:func:`set_backend` changes it at run time (tests exercise both).
+
+Encoding is always PyAV/libx264: yuv420p, every frame kept, no B-frames and a
+short keyframe interval so that decoding a clip never has to reorder or reach
+far back. One encoder thread makes the output bytes a pure function of the
+input frames, which resumable sharding relies on.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("decord", "pyav")
+ENV_VAR = "LAPO_VIDEO_BACKEND"
+
+
+class VideoDecodeError(ValueError):
+    """Bytes or a file that do not decode to a video with at least one frame."""
+
+
+# --------------------------------------------------------------------------- backend choice
+
+
+def _decord_importable() -> bool:
+    try:
+        import decord  # noqa: F401
+    except Exception:  # ImportError, or a broken shared library
+        return False
+    return True
+
+
+def _pick_backend(requested: str | None) -> str:
+    requested = (requested or "").strip().lower()
+    if requested and requested not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={requested!r}: choose one of {', '.join(BACKENDS)}")
+    if requested == "pyav":
+        return "pyav"
+    if _decord_importable():
+        return "decord"
+    msg = "decord cannot be imported; decoding clips with PyAV (slower)"
+    if requested == "decord":
+        msg = f"{ENV_VAR}=decord but {msg}"
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return "pyav"
+
+
+def set_backend(name: str | None = None) -> str:
+    """Select the clip decoder: "decord", "pyav", or None to re-read ``LAPO_VIDEO_BACKEND``."""
+    global BACKEND
+    BACKEND = _pick_backend(name if name is not None else os.environ.get(ENV_VAR))
+    log.info("lapo.video: decoding clips with %s", BACKEND)
+    return BACKEND
+
+
+BACKEND: str = _pick_backend(os.environ.get(ENV_VAR))
+log.info("lapo.video: decoding clips with %s", BACKEND)
+
+
+# --------------------------------------------------------------------------- decoding bytes
+
+
+def _decode_decord(data: bytes, num_threads: int) -> np.ndarray:
+    import decord
+
+    # The reader is built here, inside the calling worker: decord readers must not cross forks.
+    reader = decord.VideoReader(io.BytesIO(data), num_threads=num_threads)
+    n = len(reader)
+    if n == 0:
+        raise VideoDecodeError("video has no frames")
+    try:
+        return reader.get_batch(range(n)).asnumpy()  # (T, H, W, 3)
+    except decord.DECORDError as e:
+        # decord 0.6 pads rows of some widths (e.g. 16, 24, 48 px) and then fails its own size
+        # check; the bytes are fine, so the caller retries with PyAV.
+        if "DECORDArrayCopyFromTo" in str(e):
+            raise _DecordLayoutError(str(e)) from e
+        raise
+
+
+class _DecordLayoutError(RuntimeError):
+    pass
+
+
+_warned_layout = False
+
+
+def _decode_pyav(data: bytes, num_threads: int) -> np.ndarray:
+    with av.open(io.BytesIO(data), mode="r") as container:
+        if not container.streams.video:
+            raise VideoDecodeError("no video stream")
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = max(num_threads, 1)
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    if not frames:
+        raise VideoDecodeError("video has no frames")
+    return np.stack(frames)  # (T, H, W, 3)
+
+
+def decode_video_bytes(
+    data: bytes, *, num_threads: int = 1, backend: str | None = None
+) -> np.ndarray:
+    """Decode a whole video held in memory (e.g. the ``mp4`` of a shard sample).
+
+    Returns uint8 frames of shape (T, H, W, 3), RGB. ``backend`` overrides the
+    module-wide :data:`BACKEND` for this call. Raises :class:`VideoDecodeError`
+    for empty or undecodable bytes.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"decode_video_bytes expects bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise VideoDecodeError("empty video bytes (0 bytes)")
+    which = backend or BACKEND
+    decode = _decode_decord if which == "decord" else _decode_pyav
+    try:
+        try:
+            frames = decode(bytes(data), num_threads)
+        except _DecordLayoutError:
+            global _warned_layout
+            if not _warned_layout:
+                _warned_layout = True
+                log.warning("decord cannot lay out frames of this width; using PyAV for such clips")
+            which = "pyav"
+            frames = _decode_pyav(bytes(data), num_threads)
+    except VideoDecodeError as e:
+        raise VideoDecodeError(f"cannot decode {len(data)} video bytes with {which}: {e}") from e
+    except Exception as e:  # decord raises DECORDError (a RuntimeError), PyAV av.FFmpegError
+        raise VideoDecodeError(
+            f"cannot decode {len(data)} video bytes with {which}: {type(e).__name__}: {e}"
+        ) from e
+    return np.ascontiguousarray(frames, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_video(
+    frames: np.ndarray,
+    fps: float,
+    *,
+    gop: int = 16,
+    crf: int = 20,
+    preset: str = "veryfast",
+) -> bytes:
+    """Encode uint8 frames (T, H, W, 3) to H.264 yuv420p mp4 bytes, every frame kept.
+
+    H and W must be even (yuv420p halves the chroma planes). Deterministic: the
+    same frames and settings always give the same bytes.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(
+            f"encode_video expects uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}"
+        )
+    t, h, w, _ = frames.shape
+    if t == 0:
+        raise ValueError("encode_video: no frames to encode")
+    if h % 2 or w % 2:
+        raise ValueError(f"encode_video: height and width must be even for yuv420p, got {h}x{w}")
+    if not fps > 0:
+        raise ValueError(f"encode_video: fps must be > 0, got {fps}")
+    rate = Fraction(fps).limit_denominator(1001)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {
+            "crf": str(crf),
+            "preset": preset,
+            "g": str(gop),
+            "bf": "0",  # no reordering: decode order == display order, cheap random access
+            "threads": "1",  # deterministic bytes (x264 frame threads may change decisions)
+        }
+        for i in range(t):
+            vf = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            # swscale's default (bilinear) chroma subsampling smears colour edges of small game
+            # frames; area averaging keeps the round-trip error about 4x lower.
+            vf = vf.reformat(format="yuv420p", interpolation="AREA")
+            vf.pts = i
+            container.mux(stream.encode(vf))
+        container.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- source files
+
+
+def probe_video_file(path: str | Path) -> dict:
+    """Header facts without decoding: ``{"fps", "frames" (estimate), "height", "width"}``.
+
+    ``frames`` comes from the container's count when present, otherwise from the
+    duration times the frame rate, so it is an estimate (exact for most mp4).
+    """
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            if not rate or rate <= 0:
+                raise VideoDecodeError(f"{path}: unknown frame rate")
+            frames = int(stream.frames or 0)
+            if frames <= 0:
+                if stream.duration and stream.time_base:
+                    seconds = float(stream.duration * stream.time_base)
+                elif container.duration:
+                    seconds = container.duration / av.time_base
+                else:
+                    seconds = 0.0
+                frames = int(round(seconds * float(rate)))
+            ctx = stream.codec_context
+            return {"fps": float(rate), "frames": frames, "height": ctx.height, "width": ctx.width}
+    except VideoDecodeError:
+        raise
+    except Exception as e:
+        raise VideoDecodeError(f"{path}: cannot open video: {type(e).__name__}: {e}") from e
+
+
+def iter_video_file(path: str | Path) -> tuple[float, Iterator[np.ndarray]]:
+    """Open any ffmpeg-readable file; return (fps, iterator of uint8 (H, W, 3) frames).
+
+    Frames are streamed so that long videos never sit in memory. The fps is the
+    container's average rate; frames are taken in decode order (constant rate assumed).
+    """
+    try:
+        container = av.open(str(path), mode="r")
+    except Exception as e:
+        raise VideoDecodeError(f"{path}: cannot open video: {type(e).__name__}: {e}") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodeError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate or rate <= 0:
+        container.close()
+        raise VideoDecodeError(f"{path}: unknown frame rate")
+    stream.codec_context.thread_count = 1  # callers parallelise over files instead
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")  # (H, W, 3)
+        except av.FFmpegError as e:
+            raise VideoDecodeError(f"{path}: decoding failed: {e}") from e
+        finally:
+            container.close()
+
+    return float(rate), frames()
+
+
+def read_video_file(path: str | Path) -> tuple[np.ndarray, float]:
+    """Decode a whole file (mp4/webm/avi/mkv/...) to (frames (T, H, W, 3) uint8, fps)."""
+    fps, it = iter_video_file(path)
+    frames = list(it)
+    if not frames:
+        raise VideoDecodeError(f"{path}: video has no frames")
+    return np.stack(frames), fps
+
+
+# --------------------------------------------------------------------------- fps and size
+
+
+def resample_index(j: int, src_fps: float, dst_fps: float) -> int:
+    """Source frame shown at output frame j: the nearest in time, ties rounded up.
+
+    Output frame j sits at time j / dst_fps; it exists only while this index is a
+    valid source frame, so :func:`resample_indices` and streaming agree exactly.
+    """
+    x = (
+        Fraction(j)
+        * Fraction(src_fps).limit_denominator(1001)
+        / Fraction(dst_fps).limit_denominator(1001)
+    )
+    return int(x + Fraction(1, 2))  # floor(x + 1/2): exact, no banker's rounding
+
+
+def resample_indices(num_src: int, src_fps: float, dst_fps: float) -> np.ndarray:
+    """Source frame indices (int64) of every output frame when changing fps.
+
+    Downsampling drops frames, upsampling repeats them. Same fps is the identity.
+    """
+    out = []
+    j = 0
+    while (i := resample_index(j, src_fps, dst_fps)) < num_src:
+        out.append(i)
+        j += 1
+    return np.asarray(out, dtype=np.int64)
+
+
+def resize_square(frame: np.ndarray, size: int, mode: str = "crop") -> np.ndarray:
+    """One uint8 frame (H, W, 3) -> (size, size, 3), aspect ratio kept.
+
+    ``crop``: centre square of the shorter side, then scaled. ``pad``: scaled so the
+    longer side fits, then letterboxed with black.
+    """
+    if mode not in ("crop", "pad"):
+        raise ValueError(f"resize mode must be 'crop' or 'pad', got {mode!r}")
+    h, w = frame.shape[:2]
+    if mode == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        img = Image.fromarray(frame[top : top + side, left : left + side])
+        if side != size:
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(img)
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    img = Image.fromarray(frame)
+    if (nh, nw) != (h, w):
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = np.asarray(img)
+    return out
+
+
+def resize_frames(frames: np.ndarray, size: int, mode: str = "crop") -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, size, size, 3) uint8 with :func:`resize_square`."""
+    return np.stack([resize_square(f, size, mode) for f in frames])

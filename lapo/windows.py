@@ -1,0 +1,251 @@
+"""Clips to training windows: check a shard sample, decode it once, cut windows.
+
+A window is k+1 frames ``o[s], o[s+g], ..., o[s+k*g]`` of one clip (k context
+frames, g = frame_gap) plus the action of the transition leaving the last
+context frame t = s+(k-1)*g: row t of ``actions.npy``. With g > 1 the window
+skips frames, and that one row stands for the g actions taken between o[t] and
+o[t+g].
+
+A window never contains a transition that ends an episode: ``dones[j]`` marks
+the step j -> j+1 as terminal, so rows s .. s+k*g-1 must all be False (every
+step between the first and the last frame, skipped ones included).
+
+This module is the per-sample half of the loader (``lapo.data`` streams shards
+into it); everything here runs inside a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from lapo.shards import load_npy
+from lapo.video import VideoDecodeError, decode_video_bytes
+
+# Why a sample was skipped; each is one counter of LoaderStats.
+REASONS = (
+    "tar_error",  # unreadable or truncated shard, missing shard file (webdataset's handler)
+    "missing_video",  # a sample without mp4 (often the tail of a truncated tar)
+    "bad_video",  # mp4 bytes that do not decode
+    "bad_json",  # json that does not parse to an object
+    "frame_count",  # decoded frames differ from json num_frames
+    "frame_size",  # decoded frame size differs from the manifest's
+    "bad_actions",  # actions.npy unreadable, wrong rows / dtype / shape / range, NaN
+    "bad_dones",  # dones.npy unreadable or wrong rows
+)
+COUNTERS = ("clips", "windows", "batches", "short_clips", *REASONS)
+
+
+class BadDataWarning(UserWarning):
+    """A sample or shard was skipped; training goes on (see ``LoaderStats``)."""
+
+
+class BadSample(ValueError):
+    """One clip cannot be used. ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class LoaderStats:
+    """Counters of one loader, readable from the main process while workers run.
+
+    One row per DataLoader worker, in shared memory: each worker adds to its own
+    row only (no locks needed) and the main process sums the rows.
+    """
+
+    def __init__(self, num_workers: int):
+        self.table = torch.zeros(max(num_workers, 1), len(COUNTERS), dtype=torch.int64)
+        self.table.share_memory_()
+
+    def add(self, worker: int, name: str, n: int = 1) -> None:
+        self.table[worker, COUNTERS.index(name)] += n
+
+    def as_dict(self) -> dict[str, int]:
+        totals = self.table.sum(0).tolist()
+        return dict(zip(COUNTERS, totals))
+
+    def per_worker(self) -> list[dict[str, int]]:
+        return [dict(zip(COUNTERS, row)) for row in self.table.tolist()]
+
+    @property
+    def bad(self) -> int:
+        """Samples and shards skipped, all reasons together."""
+        d = self.as_dict()
+        return sum(d[r] for r in REASONS)
+
+    def summary(self) -> str:
+        d = self.as_dict()
+        bad = ", ".join(f"{r}={d[r]}" for r in REASONS if d[r])
+        return (
+            f"{d['clips']} clips decoded, {d['windows']} windows, {d['batches']} batches, "
+            f"{d['short_clips']} clips too short; skipped: {bad or 'none'}"
+        )
+
+
+def warn_bad(what: str) -> None:
+    warnings.warn(f"lapo.data: skipping {what}", BadDataWarning, stacklevel=2)
+
+
+@dataclass
+class Clip:
+    key: str
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    actions: np.ndarray | None  # (T,) int64 or (T, D) float32
+    dones: np.ndarray | None  # (T,) bool
+
+
+def _check_actions(arr: np.ndarray, space: dict, t: int) -> np.ndarray:
+    if len(arr) != t:
+        raise BadSample(
+            "bad_actions", f"actions.npy has {len(arr)} rows but the clip has {t} frames"
+        )
+    if space["type"] == "discrete":
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise BadSample(
+                "bad_actions", f"discrete actions must be integer (T,), got {arr.dtype} {arr.shape}"
+            )
+        if arr.size and (arr.min() < 0 or arr.max() >= space["n"]):
+            raise BadSample("bad_actions", f"discrete actions outside [0, {space['n']})")
+        return arr.astype(np.int64)
+    if arr.ndim != 2 or arr.shape[1] != space["dim"] or arr.dtype.kind != "f":
+        raise BadSample(
+            "bad_actions",
+            f"continuous actions must be float (T, {space['dim']}), got {arr.dtype} {arr.shape}",
+        )
+    if not np.isfinite(arr).all():
+        raise BadSample("bad_actions", "continuous actions hold NaN or inf")
+    return arr.astype(np.float32)
+
+
+def load_clip(
+    sample: dict,
+    *,
+    action_space: dict | None,
+    frame_size: tuple[int, int] | None,
+    decode_threads: int = 1,
+) -> Clip:
+    """Check and decode one shard sample; raise ``BadSample`` naming what is wrong.
+
+    Actions are read only when the dataset declares an action space (without one
+    there is nothing to check them against, and the loader marks every window
+    unlabelled).
+    """
+    key = sample.get("__key__", "?")
+    if "mp4" not in sample:
+        raise BadSample("missing_video", "no mp4 in the sample")
+    meta = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as e:
+            raise BadSample("bad_json", f"json does not parse: {e}") from e
+        if not isinstance(meta, dict):
+            raise BadSample("bad_json", f"json is a {type(meta).__name__}, not an object")
+    try:
+        frames = decode_video_bytes(sample["mp4"], num_threads=decode_threads)  # (T, H, W, 3)
+    except VideoDecodeError as e:
+        raise BadSample("bad_video", str(e)) from e
+    t = len(frames)
+    if "num_frames" in meta and int(meta["num_frames"]) != t:
+        raise BadSample("frame_count", f"json says {meta['num_frames']} frames, mp4 decodes to {t}")
+    if frame_size is not None and tuple(frames.shape[1:3]) != tuple(frame_size):
+        raise BadSample(
+            "frame_size", f"frames are {frames.shape[1:3]}, the dataset's are {tuple(frame_size)}"
+        )
+    actions = None
+    if action_space is not None and "actions.npy" in sample:
+        try:
+            raw = load_npy(sample["actions.npy"])
+        except Exception as e:
+            raise BadSample("bad_actions", f"actions.npy does not load: {e}") from e
+        actions = _check_actions(raw, action_space, t)
+    dones = None
+    if "dones.npy" in sample:
+        try:
+            dones = load_npy(sample["dones.npy"])
+        except Exception as e:
+            raise BadSample("bad_dones", f"dones.npy does not load: {e}") from e
+        if dones.shape != (t,):
+            raise BadSample("bad_dones", f"dones.npy has shape {dones.shape}, expected ({t},)")
+        dones = dones.astype(bool)
+    return Clip(key=key, frames=frames, actions=actions, dones=dones)
+
+
+def window_starts(num_frames: int, dones: np.ndarray | None, context: int, gap: int) -> np.ndarray:
+    """First-frame indices s of every window that fits the clip and crosses no episode end."""
+    span = context * gap  # frames from the first to the last frame of a window
+    starts = np.arange(max(num_frames - span, 0))
+    if dones is None or not dones.any() or starts.size == 0:
+        return starts
+    ends = np.concatenate([[0], np.cumsum(dones, dtype=np.int64)])  # ends[j] = dones in rows < j
+    return starts[ends[starts + span] == ends[starts]]
+
+
+def pick_starts(starts: np.ndarray, limit: int, rng: np.random.Generator | None) -> np.ndarray:
+    """At most ``limit`` starts (0: all): a random subset with ``rng``, else evenly spaced."""
+    if limit == 0 or len(starts) <= limit:
+        return starts
+    if rng is not None:
+        return rng.choice(starts, size=limit, replace=False)
+    return starts[np.linspace(0, len(starts) - 1, limit).round().astype(np.int64)]
+
+
+def empty_action(action_space: dict | None) -> np.ndarray:
+    """The fill value of ``actions`` where a clip has none (``has_action`` False)."""
+    if action_space is not None and action_space["type"] == "continuous":
+        return np.zeros(action_space["dim"], dtype=np.float32)
+    return np.zeros((), dtype=np.int64)
+
+
+def cut_windows(
+    clip: Clip, starts: np.ndarray, context: int, gap: int, fill: np.ndarray
+) -> Iterator[dict]:
+    """Windows as dicts of numpy views: frames (k+1, H, W, 3), actions, has_action, key, start."""
+    span = context * gap
+    # Views keep the whole decoded clip alive while any window of it waits in the
+    # shuffle buffer. When few windows are cut, copy them so the clip can be freed:
+    # either way the buffer holds at most (k+1) frames per window.
+    copy = len(starts) * (context + 1) < len(clip.frames)
+    has_action = clip.actions is not None
+    for s in starts.tolist():
+        frames = clip.frames[s : s + span + 1 : gap]  # (k+1, H, W, 3)
+        t = s + (context - 1) * gap  # last context frame: its action leads to the target frame
+        yield {
+            "frames": frames.copy() if copy else frames,
+            "actions": clip.actions[t] if has_action else fill,
+            "has_action": has_action,
+            "key": clip.key,
+            "start": s,
+        }
+
+
+def window_to_tensors(window: dict) -> dict:
+    """One window as tensors: frames uint8 (k+1, 3, H, W)."""
+    frames = torch.from_numpy(np.ascontiguousarray(window["frames"]))  # (k+1, H, W, 3)
+    return {
+        "frames": rearrange(frames, "t h w c -> t c h w").contiguous(),  # (k+1, 3, H, W)
+        "actions": torch.as_tensor(window["actions"]),  # () int64 or (D,) float32
+        "has_action": torch.tensor(window["has_action"]),
+        "key": window["key"],
+        "start": torch.tensor(window["start"], dtype=torch.int64),
+    }
+
+
+def collate_windows(windows: list[dict]) -> dict:
+    """Stack windows into a batch: frames uint8 (B, k+1, 3, H, W), actions (B,) / (B, D)."""
+    frames = torch.from_numpy(np.stack([w["frames"] for w in windows]))  # (B, k+1, H, W, 3)
+    return {
+        "frames": rearrange(frames, "b t h w c -> b t c h w").contiguous(),  # (B, k+1, 3, H, W)
+        "actions": torch.from_numpy(np.stack([w["actions"] for w in windows])),  # (B,) or (B, D)
+        "has_action": torch.tensor([w["has_action"] for w in windows], dtype=torch.bool),  # (B,)
+        "key": [w["key"] for w in windows],
+        "start": torch.tensor([w["start"] for w in windows], dtype=torch.int64),  # (B,)
+    }

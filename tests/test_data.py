@@ -1,0 +1,419 @@
+"""The streaming loader on tiny real datasets (H.264 shards written by lapo.shards).
+
+Frames carry their clip index, episode and a square moved by the action
+(tests/datagen.py), so alignment and episode boundaries are checked from the
+pixels the loader delivers, not from its own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from lapo.config import DataConfig
+from lapo.data import (
+    DatasetError,
+    VideoDataModule,
+    list_shards,
+    make_loader,
+    share,
+    split_plan,
+)
+from lapo.shards import iter_tar_samples
+from lapo.windows import BadDataWarning
+from tests.datagen import frame_episode, frame_time, make_dataset
+
+
+def cfg_for(path, **kw) -> DataConfig:
+    base = dict(path=str(path), batch_size=4, num_workers=0, shuffle_buffer=32, batches_per_epoch=6)
+    return DataConfig(**{**base, **kw})
+
+
+def all_windows(ds, context: int, gap: int) -> set[tuple[str, int]]:
+    """Every (key, start) a full pass must give, from the episode ids written (not from dones)."""
+    out = set()
+    for key, clip in ds.clips.items():
+        ep = clip["episodes"]
+        for s in range(clip["num_frames"] - context * gap):
+            if ep[s] == ep[s + context * gap]:
+                out.add((key, s))
+    return out
+
+
+def collect(loader) -> list[tuple[str, int]]:
+    return [(k, int(s)) for b in loader for k, s in zip(b["key"], b["start"])]
+
+
+@pytest.fixture(scope="module")
+def discrete(tmp_path_factory):
+    return make_dataset(
+        tmp_path_factory.mktemp("discrete"), shards=4, clips_per_shard=3, clip_frames=16
+    )
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+    return make_dataset(
+        tmp_path_factory.mktemp("eight"), shards=8, clips_per_shard=2, clip_frames=12
+    )
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def test_batch_shapes_and_dtypes(discrete):
+    cfg = cfg_for(discrete.path, context=3)
+    batches = list(make_loader(cfg.path, cfg, train=True))
+    assert len(batches) == cfg.batches_per_epoch
+    b = batches[0]
+    assert b["frames"].shape == (4, 4, 3, 32, 32) and b["frames"].dtype == torch.uint8
+    assert b["actions"].shape == (4,) and b["actions"].dtype == torch.int64
+    assert b["has_action"].dtype == torch.bool and b["has_action"].all()
+    assert b["start"].dtype == torch.int64 and len(b["key"]) == 4
+
+
+def test_continuous_actions_and_single_windows(tmp_path):
+    ds = make_dataset(tmp_path, shards=2, clips_per_shard=2, actions="continuous")
+    cfg = cfg_for(tmp_path, val_batches=0, val_shards=0)
+    b = next(iter(make_loader(cfg.path, cfg, train=False)))
+    assert b["actions"].shape == (4, 2) and b["actions"].dtype == torch.float32
+    for i, key in enumerate(b["key"]):
+        t = int(b["start"][i]) + cfg.context - 1
+        assert torch.equal(b["actions"][i], torch.from_numpy(ds.clips[key]["actions"][t]))
+    w = next(iter(make_loader(cfg.path, cfg, train=False, batched=False)))
+    assert w["frames"].shape == (3, 3, 32, 32) and w["actions"].shape == (2,)
+
+
+@pytest.mark.parametrize("context,gap", [(2, 1), (3, 2)])
+def test_actions_align_with_last_context_frame(discrete, context, gap):
+    cfg = cfg_for(discrete.path, context=context, frame_gap=gap, windows_per_clip=0)
+    seen = differs = 0
+    for b in make_loader(cfg.path, cfg, train=True):
+        for i, key in enumerate(b["key"]):
+            frames = b["frames"][i].numpy()  # (k+1, 3, H, W)
+            times = [frame_time(f) for f in frames]
+            start = int(b["start"][i])
+            assert times == [start + j * gap for j in range(context + 1)]
+            t = times[context - 1]  # the last context frame, read from its pixels
+            acts = discrete.clips[key]["actions"]
+            assert b["actions"][i].item() == acts[t]
+            differs += acts[t] != acts[t + 1]
+            seen += 1
+    assert seen == cfg.batches_per_epoch * cfg.batch_size
+    assert differs > seen // 2  # an off-by-one index would have failed on these
+
+
+def test_no_window_crosses_an_episode_end(discrete):
+    assert any(c["dones"][:-1].any() for c in discrete.clips.values()), (
+        "data must hold mid-clip ends"
+    )
+    cfg = cfg_for(discrete.path, context=2, frame_gap=2, val_batches=0, val_shards=0)
+    got = []
+    for b in make_loader(cfg.path, cfg, train=False):
+        for i in range(len(b["key"])):
+            assert len({frame_episode(f) for f in b["frames"][i].numpy()}) == 1
+        got += [(k, int(s)) for k, s in zip(b["key"], b["start"])]
+    assert sorted(got) == sorted(all_windows(discrete, 2, 2))
+
+
+def test_unlabelled_clips_are_masked(tmp_path):
+    ds = make_dataset(tmp_path, shards=2, clips_per_shard=4, actions="mixed")
+    cfg = cfg_for(tmp_path, val_batches=0, val_shards=0)
+    flags = Counter()
+    for b in make_loader(cfg.path, cfg, train=False):
+        for i, key in enumerate(b["key"]):
+            labelled = ds.clips[key]["actions"] is not None
+            assert b["has_action"][i].item() == labelled
+            t = int(b["start"][i]) + 1
+            want = ds.clips[key]["actions"][t] if labelled else 0
+            assert b["actions"][i].item() == want
+            flags[labelled] += 1
+    assert flags[True] and flags[False]
+
+
+def test_windows_per_clip_caps_the_cut(discrete):
+    cfg = cfg_for(discrete.path, windows_per_clip=2, val_batches=0, val_shards=0)
+    per_key = Counter(k for k, _ in collect(make_loader(cfg.path, cfg, train=False)))
+    assert set(per_key.values()) == {2} and len(per_key) == discrete.num_clips
+
+
+# --------------------------------------------------------------------------- ranks, workers, epochs
+
+
+@pytest.mark.parametrize("shards,ranks,workers", [(8, 2, 2), (3, 2, 2), (1, 3, 2), (5, 1, 3)])
+def test_split_plan_gives_every_sample_one_reader(shards, ranks, workers):
+    readers = Counter()
+    owner: dict[int, int] = {}
+    for r, w in itertools.product(range(ranks), range(workers)):
+        ids, slots, slot = split_plan(shards, r, ranks, w, workers)
+        assert ids, "every reader gets at least one shard"
+        for i in ids:
+            if shards >= ranks:
+                assert owner.setdefault(i, r) == r, "a shard read by two ranks"
+            for fake_key in range(60):  # slots partition clips whatever their keys
+                if slots == 1 or fake_key % slots == slot:
+                    readers[(i, fake_key)] += 1
+    assert set(readers.values()) == {1} and len(readers) == shards * 60
+
+
+def test_two_ranks_two_workers_read_disjoint_shards_and_exact_batches(eight):
+    cfg = cfg_for(eight.path, num_workers=2, batches_per_epoch=5, val_shards=0)
+    shards_of = []
+    for rank in range(2):
+        loader = make_loader(cfg.path, cfg, train=True, rank=rank, world_size=2)
+        assert len(loader) == 5
+        batches = list(loader)
+        assert len(batches) == 5 and all(len(b["key"]) == 4 for b in batches)
+        assert [row["batches"] for row in loader.stats.per_worker()] == [
+            share(5, w, 2) for w in range(2)
+        ]
+        shards_of.append({eight.clips[k]["shard"] for b in batches for k in b["key"]})
+    assert shards_of[0].isdisjoint(shards_of[1])
+    assert shards_of[0] <= {0, 2, 4, 6} and shards_of[1] <= {1, 3, 5, 7}
+
+
+@pytest.mark.parametrize("shards", [8, 3])
+def test_validation_covers_every_window_once_across_ranks(tmp_path, shards):
+    ds = make_dataset(tmp_path, shards=shards, clips_per_shard=2, clip_frames=12)
+    cfg = cfg_for(tmp_path, num_workers=2, val_batches=0, val_shards=0, batch_size=5)
+    got = []
+    for rank in range(2):
+        got += collect(make_loader(cfg.path, cfg, train=False, rank=rank, world_size=2))
+    assert len(got) == len(set(got))
+    assert set(got) == all_windows(ds, 2, 1)
+
+
+def test_val_batches_caps_each_rank(discrete):
+    cfg = cfg_for(discrete.path, val_batches=3, val_shards=0)
+    assert len(list(make_loader(cfg.path, cfg, train=False))) == 3
+
+
+def test_training_stream_is_a_function_of_seed_and_epoch(discrete):
+    cfg = cfg_for(discrete.path, num_workers=2)
+
+    def epoch(e: int, seed: int = 0) -> list:
+        loader = make_loader(cfg.path, DataConfig(**{**cfg.__dict__, "seed": seed}), train=True)
+        loader.set_epoch(e)
+        return collect(loader)
+
+    assert epoch(1) == epoch(1)
+    assert epoch(0) != epoch(1)
+    assert epoch(0) != epoch(0, seed=1)
+    loader = make_loader(cfg.path, cfg, train=True)  # passes count epochs by themselves
+    assert collect(loader) == epoch(0) and collect(loader) == epoch(1)
+
+
+@pytest.mark.parametrize("workers,done", [(0, 3), (2, 3), (2, 4)])
+def test_resume_mid_epoch_continues_exactly(discrete, workers, done):
+    cfg = cfg_for(discrete.path, num_workers=workers, batches_per_epoch=7)
+    full = make_loader(cfg.path, cfg, train=True)
+    full.set_epoch(2)
+    want = list(full)
+    first = make_loader(cfg.path, cfg, train=True)
+    first.set_epoch(2)
+    state = next(s for i, s in enumerate(_states(first)) if i == done - 1)
+    assert state == {"epoch": 2, "batches": done}
+    resumed = make_loader(cfg.path, cfg, train=True)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == 7 - done
+    for a, b in zip(rest, want[done:]):
+        assert a["key"] == b["key"] and torch.equal(a["frames"], b["frames"])
+    assert resumed.state_dict() == {"epoch": 2, "batches": 7}
+
+
+def _states(loader):
+    for _ in loader:
+        yield loader.state_dict()
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+def _spoil(sample: dict) -> dict:
+    key = sample["__key__"]
+    if key == "rec000__c00001":
+        sample["mp4"] = b"\x00\x00\x00\x18ftypmp42 this is not a video" * 20
+    elif key == "rec001__c00002":
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(5, dtype=np.int64))  # 5 rows for a 16-frame clip
+        sample["actions.npy"] = buf.getvalue()
+    elif key == "rec002__c00001":
+        del sample["mp4"]
+    return sample
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    ds = make_dataset(tmp_path, shards=3, clips_per_shard=3, mutate=_spoil)
+    _rewrite_shard(
+        tmp_path / "shard-000001.tar",
+        lambda x: {**x, "json": b"{not json"} if x["__key__"] == "rec001__c00000" else x,
+    )
+    cfg = cfg_for(tmp_path, val_batches=0, val_shards=0)
+    loader = make_loader(cfg.path, cfg, train=False)
+    with pytest.warns(BadDataWarning):
+        got = collect(loader)
+    stats = loader.stats.as_dict()
+    assert (
+        stats["bad_video"],
+        stats["bad_json"],
+        stats["bad_actions"],
+        stats["missing_video"],
+    ) == (1, 1, 1, 1)
+    bad = {"rec000__c00001", "rec001__c00000", "rec001__c00002", "rec002__c00001"}
+    assert set(got) == {w for w in all_windows(ds, 2, 1) if w[0] not in bad}
+    train = make_loader(cfg.path, cfg, train=True)
+    with pytest.warns(BadDataWarning):
+        assert len(list(train)) == cfg.batches_per_epoch
+
+
+def _rewrite_shard(path, change) -> None:
+    """Rewrite a written shard with ``change(sample)`` applied (json the shard writer would refuse)."""
+    samples = [change(x) for x in iter_tar_samples(path)]
+    with wds.TarWriter(str(path)) as writer:
+        for x in samples:
+            writer.write(x)
+
+
+def test_nan_continuous_actions_are_skipped(tmp_path):
+    def nan(sample: dict) -> dict:
+        if sample["__key__"] == "rec000__c00000":
+            arr = np.load(io.BytesIO(sample["actions.npy"]))
+            arr[3, 1] = np.nan
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            sample["actions.npy"] = buf.getvalue()
+        return sample
+
+    make_dataset(tmp_path, shards=1, clips_per_shard=2, actions="continuous", mutate=nan)
+    cfg = cfg_for(tmp_path, val_batches=0, val_shards=0)
+    loader = make_loader(cfg.path, cfg, train=False)
+    with pytest.warns(BadDataWarning):
+        keys = {k for k, _ in collect(loader)}
+    assert keys == {"rec000__c00001"} and loader.stats.as_dict()["bad_actions"] == 1
+
+
+def test_truncated_tar_is_skipped_and_training_goes_on(tmp_path):
+    ds = make_dataset(tmp_path, shards=3, clips_per_shard=3)
+    shard = tmp_path / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    cfg = cfg_for(tmp_path, val_batches=0, val_shards=0)
+    loader = make_loader(cfg.path, cfg, train=False)
+    with pytest.warns(BadDataWarning):
+        got = collect(loader)
+    assert loader.stats.as_dict()["tar_error"] >= 1
+    whole = {w for w in all_windows(ds, 2, 1) if ds.clips[w[0]]["shard"] != 1}
+    assert whole <= set(got)
+    assert all(ds.clips[k]["shard"] == 1 for k, _ in set(got) - whole)
+    train = make_loader(cfg.path, cfg, train=True, rank=0, world_size=1)
+    with pytest.warns(BadDataWarning):
+        assert len(list(train)) == cfg.batches_per_epoch
+
+
+def test_training_on_only_corrupt_data_raises_instead_of_hanging(tmp_path):
+    def garbage(sample: dict) -> dict:
+        sample["mp4"] = b"junk" * 50
+        return sample
+
+    make_dataset(tmp_path, shards=2, clips_per_shard=2, mutate=garbage)
+    cfg = cfg_for(tmp_path)
+    with (
+        pytest.warns(BadDataWarning),
+        pytest.raises(DatasetError, match="without one usable window"),
+    ):
+        list(make_loader(cfg.path, cfg, train=True))
+
+
+# --------------------------------------------------------------------------- start-up errors
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        list_shards(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="no manifest.json and no .tar"):
+        list_shards(tmp_path)
+    with pytest.raises(DatasetError, match="does not exist"):
+        list_shards(str(tmp_path / "shard-{000000..000003}.tar"))
+
+
+def test_empty_manifest_and_missing_shard_are_clear_errors(tmp_path, discrete):
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"format_version": 1, "shards": [], "height": 8, "width": 8, "fps": 1.0})
+    )
+    with pytest.raises(DatasetError, match="empty dataset"):
+        list_shards(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(discrete.path, copy)
+    (copy / "shard-000002.tar").unlink()
+    with pytest.raises(DatasetError, match="shard-000002.tar"):
+        list_shards(copy)
+
+
+def test_context_longer_than_clips_is_a_clear_error(discrete):
+    cfg = cfg_for(discrete.path, context=8, frame_gap=2)
+    with pytest.raises(DatasetError, match="needs windows of 17 frames"):
+        make_loader(cfg.path, cfg, train=True)
+
+
+def test_patterns_and_manifest_metadata(discrete):
+    pattern = str(discrete.path / "shard-{000000..000001}.tar")
+    assert len(list_shards(pattern)) == 2
+    cfg = cfg_for(pattern, val_batches=0)
+    keys = {k for k, _ in collect(make_loader(pattern, cfg, train=False))}
+    assert {discrete.clips[k]["shard"] for k in keys} == {0, 1}
+
+
+# --------------------------------------------------------------------------- Lightning
+
+
+def test_datamodule_drives_a_lightning_fit(discrete):
+    import lightning.pytorch as pl
+
+    class Probe(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: dict[int, list] = {}
+            self.val_windows = 0
+
+        def training_step(self, batch, _):
+            self.seen.setdefault(self.current_epoch, []).append(tuple(batch["key"]))
+            return (self.w - batch["frames"].float().mean() / 255).pow(2).sum()
+
+        def validation_step(self, batch, _):
+            self.val_windows += len(batch["key"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cfg = cfg_for(discrete.path, batches_per_epoch=3, val_shards=1, val_batches=0)
+    dm = VideoDataModule(cfg)
+    dm.setup()
+    assert dm.action_space == {"type": "discrete", "n": 5} and dm.image_size == 32
+    assert len(dm.train_info.urls) == 3 and len(dm.val_info.urls) == 1
+    model = Probe()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert [len(model.seen[e]) for e in (0, 1)] == [3, 3]
+    assert model.seen[0] != model.seen[1]
+    held_out = [k for k, c in discrete.clips.items() if c["shard"] == 3]
+    assert all(k not in held_out for e in (0, 1) for batch in model.seen[e] for k in batch)
+    want = {w for w in all_windows(discrete, 2, 1) if w[0] in held_out}
+    assert model.val_windows == 2 * len(want)  # validated after each of the 2 epochs
