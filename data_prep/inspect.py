@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also decode every clip and check its frame count and size (slow)",
     )
     p.add_argument(
-        "--max-problems", type=int, default=50, help="problems listed in the text report (default 50)"
+        "--max-problems",
+        type=int,
+        default=50,
+        help="problems listed in the text report (default 50)",
     )
     args = p.parse_args(argv)
     report = inspect_dataset(args.dataset, decode=args.decode)

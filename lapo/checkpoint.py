@@ -132,8 +132,9 @@ def export_model(
     config: dict,
     extra: dict | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    name: str = "model",
 ) -> Path:
-    """Write ``RUN/model.safetensors`` and ``RUN/model.json``.
+    """Write ``RUN/model.safetensors`` and ``RUN/model.json`` (``RUN/<name>.*`` with `name`).
 
     `kind` names the class that reads it back (``"lam"``, ``"policy"``, ...); `config`
     is the plain dict of settings that rebuilds the module; `extra` holds anything else
@@ -145,21 +146,22 @@ def export_model(
     # safetensors refuses tensors that share memory (tied weights); a private copy of
     # each breaks the sharing, and loading both names into the tied module is harmless.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-    atomic_write(run_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), {"kind": kind}))
+    weights, meta_file = f"{name}.safetensors", f"{name}.json"
+    atomic_write(run_dir / weights, lambda tmp: save_file(tensors, str(tmp), {"kind": kind}))
     meta = {
         "format_version": EXPORT_FORMAT_VERSION,
         "kind": kind,
         "config": config,
         "extra": extra or {},
-        "weights": WEIGHTS_FILE,
+        "weights": weights,
     }
-    atomic_write_text(run_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
-    return run_dir / WEIGHTS_FILE
+    atomic_write_text(run_dir / meta_file, json.dumps(meta, indent=2) + "\n")
+    return run_dir / weights
 
 
-def read_model_meta(run_dir: str | Path, kind: str | None = None) -> dict:
-    """Read ``RUN/model.json``; with `kind`, check that the run holds that kind of model."""
-    path = Path(run_dir) / META_FILE
+def read_model_meta(run_dir: str | Path, kind: str | None = None, *, name: str = "model") -> dict:
+    """Read ``RUN/model.json`` (``RUN/<name>.json``); with `kind`, check the kind of model."""
+    path = Path(run_dir) / f"{name}.json"
     if not path.is_file():
         raise CheckpointError(
             f"{path} does not exist: {run_dir} holds no exported model (did training finish?)"
@@ -174,9 +176,11 @@ def read_model_meta(run_dir: str | Path, kind: str | None = None) -> dict:
     return meta
 
 
-def load_weights(model: torch.nn.Module, run_dir: str | Path, *, strict: bool = True) -> None:
-    """Fill `model` from ``RUN/model.safetensors`` (no pickle); names missing or extra keys."""
-    path = Path(run_dir) / WEIGHTS_FILE
+def load_weights(
+    model: torch.nn.Module, run_dir: str | Path, *, strict: bool = True, name: str = "model"
+) -> None:
+    """Fill `model` from ``RUN/model.safetensors`` (``RUN/<name>.safetensors``; no pickle)."""
+    path = Path(run_dir) / f"{name}.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     missing, unexpected = load_model(model, str(path), strict=False)

@@ -237,12 +237,19 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
-        for name in ("log_every_n_steps", "val_every_n_steps", "ckpt_every_n_steps", "image_every_n_steps"):
+        for name in (
+            "log_every_n_steps",
+            "val_every_n_steps",
+            "ckpt_every_n_steps",
+            "image_every_n_steps",
+        ):
             _check(getattr(self, name) >= 1, f"trainer.{name}", "must be >= 1")
         _check(self.sanity_val_steps >= 0, "trainer.sanity_val_steps", "must be >= 0")
         _check(
-            isinstance(self.devices, str) and self.devices == "auto"
-            or isinstance(self.devices, int) and (self.devices >= 1 or self.devices == -1),
+            isinstance(self.devices, str)
+            and self.devices == "auto"
+            or isinstance(self.devices, int)
+            and (self.devices >= 1 or self.devices == -1),
             "trainer.devices",
             f"must be 'auto', -1 (all) or an integer >= 1, got {self.devices!r}",
         )
@@ -253,7 +260,9 @@ class TrainerConfig:
             f"{self.accelerator!r} is not allowed; choose one of {list(accelerators)}",
         )
         bad = [lg for lg in self.loggers if lg not in ("tensorboard", "csv", "wandb")]
-        _check(not bad, "trainer.loggers", f"unknown logger(s) {bad}; allowed: tensorboard, csv, wandb")
+        _check(
+            not bad, "trainer.loggers", f"unknown logger(s) {bad}; allowed: tensorboard, csv, wandb"
+        )
 
 
 @dataclass
@@ -298,6 +307,8 @@ class PolicyModelConfig:
 class PolicyConfig:
     """Stage 2: the latent policy cloned from the IDM's latent actions."""
 
+    lam: str = ""
+    """Stage-1 run directory (RUN/model.safetensors + model.json) whose frozen IDM labels every window; `--lam` sets it."""
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyModelConfig = field(default_factory=PolicyModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -410,7 +421,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(
+            f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}"
+        )
     if origin is Literal:
         if value in args:
             return value
@@ -459,7 +472,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key; allowed keys here: {', '.join(names)}")
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown key; allowed keys here: {', '.join(names)}"
+        )
     kwargs = {}
     for name in names:
         if name in data:

@@ -14,10 +14,8 @@ The work has three steps:
    command skips every shard with a sidecar, so a killed run resumes where it
    stopped and ends with the same bytes as an uninterrupted run.
 
-Frame-rate changes pick, for each output frame, the nearest source frame in time
-(:func:`lapo.video.resample_index`); the action row kept for an output frame is
-the row of the source frame it shows. Downsampling therefore drops the actions
-of skipped source frames; upsampling repeats frames and their actions.
+How one video becomes clips (frame-rate change, which action rows are kept) is
+in :mod:`lapo.source_video`.
 """
 
 from __future__ import annotations
@@ -33,26 +31,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from lapo import __version__
 from lapo.shards import (
     MIN_CLIP_FRAMES,
-    action_space_of,
-    clip_key,
-    clip_sample,
     merge_action_spaces,
-    normalize_actions,
-    npy_bytes,
     sanitize_stem,
     shard_name,
     write_manifest,
     write_shard,
 )
-from lapo.video import iter_video_file, probe_video_file, resample_index, resize_square
+from lapo.source_video import actions_path, build_video
+from lapo.video import probe_video_file
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv")
-ACTIONS_SUFFIX = ".actions.npy"
 WORK_DIR = "_ingest"
 PAUSE_ENV = "LAPO_INGEST_PAUSE_S"  # testing aid: sleep this long after each shard is written
 
@@ -120,12 +111,6 @@ def find_videos(src: str | Path) -> list[str]:
     return sorted(found)
 
 
-def actions_path(src: Path, rel: str) -> Path:
-    """``NAME.actions.npy`` beside ``NAME.<ext>``."""
-    video = src / rel
-    return video.with_name(video.name[: -len(video.suffix)] + ACTIONS_SUFFIX)
-
-
 def unique_stems(rels: list[str]) -> dict[str, str]:
     """Key stem per video: its relative path without extension, sanitised; clashes get a hash."""
     stems = {rel: sanitize_stem(rel.rsplit(".", 1)[0].replace("/", "_")) for rel in rels}
@@ -181,98 +166,6 @@ def plan_id(src: Path, plan: list[list[str]], opts: IngestOptions) -> str:
         "shards": [[_file_id(src, rel) for rel in shard] for shard in plan],
     }
     return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------- one video
-
-
-class SkipVideo(Exception):
-    """This video is left out; the message says why."""
-
-
-def _load_actions(path: Path) -> np.ndarray | None:
-    if not path.is_file():
-        return None
-    try:
-        return normalize_actions(np.load(path, allow_pickle=False))
-    except Exception as e:
-        raise SkipVideo(f"{path.name}: unusable actions file: {e}") from e
-
-
-def video_clips(src: Path, rel: str, stem: str, opts: IngestOptions) -> tuple[list[dict], dict]:
-    """Decode one video and return (its clip samples, facts about it). Raises SkipVideo."""
-    actions = _load_actions(actions_path(src, rel))
-    try:
-        src_fps, frames = iter_video_file(src / rel)
-    except Exception as e:
-        raise SkipVideo(str(e)) from e
-    samples: list[dict] = []
-    rows: list[np.ndarray] = []  # per clip: the source frame of each of its frames
-    clip: list[np.ndarray] = []
-    idx: list[int] = []
-    src_hw = None
-
-    def emit() -> None:
-        if not clip:
-            return
-        rows.append(np.asarray(idx))
-        c = len(samples)
-        samples.append(
-            clip_sample(
-                clip_key(stem, c),
-                np.stack(clip),  # (T, size, size, 3)
-                fps=opts.fps,
-                source=rel,
-                episode=stem,
-                start=c * opts.clip_frames,
-                extra={"src_fps": src_fps, "src_start": idx[0], "src_size": list(src_hw)},
-                gop=opts.gop,
-                crf=opts.crf,
-            )
-        )
-        clip.clear()
-        idx.clear()
-
-    n_src = 0
-    want = resample_index(0, src_fps, opts.fps)  # source frame shown by the next output frame
-    j = 0
-    try:
-        for i, frame in enumerate(frames):
-            n_src = i + 1
-            src_hw = frame.shape[:2]
-            small = None
-            while want == i:  # one source frame may fill several output frames (upsampling)
-                small = resize_square(frame, opts.size, opts.resize) if small is None else small
-                clip.append(small)
-                idx.append(i)
-                j += 1
-                want = resample_index(j, src_fps, opts.fps)
-                if len(clip) == opts.clip_frames:
-                    emit()
-    except Exception as e:
-        raise SkipVideo(f"decoding failed after {n_src} frames: {e}") from e
-    if n_src == 0:
-        raise SkipVideo("no frames decoded")
-    if len(clip) >= opts.min_clip_frames:
-        emit()
-    if actions is not None and len(actions) != n_src:
-        raise SkipVideo(f"actions file has {len(actions)} rows but the video has {n_src} frames")
-    if actions is not None:  # only now is the source frame count known to match
-        for sample, r in zip(samples, rows):
-            sample["actions.npy"] = npy_bytes(actions[r])
-    facts = {"src_frames": n_src, "action_space": action_space_of(actions)}
-    return samples, facts
-
-
-def _build_video(job: tuple[str, str, str, IngestOptions]) -> dict:
-    src, rel, stem, opts = job
-    try:
-        samples, facts = video_clips(Path(src), rel, stem, opts)
-    except SkipVideo as e:
-        return {"rel": rel, "error": str(e)}
-    except Exception as e:  # a broken file must not stop the whole ingest
-        return {"rel": rel, "error": f"{type(e).__name__}: {e}"}
-    return {"rel": rel, "samples": samples, **facts}
 
 
 # --------------------------------------------------------------------------- driver
@@ -385,7 +278,7 @@ def ingest(
             f"{len(rels)} videos, {len(skipped)} unreadable, {len(plan)} shards planned, "
             f"{len(done)} already written; {len(jobs)} videos to process with {workers} workers"
         )
-        results = mapper.imap(_build_video, jobs)
+        results = mapper.imap(build_video, jobs)
         bar = tqdm(total=len(jobs), unit="video", disable=not progress, dynamic_ncols=True)
         pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
         clips_now = 0

@@ -58,9 +58,10 @@ from lapo.shards import (
 from lapo.video import decode_video_bytes
 
 LAST_ROW_DOC = (
-    "row t of actions.npy is the action of o[t] -> o[t+1]; the last row of a clip is predicted "
-    "from the next clip of the same episode when it follows in the shard, else filled with the "
-    "previous row and confidence 0 (json label.last_row says which)"
+    "row t of actions.npy is the action of o[t] -> o[t+1], predicted from a window that never "
+    "crosses an episode end; rows with no next frame in the episode (dones, or the clip stops "
+    "and no neighbouring clip of the same source follows in the shard) copy the nearest "
+    "earlier predicted row with confidence 0; json label.last_row says how the last row was made"
 )
 
 
@@ -77,38 +78,43 @@ class LabelJob:
 # --------------------------------------------------------------------------- windows
 
 
-def _continues(prev_meta: dict | None, meta: dict, prev_dones: np.ndarray | None) -> bool:
-    """True when clip `meta` carries on the episode of `prev_meta` with no frame missing.
+def _source(meta: dict) -> str:
+    return str(meta.get("source", meta.get("episode", "")))
+
+
+def _overlaps(prev_meta: dict, meta: dict) -> bool:
+    """True when clip `meta` carries on the recording of `prev_meta` with no frame missing.
 
     Clips may overlap (lapo.record shares one frame between neighbours by default),
     so the next clip may start at or before the frame after the previous one ends.
+    Episode ends inside the recording are found from dones, not from here.
     """
-    if prev_meta is None or prev_meta.get("episode") != meta.get("episode"):
-        return False
-    if prev_dones is not None and len(prev_dones) and bool(prev_dones[-1]):
+    if _source(prev_meta) != _source(meta):
         return False
     start, prev_start = int(meta["start"]), int(prev_meta["start"])
     return prev_start < start <= prev_start + int(prev_meta["num_frames"])
 
 
-def clip_windows(
-    frames: torch.Tensor, k: int, before: torch.Tensor | None, after: torch.Tensor | None
-) -> torch.Tensor:
-    """Windows of k+1 frames whose transition rows are 0..T-1 (or T-2 without `after`).
+def window_index(
+    dones: np.ndarray, rows: np.ndarray, k: int, gap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frame indices of the window of each row, and whether the row is a real transition.
 
-    frames (T, 3, H, W) uint8; before: up to k-1 earlier frames of the same episode
-    (None: repeat the first frame); after: the next frame (1, 3, H, W) or None.
-    Returns a view (N, k+1, 3, H, W), N = T or T - 1.
+    dones (L,) bool over a run of consecutive frames (True at row j: o[j+1] starts a new
+    episode); rows (T,) positions to label. The window of row p is o[p-(k-1)g], ..., o[p],
+    o[p+g]; context before the episode's first frame repeats that frame. Returns
+    index (T, k+1) int64 and valid (T,) bool: o[p+g] exists and is in p's episode.
     """
-    pad = k - 1
-    ctx = before[-pad:] if (before is not None and pad > 0) else frames[:0]
-    if len(ctx) < pad:  # not enough real history: repeat the earliest frame we have
-        first = (ctx if len(ctx) else frames)[:1]
-        ctx = torch.cat([first.expand(pad - len(ctx), -1, -1, -1), ctx])
-    parts = [ctx, frames] + ([after] if after is not None else [])
-    seq = torch.cat(parts)  # (pad + T [+1], 3, H, W)
-    win = seq.unfold(0, k + 1, 1)  # (N, 3, H, W, k+1)
-    return rearrange(win, "n c h w k -> n k c h w")
+    n = len(dones)
+    episode = np.concatenate([[0], np.cumsum(dones[:-1], dtype=np.int64)])  # (L,)
+    first = np.searchsorted(episode, episode, side="left")  # (L,) first frame of each episode
+    ctx = rows[:, None] + np.arange(-(k - 1), 1)[None, :] * gap  # (T, k)
+    ctx = np.maximum(ctx, first[rows][:, None])
+    target = rows + gap  # (T,)
+    valid = target < n
+    valid[valid] &= episode[target[valid]] == episode[rows[valid]]
+    index = np.concatenate([ctx, np.minimum(target, n - 1)[:, None]], axis=1)  # (T, k+1)
+    return index, valid
 
 
 @torch.no_grad()
@@ -116,7 +122,7 @@ def label_windows(agent, windows: torch.Tensor, batch_size: int, device: str) ->
     """agent.label over (N, k+1, 3, H, W) uint8 in batches -> numpy arrays of N rows."""
     acts, confs, lats = [], [], []
     for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size].contiguous().to(device)  # (B, k+1, 3, H, W)
+        batch = windows[i : i + batch_size].to(device)  # (B, k+1, 3, H, W)
         out = agent.label(batch)
         acts.append(out["action"].cpu())
         confs.append(out["confidence"].float().cpu())
@@ -127,14 +133,17 @@ def label_windows(agent, windows: torch.Tensor, batch_size: int, device: str) ->
     return res
 
 
-def _fill_last(rows: np.ndarray | None, t: int) -> np.ndarray | None:
-    """Extend T-1 rows to T by repeating the last one (zeros when there is none)."""
-    if rows is None:
-        return None
-    if len(rows) == t:
-        return rows
-    last = rows[-1:] if len(rows) else np.zeros((1, *rows.shape[1:]), rows.dtype)
-    return np.concatenate([rows, last])
+def fill_rows(values: np.ndarray, valid: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """Rows (T, ...) from the predicted `values` of the valid rows; others copy the nearest
+    earlier valid row (the first valid row before any), zeros when no row is valid."""
+    out = np.zeros((len(valid), *template.shape[1:]), template.dtype)
+    if not valid.any():
+        return out
+    pos = np.flatnonzero(valid)
+    out[pos] = values
+    src = np.maximum.accumulate(np.where(valid, np.arange(len(valid)), -1))  # last valid <= t
+    src[src < 0] = pos[0]
+    return out[src]
 
 
 # --------------------------------------------------------------------------- one shard
@@ -146,20 +155,26 @@ def _decode(sample: dict) -> torch.Tensor:
     return rearrange(torch.from_numpy(frames), "t h w c -> t c h w")
 
 
+def _dones(sample: dict | None, t: int) -> np.ndarray:
+    if sample is None or "dones.npy" not in sample:
+        return np.zeros(t, dtype=bool)
+    return load_npy(sample["dones.npy"]).astype(bool)
+
+
 def label_shard(agent, src: str | Path, dst: str | Path, *, batch_size: int, device: str) -> dict:
     """Label every clip of shard `src` into shard `dst` (atomic); return write_shard's entry.
 
-    Windows of consecutive clips are pooled so that every forward pass but the
-    last of a group holds `batch_size` windows, whatever the clip length; at most
-    about one batch plus one clip of windows is held at a time.
+    Each clip is extended with the (k-1)*g frames before it and the g after it from
+    its neighbours in the shard when they continue the same recording. Windows of
+    consecutive clips are pooled so that forward passes hold `batch_size` windows
+    whatever the clip length; about one batch plus one clip is held at a time.
     """
-    k = int(agent.context)
+    k, gap = int(agent.context), int(getattr(agent, "frame_gap", 1))
     samples = list(iter_tar_samples(src))  # raw bytes only: a shard of clips fits in memory
     metas = [json.loads(s["json"]) for s in samples]
-    dones = [load_npy(s["dones.npy"]) if "dones.npy" in s else None for s in samples]
     out_samples: list[dict] = []
-    # (sample index, last row predicted, windows) of clips waiting for a full batch
-    pending: list[tuple[int, bool, torch.Tensor]] = []
+    # (sample index, valid rows (T,), windows of the valid rows) of clips waiting for a batch
+    pending: list[tuple[int, np.ndarray, torch.Tensor]] = []
 
     def flush() -> None:
         counts = [len(w) for _, _, w in pending]
@@ -167,72 +182,82 @@ def label_shard(agent, src: str | Path, dst: str | Path, *, batch_size: int, dev
         if sum(counts):
             res = label_windows(agent, torch.cat([w for _, _, w in pending]), batch_size, device)
         offset = 0
-        for (i, predicted_last, _), n in zip(pending, counts):
-            part = None
-            if n:
-                part = {
-                    k_: (None if v is None else v[offset : offset + n]) for k_, v in res.items()
-                }
+        for (i, valid, _), n in zip(pending, counts):
+            part = {
+                key: (None if v is None else v[offset : offset + n])
+                for key, v in (res or {}).items()
+            }
             offset += n
-            t = int(metas[i]["num_frames"])
-            out_samples.append(
-                _labelled_sample(samples[i], metas[i], part, t, predicted_last, dones[i], agent)
-            )
+            out_samples.append(_labelled_sample(samples[i], metas[i], part, valid, agent))
         pending.clear()
 
-    prev_frames = next_frames = None
+    prev = nxt = None  # decoded (frames, dones) of the previous / next clip
     for i, sample in enumerate(samples):
-        frames = next_frames if next_frames is not None else _decode(sample)  # (T, 3, H, W)
-        next_frames = None
-        if len(frames) != int(metas[i]["num_frames"]):
+        frames = nxt[0] if nxt is not None else _decode(sample)  # (T, 3, H, W)
+        nxt = None
+        start, t = int(metas[i]["start"]), len(frames)
+        if t != int(metas[i]["num_frames"]):
             raise ValueError(
-                f"lapo label: {src}: clip {sample['__key__']} decodes to {len(frames)} frames, "
+                f"lapo label: {src}: clip {sample['__key__']} decodes to {t} frames, "
                 f"its json says {metas[i]['num_frames']}"
             )
-        start, t = int(metas[i]["start"]), len(frames)
-        before = after = None
-        if i and _continues(metas[i - 1], metas[i], dones[i - 1]):
-            before = prev_frames[: start - int(metas[i - 1]["start"])]  # frames before o[start]
-        if i + 1 < len(samples) and _continues(metas[i], metas[i + 1], dones[i]):
-            next_frames = _decode(samples[i + 1])
+        dones = _dones(sample, t)
+        parts, part_dones = [frames], [dones]
+        lead = 0
+        if prev is not None and _overlaps(metas[i - 1], metas[i]):
+            cut = start - int(metas[i - 1]["start"])  # prev frames before o[start]
+            lo = max(cut - (k - 1) * gap, 0)
+            parts.insert(0, prev[0][lo:cut])
+            part_dones.insert(0, prev[1][lo:cut])
+            lead = cut - lo
+        if i + 1 < len(samples) and _overlaps(metas[i], metas[i + 1]):
+            t_next = int(metas[i + 1]["num_frames"])
+            nxt = (_decode(samples[i + 1]), _dones(samples[i + 1], t_next))
             j = start + t - int(metas[i + 1]["start"])  # o[start + T] in the next clip
-            after = next_frames[j : j + 1] if j < len(next_frames) else None  # (1, 3, H, W)
-        windows = clip_windows(frames, k, before, after)  # (T or T-1, k+1, 3, H, W)
-        pending.append((i, after is not None, windows))
+            parts.append(nxt[0][j : j + gap])
+            part_dones.append(nxt[1][j : j + gap])
+        seq = torch.cat(parts)  # (lead + T + after, 3, H, W)
+        index, valid = window_index(np.concatenate(part_dones), lead + np.arange(t), k, gap)
+        windows = seq[torch.from_numpy(index[valid])]  # (n_valid, k+1, 3, H, W)
+        pending.append((i, valid, windows))
         if sum(len(w) for _, _, w in pending) >= batch_size:
             flush()
-        prev_frames = frames
+        prev = (frames, dones)
     flush()
     return write_shard(dst, out_samples)
 
 
-def _labelled_sample(sample, meta, res, t, predicted_last, dones, agent) -> dict:
-    if res is None:  # a one-frame clip with no next frame: one filled row, no latent
-        space = agent.action_space
-        discrete = space["type"] == "discrete"
-        empty = np.zeros(
-            (0,) if discrete else (0, space["dim"]), np.int64 if discrete else np.float32
-        )
-        res = {"action": empty, "confidence": np.zeros(0, np.float32), "latent": None}
-    actions = _fill_last(res["action"], t)
-    confidence = _fill_last(res["confidence"], t).astype(np.float32)
-    if not predicted_last:
-        confidence[-1] = 0.0  # filled, not predicted
-    latents = _fill_last(res["latent"], t)
-    if predicted_last:
+def _labelled_sample(sample: dict, meta: dict, res: dict, valid: np.ndarray, agent) -> dict:
+    t = len(valid)
+    space = agent.action_space
+    discrete = space["type"] == "discrete"
+    template = np.zeros(
+        (0,) if discrete else (0, space["dim"]), np.int64 if discrete else np.float32
+    )
+    actions = fill_rows(res.get("action", template), valid, template)
+    confidence = fill_rows(
+        res.get("confidence", np.zeros(0, np.float32)), valid, np.zeros(0, np.float32)
+    )
+    confidence[~valid] = 0.0  # filled, not predicted
+    latents = None
+    if res.get("latent") is not None:
+        latents = fill_rows(res["latent"], valid, res["latent"][:0])
+    dones = _dones(sample, t)
+    if valid[-1]:
         last_row = "predicted"
-    elif dones is not None and len(dones) and bool(dones[-1]):
+    elif dones[-1]:
         last_row = "filled_episode_end"
     else:
         last_row = "filled_clip_end"
     out = {"__key__": sample["__key__"], "mp4": sample["mp4"]}  # bytes as they were
     meta = dict(meta)
-    meta["label"] = {"method": agent.method, "last_row": last_row}
+    meta["label"] = {
+        "method": agent.method,
+        "last_row": last_row,
+        "filled_rows": int((~valid).sum()),
+    }
     out["json"] = json.dumps(meta, sort_keys=True).encode()
-    if agent.action_space["type"] == "discrete":
-        out["actions.npy"] = npy_bytes(actions.astype(np.int64))
-    else:
-        out["actions.npy"] = npy_bytes(actions.astype(np.float32).reshape(t, -1))
+    out["actions.npy"] = npy_bytes(actions)
     out["confidence.npy"] = npy_bytes(confidence)
     if latents is not None:
         out["latents.npy"] = npy_bytes(latents.astype(np.float32))
@@ -475,6 +500,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lapo label", description=__doc__.split("\n")[0])
-    return run(add_arguments(p).parse_args(argv))
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``lapo label`` parser (lapo.cli's subcommand protocol)."""
+    p = sub.add_parser(
+        "label",
+        help="pseudo-label a dataset with real actions using a fine-tuned run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return add_arguments(p)

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -380,10 +379,8 @@ def load_windows(
             clip = tl.clips[c]
             loaded = _decode(clip, space, size)
             mine = need[tl.frame_owner[need] == c]
-            frames = torch.from_numpy(loaded.frames[mine - clip.start])  # (m, H, W, 3)
-            buf[torch.as_tensor(np.searchsorted(need, mine))] = rearrange(
-                frames, "m h w c -> m c h w"
-            )
+            frames = torch.from_numpy(loaded.frames[mine - clip.start])  # (m, 3, H, W)
+            buf[torch.as_tensor(np.searchsorted(need, mine))] = frames
             sel = tl.action_owner[r] == c
             if sel.any():
                 if loaded.actions is None:

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import sys
+import tarfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
@@ -281,11 +284,16 @@ def record_dataset(
     out = Path(out_dir)
     _check_args(args, out)
     num_shards = -(-episodes // episodes_per_shard)
-    done = {
-        i: _shard_stats(out / shard_name(i))
-        for i in range(num_shards)
-        if (out / shard_name(i)).is_file()
-    }
+    done = {}
+    for i in range(num_shards):
+        path = out / shard_name(i)
+        if path.is_file():
+            try:
+                done[i] = _shard_stats(path)
+            except (tarfile.TarError, OSError, KeyError, ValueError) as e:
+                # writes are atomic, so this is damage after the fact: record it again
+                print(f"{path}: unreadable ({e}); recording it again", file=sys.stderr)
+                path.unlink()
     todo = [i for i in range(num_shards) if i not in done]
     skipped_eps = sum(len(s["episodes"]) for s in done.values())
     bar = tqdm(
@@ -298,10 +306,10 @@ def record_dataset(
     t0 = time.perf_counter()
     new: dict[int, dict] = {}
     if workers == 1 or len(todo) <= 1:
-        _init_worker(None)
+        _init_worker(SimpleNamespace(put=bar.update))  # tick the bar per episode, in process
         for i in todo:
             new[i] = _record_shard(args, i, str(out))
-            bar.update(len(new[i]["episodes"]))
+        _init_worker(None)
     else:
         # forkserver: workers fork from a clean server process (never from this one, which may
         # hold threads) that imported the recording code once, instead of once per worker.
@@ -353,7 +361,7 @@ def record_dataset(
     summary = {
         "episodes": len(eps),
         "episode_frames": sum(e[0] for e in eps),
-        "clip_frames": manifest["num_frames"],
+        "stored_frames": manifest["num_frames"],  # with the frames clips share
         "clips": manifest["num_samples"],
         "shards": num_shards,
         "shards_written": len(new),

@@ -124,9 +124,8 @@ class StageModule(L.LightningModule):
         if finite:
             return True
         keys = batch.get("key") if isinstance(batch, dict) else None
-        where = f"step {self.global_step}, batch {batch_idx}" + (
-            f", keys {list(keys)[:4]}" if keys else ""
-        )
+        keys = list(dict.fromkeys(keys))[:4] if keys else None  # windows of one clip share a key
+        where = f"step {self.global_step}, batch {batch_idx}" + (f", keys {keys}" if keys else "")
         if self.trainer_cfg.nan_policy == "stop":
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at {where}; trainer.nan_policy=stop"
@@ -297,7 +296,17 @@ def fit(
         rank_zero_info(f"lapo: resuming from {ckpt_path}")
     stop.install()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        with warnings.catch_warnings():
+            # expected here: resumed runs reuse their checkpoint directory, and the
+            # resampled loader has a length while splitting work across workers itself
+            warnings.filterwarnings(
+                "ignore", message=r"Checkpoint directory .* exists and is not empty"
+            )
+            warnings.filterwarnings(
+                "ignore", message=r"Your `IterableDataset` has `__len__` defined"
+            )
+            ckpt = str(ckpt_path) if ckpt_path else None
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except SIGTERMException:
         rank_zero_info(
             f"lapo: stopped by SIGTERM at step {trainer.global_step}; resume with --resume"

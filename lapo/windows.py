@@ -42,6 +42,10 @@ REASONS = (
 COUNTERS = ("clips", "windows", "batches", "short_clips", *REASONS)
 
 
+class DatasetError(ValueError):
+    """The dataset cannot be used as configured. The message names the path and the fault."""
+
+
 class BadDataWarning(UserWarning):
     """A sample or shard was skipped; training goes on (see ``LoaderStats``)."""
 
@@ -64,9 +68,15 @@ class LoaderStats:
     def __init__(self, num_workers: int):
         self.table = torch.zeros(max(num_workers, 1), len(COUNTERS), dtype=torch.int64)
         self.table.share_memory_()
+        self._view: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {"table": self.table, "_view": None}  # the numpy view is rebuilt in each process
 
     def add(self, worker: int, name: str, n: int = 1) -> None:
-        self.table[worker, COUNTERS.index(name)] += n
+        if self._view is None:
+            self._view = self.table.numpy()  # same memory; numpy adds without torch's dispatch
+        self._view[worker, COUNTERS.index(name)] += n
 
     def as_dict(self) -> dict[str, int]:
         totals = self.table.sum(0).tolist()
@@ -97,7 +107,7 @@ def warn_bad(what: str) -> None:
 @dataclass
 class Clip:
     key: str
-    frames: np.ndarray  # (T, H, W, 3) uint8
+    frames: np.ndarray  # (T, 3, H, W) uint8
     actions: np.ndarray | None  # (T,) int64 or (T, D) float32
     dones: np.ndarray | None  # (T,) bool
 
@@ -156,7 +166,7 @@ def load_clip(
     t = len(frames)
     if "num_frames" in meta and int(meta["num_frames"]) != t:
         raise BadSample("frame_count", f"json says {meta['num_frames']} frames, mp4 decodes to {t}")
-    if frame_size is not None and tuple(frames.shape[1:3]) != tuple(frame_size):
+    if frame_size is not None and tuple(frames.shape[1:3]) != tuple(frame_size):  # (T, H, W, 3)
         raise BadSample(
             "frame_size", f"frames are {frames.shape[1:3]}, the dataset's are {tuple(frame_size)}"
         )
@@ -176,6 +186,8 @@ def load_clip(
         if dones.shape != (t,):
             raise BadSample("bad_dones", f"dones.npy has shape {dones.shape}, expected ({t},)")
         dones = dones.astype(bool)
+    # Channels first once per clip: windows are then views, and a batch is one np.stack.
+    frames = np.ascontiguousarray(rearrange(frames, "t h w c -> t c h w"))  # (T, 3, H, W)
     return Clip(key=key, frames=frames, actions=actions, dones=dones)
 
 
@@ -208,7 +220,7 @@ def empty_action(action_space: dict | None) -> np.ndarray:
 def cut_windows(
     clip: Clip, starts: np.ndarray, context: int, gap: int, fill: np.ndarray
 ) -> Iterator[dict]:
-    """Windows as dicts of numpy views: frames (k+1, H, W, 3), actions, has_action, key, start."""
+    """Windows as dicts of numpy views: frames (k+1, 3, H, W), actions, has_action, key, start."""
     span = context * gap
     # Views keep the whole decoded clip alive while any window of it waits in the
     # shuffle buffer. When few windows are cut, copy them so the clip can be freed:
@@ -216,7 +228,7 @@ def cut_windows(
     copy = len(starts) * (context + 1) < len(clip.frames)
     has_action = clip.actions is not None
     for s in starts.tolist():
-        frames = clip.frames[s : s + span + 1 : gap]  # (k+1, H, W, 3)
+        frames = clip.frames[s : s + span + 1 : gap]  # (k+1, 3, H, W)
         t = s + (context - 1) * gap  # last context frame: its action leads to the target frame
         yield {
             "frames": frames.copy() if copy else frames,
@@ -229,9 +241,8 @@ def cut_windows(
 
 def window_to_tensors(window: dict) -> dict:
     """One window as tensors: frames uint8 (k+1, 3, H, W)."""
-    frames = torch.from_numpy(np.ascontiguousarray(window["frames"]))  # (k+1, H, W, 3)
     return {
-        "frames": rearrange(frames, "t h w c -> t c h w").contiguous(),  # (k+1, 3, H, W)
+        "frames": torch.from_numpy(np.ascontiguousarray(window["frames"])),  # (k+1, 3, H, W)
         "actions": torch.as_tensor(window["actions"]),  # () int64 or (D,) float32
         "has_action": torch.tensor(window["has_action"]),
         "key": window["key"],
@@ -241,9 +252,8 @@ def window_to_tensors(window: dict) -> dict:
 
 def collate_windows(windows: list[dict]) -> dict:
     """Stack windows into a batch: frames uint8 (B, k+1, 3, H, W), actions (B,) / (B, D)."""
-    frames = torch.from_numpy(np.stack([w["frames"] for w in windows]))  # (B, k+1, H, W, 3)
     return {
-        "frames": rearrange(frames, "b t h w c -> b t c h w").contiguous(),  # (B, k+1, 3, H, W)
+        "frames": torch.from_numpy(np.stack([w["frames"] for w in windows])),  # (B, k+1, 3, H, W)
         "actions": torch.from_numpy(np.stack([w["actions"] for w in windows])),  # (B,) or (B, D)
         "has_action": torch.tensor([w["has_action"] for w in windows], dtype=torch.bool),  # (B,)
         "key": [w["key"] for w in windows],

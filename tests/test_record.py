@@ -196,6 +196,9 @@ def test_resume_regenerates_a_deleted_shard(procgen_ds, tmp_path):
     assert shard_bytes(copy) == shard_bytes(out)
     assert validate_dataset(copy) == []
     assert result["summary"]["episodes"] == 5
+    (copy / "shard-000002.tar").write_bytes(b"not a tar")  # damaged after the fact
+    assert record("procgen:bigfish", copy, **PROCGEN)["summary"]["shards_written"] == 1
+    assert shard_bytes(copy) == shard_bytes(out)
     with pytest.raises(ValueError, match="other settings"):
         record("procgen:bigfish", copy, **{**PROCGEN, "seed": 9})
 

@@ -93,7 +93,7 @@ def test_parse_bytes():
 
 def test_find_and_stems(video_dir):
     rels = find_videos(video_dir)
-    assert rels == sorted(VIDEOS) + [] or set(rels) == set(VIDEOS) | {"corrupt.mp4"}
+    assert rels == sorted([*VIDEOS, "corrupt.mp4"])
     assert "notes.txt" not in rels
     assert unique_stems(["x/a.mp4", "x_a.mp4", "b.c.mp4"])["b.c.mp4"] == "b_c"
     clash = unique_stems(["x/a.mp4", "x_a.mp4"])
@@ -102,12 +102,17 @@ def test_find_and_stems(video_dir):
 
 def test_ingest_folder(video_dir, tmp_path, capsys):
     out = tmp_path / "ds"
-    code = main([str(video_dir), str(out), "--clip-frames", "16", "--size", "32", "--fps", "15",
-                 "--workers", "2", "--no-progress", "--shard-bytes", "20KB"])
+    # --crf 12: this test checks which frames are kept, not the codec's quality
+    args = (
+        "--clip-frames 16 --size 32 --fps 15 --workers 2 --no-progress --shard-bytes 20KB --crf 12"
+    )
+    code = main([str(video_dir), str(out), *args.split()])
     assert code == 0
     captured = capsys.readouterr()
     assert "skipped corrupt.mp4" in captured.err
-    assert "skipped mismatch.mp4: actions file has 12 rows but the video has 20 frames" in captured.err
+    assert (
+        "skipped mismatch.mp4: actions file has 12 rows but the video has 20 frames" in captured.err
+    )
     assert "4 videos ok, 2 skipped" in captured.out
 
     m = shards.read_manifest(out)
@@ -134,6 +139,7 @@ def test_ingest_folder(video_dir, tmp_path, capsys):
             meta = json.loads(s["json"])
             assert meta["source"] == name and meta["episode"] == stem
             assert meta["start"] == 16 * c and meta["src_fps"] == pytest.approx(fps)
+            assert meta["src_size"] == [h, w]
             clip = decode_video_bytes(s["mp4"])
             assert clip.shape == (meta["num_frames"], 32, 32, 3)
             got_frames += meta["num_frames"]
@@ -145,9 +151,11 @@ def test_ingest_folder(video_dir, tmp_path, capsys):
             # the action of output frame j is the row of the source frame it shows
             src_idx = [math.floor((16 * c + j) * fps / 15 + 0.5) for j in range(len(a))]
             np.testing.assert_array_equal(a, (np.asarray(src_idx) * 7) % 6)
-            # and that frame really is shown: the grey centre encodes the source frame index
+            # and that frame really is shown: the grey centre encodes the source frame index.
+            # Levels are 16 apart, so an error under 8 means the nearest level is the right frame
+            # (x264 lets flat brightness ramps lag a few levels within a GOP, hence --crf 12).
             grey = clip[:, 14:18, 14:18].mean(axis=(1, 2, 3))
-            np.testing.assert_allclose(grey, 20 + (np.asarray(src_idx) * 16) % 224, atol=6)
+            np.testing.assert_array_less(np.abs(grey - (20 + (np.asarray(src_idx) * 16) % 224)), 8)
         tail = n_out - 16 * (n_out // 16)
         assert got_frames == n_out - (tail if tail < 2 else 0)
         total_clips += n_clips
@@ -157,8 +165,14 @@ def test_ingest_folder(video_dir, tmp_path, capsys):
 
     # a rerun of a finished dataset reuses everything and changes nothing
     before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
-    summary = ingest(video_dir, out, IngestOptions(clip_frames=16, size=32, fps=15,
-                     shard_bytes=20_000), workers=1, progress=False, log=lambda s: None)
+    summary = ingest(
+        video_dir,
+        out,
+        IngestOptions(clip_frames=16, size=32, fps=15, shard_bytes=20_000, crf=12),
+        workers=1,
+        progress=False,
+        log=lambda s: None,
+    )
     assert summary["videos_processed_now"] == 0
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == before
 
@@ -170,10 +184,23 @@ def test_pad_mode_and_other_options_refuse_old_plan(video_dir, tmp_path):
     clip = decode_video_bytes(read_dataset(out)["b__c00000"]["mp4"])  # 130x50 letterboxed
     assert clip[:, :3].max() < 20 and clip[:, 10:14].mean() > 40
     with pytest.raises(IngestError, match="different plan"):
-        ingest(video_dir, out, IngestOptions(clip_frames=4, size=24), workers=1, progress=False,
-               log=lambda s: None)
-    ingest(video_dir, out, IngestOptions(clip_frames=4, size=24), workers=1, progress=False,
-           overwrite=True, log=lambda s: None)
+        ingest(
+            video_dir,
+            out,
+            IngestOptions(clip_frames=4, size=24),
+            workers=1,
+            progress=False,
+            log=lambda s: None,
+        )
+    ingest(
+        video_dir,
+        out,
+        IngestOptions(clip_frames=4, size=24),
+        workers=1,
+        progress=False,
+        overwrite=True,
+        log=lambda s: None,
+    )
     assert shards.validate_dataset(out) == []
 
 
@@ -184,38 +211,44 @@ def test_bad_options_fail_fast(tmp_path, capsys):
     assert "no videos" in capsys.readouterr().err
 
 
-def _run(src: Path, out: Path, **env) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "data_prep.shard_videos", str(src), str(out), "--clip-frames", "8",
-           "--size", "16", "--shard-bytes", "1", "--workers", "1", "--no-progress"]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+RESUME_ARGS = "--clip-frames 8 --size 16 --shard-bytes 1 --workers 1 --no-progress".split()
 
 
-def test_resume_after_kill_is_byte_identical(tmp_path):
+def test_resume_after_kill_is_byte_identical(tmp_path, capsys):
     src = tmp_path / "src"
-    for i in range(6):
-        write_video(src / f"v{i}.mp4", 12 + 3 * i, 24, 32, 15)
-        np.save(src / f"v{i}.actions.npy", np.arange(12 + 3 * i) % 4)
+    lengths = [12, 15, 18, 21, 24]
+    for i, t in enumerate(lengths):
+        write_video(src / f"v{i}.mp4", t, 24, 32, 15)
+        np.save(src / f"v{i}.actions.npy", np.arange(t) % 4)
     ref, out = tmp_path / "ref", tmp_path / "out"
-    assert _run(src, ref).wait(timeout=120) == 0
+    assert main([str(src), str(ref), *RESUME_ARGS]) == 0  # the uninterrupted reference
 
-    # one shard per video (--shard-bytes 1); the pause hook makes the kill land mid-run
-    proc = _run(src, out, LAPO_INGEST_PAUSE_S="0.5")
+    # One shard per video (--shard-bytes 1). A real process, killed uncleanly with its whole
+    # group once the first shard exists; the pause hook keeps the rest of the run unfinished.
+    cmd = [sys.executable, "-m", "data_prep.shard_videos", str(src), str(out), *RESUME_ARGS]
+    env = {**os.environ, "LAPO_INGEST_PAUSE_S": "0.4"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while not list(out.glob("shard-*.tar")) and time.time() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # a real, unclean kill of the process group
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     partial = sorted(p.name for p in out.glob("shard-*.tar"))
-    assert 1 <= len(partial) < 6 and not (out / "manifest.json").exists()
+    assert 1 <= len(partial) < len(lengths) and not (out / "manifest.json").exists()
 
-    rerun = _run(src, out)
-    stdout, stderr = rerun.communicate(timeout=120)
-    assert rerun.returncode == 0, stderr.decode()
-    assert f"{len(partial)} shards reused" in stdout.decode()
+    capsys.readouterr()
+    assert main([str(src), str(out), *RESUME_ARGS]) == 0
+    assert f"{len(partial)} shards reused" in capsys.readouterr().out
     assert shards.validate_dataset(out) == []
     a, b = read_dataset(ref), read_dataset(out)
-    assert sorted(a) == sorted(b) and len(a) == sum(expected_clips(12 + 3 * i, 8) for i in range(6))
+    assert sorted(a) == sorted(b) and len(a) == sum(expected_clips(t, 8) for t in lengths)
     for key in a:
         assert a[key] == b[key], key
     for p in ref.glob("shard-*.tar"):

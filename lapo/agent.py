@@ -1,0 +1,335 @@
+"""The stage-3 agent: what `lapo finetune` writes and `lapo label` / `lapo evaluate` read.
+
+An `Agent` bundles the parts one method needs, in eval mode, as a plain nn.Module:
+
+| method           | lam (LatentActionModel)        | decoder input            | policy                 |
+| ---------------- | ------------------------------ | ------------------------ | ---------------------- |
+| `lapo`           | pretrained, frozen             | latent z[t] (+ obs feats) | latent policy, optional |
+| `idm-supervised` | IDM trained on the labels only | the IDM's output (pre)    | none                   |
+| `bc`             | none                           | none                     | outputs true actions   |
+
+`label(window)` answers "which action led o[t] to o[t+1]" (IDM + decoder);
+`act(context)` answers "which action now" (policy, then decoder for lapo).
+
+Observation features (``use_obs_features``) are the frozen IDM's features of the
+window o[t-k+1..t] with o[t] repeated as the next frame: the IDM's view of the
+observation without the change, which `act` can compute from context alone, so
+labelling and acting feed the decoder the same kind of input.
+
+On disk (RUN_F): ``agent.safetensors`` (every weight, prefixed ``lam.``,
+``decoder.``, ``policy.``) and ``agent.json`` (method, action space, context,
+the configs and constructor arguments of each part). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from lapo.checkpoint import atomic_write, atomic_write_text
+from lapo.config import ModelConfig, PolicyModelConfig, from_dict
+from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy
+
+WEIGHTS = "agent.safetensors"
+META = "agent.json"
+FORMAT_VERSION = 1
+METHODS = ("lapo", "idm-supervised", "bc")
+
+
+class AgentError(ValueError):
+    """An agent cannot do what was asked (no policy, no IDM) or its files are unusable."""
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def obs_features(lam: LatentActionModel, context: Tensor) -> Tensor:
+    """context (B, k, C, H, W) -> (B, embed_dim): IDM features with o[t] repeated as o[t+1]."""
+    window = torch.cat([context, context[:, -1:]], dim=1)  # (B, k+1, C, H, W)
+    feats, _ = lam.idm(lam.prepare(window))  # (B, E)
+    return feats
+
+
+def _code_table(bottleneck: nn.Module) -> Tensor:
+    """(heads, num_codes, D / heads): the latent part each code of each head stands for."""
+    if hasattr(bottleneck, "codebook"):  # VQ: separate codebook per head, concatenated
+        return bottleneck.codebook
+    codes = torch.arange(bottleneck.num_codes, device=next(bottleneck.buffers()).device)
+    return rearrange(bottleneck.codes_to_latent(codes[:, None]), "n d -> 1 n d")  # FSQ: one head
+
+
+def policy_latent(policy: LatentPolicy, lam: LatentActionModel, context: Tensor) -> Tensor:
+    """The latent action (B, latent_dim) the policy picks, differentiable w.r.t. the policy.
+
+    continuous target: the predicted pre-quantisation latent through the frozen bottleneck
+    (straight-through where it has no gradient, as VQ in eval mode). codes target: the
+    argmax codes' latents on the forward pass, the softmax-expected latent's gradient on
+    the backward pass. The bottleneck must be in eval mode (no noise, no codebook update).
+    """
+    pred = policy(context)  # (B, D) or (B, heads, num_codes)
+    if policy.target == "continuous":
+        latent = lam.bottleneck(pred).latent  # (B, D)
+        return (
+            latent
+            if latent.requires_grad or not pred.requires_grad
+            else pred + (latent - pred).detach()
+        )
+    table = _code_table(lam.bottleneck).to(pred.dtype)  # (heads, N, d)
+    probs = pred.softmax(-1)  # (B, heads, N)
+    soft = einsum(probs, table, "b h n, h n d -> b h d")  # (B, heads, d)
+    hard = einsum(
+        F.one_hot(pred.argmax(-1), probs.shape[-1]).to(pred.dtype), table, "b h n, h n d -> b h d"
+    )
+    return rearrange(hard + soft - soft.detach(), "b h d -> b (h d)")  # (B, D)
+
+
+def action_loss(out: Tensor, actions: Tensor, discrete: bool) -> Tensor:
+    """Cross-entropy on logits (B, A) vs (B,) int64, or MSE on (B, D) vs (B, D)."""
+    if discrete:
+        return F.cross_entropy(out.float(), actions.long())
+    return F.mse_loss(out.float(), actions.float())
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class Agent(nn.Module):
+    """IDM/LAM + decoder + policy of one stage-3 run (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        action_space: dict,
+        context: int,
+        frame_gap: int = 1,
+        lam: LatentActionModel | None = None,
+        decoder: ActionDecoder | None = None,
+        policy: LatentPolicy | None = None,
+        use_obs_features: bool = False,
+        info: dict | None = None,
+    ):
+        super().__init__()
+        if method not in METHODS:
+            raise AgentError(f"lapo/agent.py: unknown method {method!r}; choose one of {METHODS}")
+        self.method = method
+        self.action_space = dict(action_space)
+        self.context = int(context)
+        self.frame_gap = int(frame_gap)
+        self.lam = lam
+        self.decoder = decoder
+        self.policy = policy
+        self.use_obs_features = use_obs_features
+        self.info = dict(info or {})  # provenance and settings, written to agent.json
+        if method != "bc" and (lam is None or decoder is None):
+            raise AgentError(f"lapo/agent.py: method {method} needs an IDM (lam) and a decoder")
+        if method == "bc" and policy is None:
+            raise AgentError("lapo/agent.py: method bc needs a policy")
+
+    @property
+    def discrete(self) -> bool:
+        return self.action_space["type"] == "discrete"
+
+    @property
+    def has_policy(self) -> bool:
+        return self.policy is not None
+
+    def _to_action(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder/policy output -> (action (B,) int64 or (B, D) float, confidence (B,))."""
+        if self.discrete:
+            probs = out.float().softmax(-1)  # (B, A)
+            conf, action = probs.max(-1)
+            return action, conf
+        return out.float(), torch.ones(out.shape[0], device=out.device)
+
+    # ------------------------------------------------------------------ label: IDM + decoder
+
+    def label_logits(self, window: Tensor) -> tuple[Tensor, Tensor | None]:
+        """window (B, k+1, C, H, W) -> (decoder output (B, A), latent (B, D) or None)."""
+        if self.method == "bc":
+            raise AgentError(
+                "lapo/agent.py: a bc run has no IDM, so it cannot label transitions; "
+                "use a run of method lapo or idm-supervised"
+            )
+        enc = self.lam.encode(window)
+        if self.method == "idm-supervised":
+            return self.decoder(enc["pre"]), None  # (B, A)
+        feats = obs_features(self.lam, window[:, : self.context]) if self.use_obs_features else None
+        return self.decoder(enc["latent"], feats), enc["latent"]  # (B, A), (B, D)
+
+    @torch.no_grad()
+    def label(self, window: Tensor) -> dict[str, Tensor | None]:
+        """The action of o[t] -> o[t+1] for windows (B, k+1, C, H, W) uint8.
+
+        Returns action (B,) int64 or (B, D) float, confidence (B,) (probability of the
+        action; 1 for continuous) and latent (B, latent_dim) or None.
+        """
+        out, latent = self.label_logits(window)
+        action, conf = self._to_action(out)
+        return {"action": action, "confidence": conf, "latent": latent}
+
+    # ------------------------------------------------------------------ act: policy (+ decoder)
+
+    def act_logits(self, context: Tensor) -> Tensor:
+        """context (B, k, C, H, W) -> action logits (B, A) or vector (B, D), differentiable."""
+        if self.policy is None:
+            raise AgentError(
+                f"lapo/agent.py: this {self.method} run has no policy, so it cannot act; "
+                "run lapo finetune with --policy RUN_P (method lapo) or --method bc"
+            )
+        if self.method == "bc":
+            return self.policy(context)  # (B, A)
+        latent = policy_latent(self.policy, self.lam, context)  # (B, D)
+        feats = obs_features(self.lam, context) if self.use_obs_features else None
+        return self.decoder(latent, feats)  # (B, A)
+
+    @torch.no_grad()
+    def act(self, context: Tensor, greedy: bool = True) -> Tensor:
+        """Actions (B,) int64 (or (B, D) float) for context frames (B, k, C, H, W) uint8."""
+        out = self.act_logits(context)
+        if not self.discrete:
+            return out.float()
+        if greedy:
+            return out.argmax(-1)
+        return torch.distributions.Categorical(logits=out.float()).sample()
+
+    def forward(self, context: Tensor) -> Tensor:
+        return self.act_logits(context)
+
+
+# --------------------------------------------------------------------------- building parts
+
+
+def build_lam(config: dict, kwargs: dict) -> LatentActionModel:
+    """A LatentActionModel from its ModelConfig dict and constructor arguments (no codebook sync)."""
+    cfg = from_dict(ModelConfig, config, prefix="model")
+    return LatentActionModel(cfg, **kwargs, sync_codebook=False)
+
+
+def build_policy(config: dict, kwargs: dict) -> LatentPolicy:
+    """A LatentPolicy from its PolicyModelConfig dict and constructor arguments."""
+    return LatentPolicy(from_dict(PolicyModelConfig, config, prefix="policy"), **kwargs)
+
+
+def policy_kwargs(policy: LatentPolicy) -> dict:
+    """The constructor arguments of `policy` besides its config (read back from the module)."""
+    return {
+        "context": policy.context,
+        "image_size": policy.image_size,
+        "latent_dim": policy.latent_dim,
+        "num_codes": policy.num_codes,
+        "code_heads": policy.code_heads,
+    }
+
+
+def decoder_kwargs(decoder: ActionDecoder) -> dict:
+    first = decoder.net[0]
+    return {
+        "latent_dim": first.in_features - decoder.obs_dim,
+        "num_actions": decoder.num_actions,
+        "action_dim": decoder.action_dim,
+        "hidden": first.out_features,
+        "obs_dim": decoder.obs_dim,
+    }
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_agent(
+    agent: Agent,
+    run_dir: str | Path,
+    *,
+    lam_config: dict | None = None,
+    lam_kwargs: dict | None = None,
+    policy_config: dict | None = None,
+) -> Path:
+    """Write RUN/agent.safetensors + RUN/agent.json (atomically); returns the json path.
+
+    `lam_config` / `policy_config` are the ModelConfig / PolicyModelConfig dicts that
+    rebuild the parts; `lam_kwargs` the LatentActionModel's other constructor arguments.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": "agent",
+        "method": agent.method,
+        "action_space": agent.action_space,
+        "context": agent.context,
+        "frame_gap": agent.frame_gap,
+        "use_obs_features": agent.use_obs_features,
+        "lam": None,
+        "decoder": None,
+        "policy": None,
+        "info": agent.info,
+    }
+    if agent.lam is not None:
+        if lam_config is None or lam_kwargs is None:
+            raise AgentError(
+                "lapo/agent.py: save_agent needs lam_config and lam_kwargs for the LAM"
+            )
+        meta["lam"] = {"config": lam_config, "kwargs": lam_kwargs}
+    if agent.decoder is not None:
+        meta["decoder"] = {"kwargs": decoder_kwargs(agent.decoder)}
+    if agent.policy is not None:
+        if policy_config is None:
+            raise AgentError("lapo/agent.py: save_agent needs policy_config for the policy")
+        meta["policy"] = {"config": policy_config, "kwargs": policy_kwargs(agent.policy)}
+    # save_model copes with tied weights; tensors go to CPU first so any device works
+    cpu = {k: v.detach().cpu() for k, v in agent.state_dict().items()}
+    holder = _Holder(cpu)
+    atomic_write(run_dir / WEIGHTS, lambda tmp: save_model(holder, str(tmp), {"kind": "agent"}))
+    return atomic_write_text(run_dir / META, json.dumps(meta, indent=2) + "\n")
+
+
+class _Holder(nn.Module):
+    """A module whose state dict is the given tensors (what save_model serialises)."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        super().__init__()
+        self._tensors = tensors
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102 - the tensors as they were given
+        return dict(self._tensors)
+
+
+def read_agent_meta(run_dir: str | Path) -> dict:
+    """RUN/agent.json, checked for the format version."""
+    path = Path(run_dir) / META
+    if not path.is_file():
+        raise AgentError(f"{path} does not exist: {run_dir} is not a finished lapo finetune run")
+    meta = json.loads(path.read_text())
+    if meta.get("kind") != "agent" or meta.get("format_version") != FORMAT_VERSION:
+        raise AgentError(f"{path}: not an agent.json of format {FORMAT_VERSION}")
+    return meta
+
+
+def load_agent(run_dir: str | Path, map_location: str | torch.device = "cpu") -> Agent:
+    """The Agent of a finetune run from RUN/agent.{json,safetensors} alone, in eval mode."""
+    run_dir = Path(run_dir)
+    meta = read_agent_meta(run_dir)
+    lam = build_lam(**meta["lam"]) if meta["lam"] else None
+    decoder = ActionDecoder(**meta["decoder"]["kwargs"]) if meta["decoder"] else None
+    policy = build_policy(**meta["policy"]) if meta["policy"] else None
+    agent = Agent(
+        method=meta["method"], action_space=meta["action_space"], context=meta["context"],
+        frame_gap=meta.get("frame_gap", 1), lam=lam, decoder=decoder, policy=policy,
+        use_obs_features=meta.get("use_obs_features", False), info=meta.get("info"),
+    )  # fmt: skip
+    path = run_dir / WEIGHTS
+    if not path.is_file():
+        raise AgentError(f"{path} does not exist")
+    missing, unexpected = load_model(agent, str(path), strict=False)
+    if missing or unexpected:
+        raise AgentError(
+            f"{path} does not match its agent.json: missing {sorted(missing)[:6]}, "
+            f"unexpected {sorted(unexpected)[:6]}"
+        )
+    return agent.to(map_location).eval()

@@ -1,0 +1,283 @@
+"""`lapo demo`: the whole pipeline on a small local default, with a report.
+
+Every stage is run as the very command a user would type (recorded in
+``commands.json`` and printed in the report), so any of them can be repeated by
+hand at a larger scale. A stage whose output already exists is reused unless
+``--fresh``; the stages are, in order:
+
+record (unlabelled train set, labelled set, held-out set) -> pretrain (stage 1)
+-> train-policy (stage 2) -> finetune (stage 3, lapo) -> finetune (bc baseline,
+same labels) -> label (held-out slice) -> evaluate (each agent, with rollouts)
+-> report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lapo.report import write_report
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class Scale:
+    """How big each stage is. `full` fits 15 minutes on a 2-core CPU, `quick` about 2-3."""
+
+    train_episodes: int
+    labeled_episodes: int
+    heldout_episodes: int
+    lam_steps: int
+    policy_steps: int
+    label_budget: int
+    finetune_epochs: int
+    eval_episodes: int
+    label_budgets: list[int] = field(default_factory=list)
+
+
+SCALES = {
+    "full": Scale(
+        train_episodes=400,
+        labeled_episodes=200,
+        heldout_episodes=40,
+        lam_steps=1500,
+        policy_steps=1000,
+        label_budget=200,
+        finetune_epochs=30,
+        eval_episodes=50,
+        label_budgets=[50, 100, 200, 400, 800],
+    ),
+    "quick": Scale(
+        train_episodes=60,
+        labeled_episodes=40,
+        heldout_episodes=10,
+        lam_steps=120,
+        policy_steps=80,
+        label_budget=60,
+        finetune_epochs=8,
+        eval_episodes=10,
+        label_budgets=[30, 60, 120],
+    ),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on a small local dataset, with a report",
+        description=(
+            "Record expert demos from a real environment, pretrain the latent action model, "
+            "clone the latent policy, fit the action decoder on a small label budget, fine-tune, "
+            "pseudo-label a held-out slice, evaluate with closed-loop rollouts against behaviour "
+            "cloning on the same labels, and write report.html / report.md. "
+            "Default scale takes about 15 minutes on a 2-core CPU; --quick about 3."
+        ),
+    )
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument(
+        "--quick", action="store_true", help="a first look in a few minutes: tiny data and steps"
+    )
+    p.add_argument(
+        "--env",
+        default="babyai:BabyAI-GoToLocal-v0",
+        help="environment to record and roll out in: babyai:<id> (expert demos) or procgen:<game> "
+        "(sticky random demos, so success rates are low) (default: babyai:BabyAI-GoToLocal-v0)",
+    )
+    p.add_argument(
+        "--steps",
+        type=float,
+        default=1.0,
+        help="multiply every training step count by this (e.g. 4 for a longer, better run)",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="redo every stage even if its output exists"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for recording and training")
+    p.add_argument("--workers", type=int, default=1, help="processes for recording and labelling")
+    return p
+
+
+class Pipeline:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.scale = SCALES["quick" if args.quick else "full"]
+        self.commands: list[dict] = []
+        self.python = sys.executable
+        self.env_kind = args.env.split(":", 1)[0]
+
+    def steps(self, n: int) -> int:
+        return max(1, int(round(n * self.args.steps)))
+
+    def run_stage(self, name: str, argv: list[str], done_marker: Path, summary) -> None:
+        """Run one stage's command unless its output exists; print a one-line result."""
+        cmd = [self.python, "-m", *argv]
+        shown = " ".join(shlex.quote(a) for a in _user_facing(argv))
+        self.commands.append({"stage": name, "command": shown})
+        t0 = time.time()
+        if done_marker.exists() and not self.args.fresh:
+            status = "reused"
+        else:
+            print(f"\n== {name}: {shown}", flush=True)
+            env = dict(os.environ)
+            env.setdefault("PYTHONWARNINGS", "ignore")
+            proc = subprocess.run(cmd, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(
+                    f"lapo demo: stage {name!r} failed (exit {proc.returncode}): {shown}"
+                )
+            if not done_marker.exists():
+                raise SystemExit(f"lapo demo: stage {name!r} finished but wrote no {done_marker}")
+            status = f"{time.time() - t0:.0f}s"
+        self.commands[-1]["seconds"] = round(time.time() - t0, 1)
+        self.commands[-1]["status"] = status
+        try:
+            line = summary() if summary else ""
+        except Exception as e:  # a summary is cosmetic; never let it stop the demo
+            line = f"(no summary: {e})"
+        print(f"[demo] {name:<14} {status:>7}  {line}", flush=True)
+
+    # ------------------------------------------------------------------ stages
+
+    def record(self, name: str, episodes: int, seed: int) -> Path:
+        out = self.out / "data" / name
+        policy = "expert" if self.env_kind in ("babyai", "minigrid") else "sticky"
+        argv = [
+            "data_prep.record", self.args.env, "--episodes", str(episodes), "--policy", policy,
+            "--seed", str(seed), "--out", str(out), "--workers", str(self.args.workers),
+            "--episodes-per-shard", str(max(1, episodes // 4)),
+        ]  # fmt: skip
+        self.run_stage(f"record {name}", argv, out / "manifest.json", lambda: _dataset_line(out))
+        return out
+
+    def main(self) -> int:
+        sc, a = self.scale, self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        t_start = time.time()
+        train = self.record("train", sc.train_episodes, a.seed)
+        labeled = self.record("labeled", sc.labeled_episodes, a.seed + 1000)
+        heldout = self.record("heldout", sc.heldout_episodes, a.seed + 2000)
+
+        lam = self.out / "lam"
+        self.run_stage(
+            "pretrain",
+            ["lapo.cli", "pretrain", "--config", str(CONFIGS / "lam" / "demo.yaml"), "--data", str(train),
+             "--out", str(lam), "--set", f"trainer.max_steps={self.steps(sc.lam_steps)}",
+             "--set", f"trainer.seed={a.seed}"],
+            lam / "model.safetensors",
+            lambda: _metrics_line(lam / "metrics.json", ["psnr", "psnr_copy", "probe_acc", "perplexity"]),
+        )  # fmt: skip
+        pol = self.out / "policy"
+        self.run_stage(
+            "train-policy",
+            ["lapo.cli", "train-policy", "--lam", str(lam), "--data", str(train), "--out", str(pol),
+             "--config", str(CONFIGS / "policy" / "demo.yaml"),
+             "--set", f"trainer.max_steps={self.steps(sc.policy_steps)}", "--set", f"trainer.seed={a.seed}"],
+            pol / "policy.safetensors",
+            lambda: _metrics_line(pol / "metrics.json", ["loss", "val_loss"]),
+        )  # fmt: skip
+        ft_common = ["--labeled", str(labeled), "--label-budget", str(sc.label_budget),
+                     "--config", str(CONFIGS / "finetune" / "demo.yaml"),
+                     "--set", f"epochs={sc.finetune_epochs}", "--set", f"seed={a.seed}"]  # fmt: skip
+        agent = self.out / "agent"
+        self.run_stage(
+            "finetune",
+            ["lapo.cli", "finetune", "--lam", str(lam), "--policy", str(pol), "--finetune-policy",
+             "--out", str(agent), *ft_common],
+            agent / "agent.json",
+            lambda: _metrics_line(agent / "metrics.json", ["decoder_accuracy", "val_accuracy"]),
+        )  # fmt: skip
+        bc = self.out / "bc"
+        self.run_stage(
+            "finetune bc",
+            ["lapo.cli", "finetune", "--method", "bc", "--out", str(bc), *ft_common],
+            bc / "agent.json",
+            lambda: _metrics_line(bc / "metrics.json", ["val_accuracy"]),
+        )  # fmt: skip
+        labelled = self.out / "data" / "heldout_labelled"
+        self.run_stage(
+            "label",
+            ["lapo.cli", "label", "--model", str(agent), "--data", str(heldout), "--out", str(labelled)],
+            labelled / "manifest.json",
+            lambda: _dataset_line(labelled),
+        )  # fmt: skip
+        ev = self.out / "eval"
+        env_flags = ["--env", a.env, "--episodes", str(sc.eval_episodes)]
+        self.run_stage(
+            "evaluate",
+            ["lapo.cli", "evaluate", "--model", str(agent), "--labeled", str(heldout), *env_flags,
+             "--label-budgets", ",".join(map(str, sc.label_budgets)), "--lam", str(lam),
+             "--budget-data", str(labeled), "--out", str(ev / "lapo.json")],
+            ev / "lapo.json",
+            lambda: _metrics_line(ev / "lapo.json", ["decoder_accuracy", "success_rate", "return_mean"]),
+        )  # fmt: skip
+        self.run_stage(
+            "evaluate bc",
+            ["lapo.cli", "evaluate", "--model", str(bc), "--labeled", str(heldout), *env_flags,
+             "--out", str(ev / "bc.json")],
+            ev / "bc.json",
+            lambda: _metrics_line(ev / "bc.json", ["success_rate", "return_mean"]),
+        )  # fmt: skip
+        (self.out / "commands.json").write_text(json.dumps(self.commands, indent=2))
+        wall = time.time() - t_start
+        report = write_report(
+            self.out, commands=self.commands, wall_seconds=wall, env=a.env, scale=sc
+        )
+        print(f"\n[demo] done in {wall / 60:.1f} min; report: {report['html']} and {report['md']}")
+        return 0
+
+
+def _user_facing(argv: list[str]) -> list[str]:
+    """`lapo.cli pretrain ...` -> `lapo pretrain ...`; `data_prep.x` -> `python -m data_prep.x`."""
+    if argv[0] == "lapo.cli":
+        return ["lapo", *argv[1:]]
+    return ["python", "-m", *argv]
+
+
+def _dataset_line(path: Path) -> str:
+    m = json.loads((path / "manifest.json").read_text())
+    return f"{m.get('num_samples', '?')} clips, {m.get('num_frames', '?')} frames, {len(m.get('shards', []))} shards"
+
+
+def _metrics_line(path: Path, keys: list[str]) -> str:
+    m = json.loads(path.read_text())
+    flat = _flatten(m)
+    parts = []
+    for k in keys:
+        hit = next(
+            (
+                v
+                for kk, v in flat.items()
+                if kk == k or kk.endswith("/" + k) or kk.endswith("." + k)
+            ),
+            None,
+        )
+        if isinstance(hit, (int, float)):
+            parts.append(f"{k}={hit:.3f}")
+    return ", ".join(parts)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.fresh and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    return Pipeline(args).main()

@@ -1,0 +1,567 @@
+"""Stage 3 (Accelerate): from latent actions to real ones, on a small labelled set.
+
+    lapo finetune --lam RUN --policy RUN_P --labeled DATASET --label-budget N --out RUN_F
+
+Methods (``--method``):
+
+- ``lapo``: the pretrained IDM is frozen; its latent actions z[t] of the N labelled
+  transitions are computed once and an ActionDecoder z -> true action is fitted
+  (cross-entropy, or MSE for continuous actions). With ``--policy RUN_P
+  --finetune-policy`` a second phase trains policy + decoder end to end on the same
+  demos: policy(o[t-k+1..t]) -> z -> decoder -> true action, starting from the
+  fitted decoder. Without ``--policy`` the run can label but not act.
+- ``idm-supervised`` (VPT): an IDM of the same architecture trained from scratch on
+  the N labels only (``--config``/``--set model.*`` shape it; no --lam).
+- ``bc``: a policy network cloning the true actions from context frames (no --lam).
+
+The loop is plain Accelerate, so ``accelerate launch --num_processes 2 -m lapo.cli
+finetune ...`` runs on CPUs (gloo) or GPUs. Each epoch ends with an evaluation on
+held-out labelled episodes (never trained on; see lapo.labelled), a line in
+RUN_F/metrics.jsonl and a checkpoint RUN_F/checkpoints/<phase>/epoch-XXXX;
+``--resume`` continues from the newest. The result is RUN_F/agent.safetensors +
+agent.json (self-contained: `lapo label --model RUN_F` needs nothing else) and
+RUN_F/metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from lapo.agent import Agent, action_loss, load_agent, obs_features, policy_latent, save_agent
+from lapo.checkpoint import CheckpointError, atomic_write_text, read_model_meta
+from lapo.config import (
+    ConfigError,
+    FinetuneConfig,
+    load_config,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
+from lapo.labelled import LabelledWindows, load_labelled
+from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy, prepare_frames
+
+load_finetuned = load_agent  # the name docs/INTERFACES.md gives the loader of RUN_F
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+class DecoderFit(nn.Module):
+    """lapo phase 1: precomputed latents (+ obs features) -> decoder."""
+
+    def __init__(self, decoder: ActionDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, batch: dict) -> Tensor:
+        return self.decoder(batch["latent"], batch.get("feats"))  # (B, A)
+
+
+class PolicyFit(nn.Module):
+    """lapo phase 2: context -> policy -> latent (frozen bottleneck) -> decoder, end to end."""
+
+    def __init__(
+        self, policy: LatentPolicy, decoder: ActionDecoder, lam: LatentActionModel, use_obs: bool
+    ):
+        super().__init__()
+        self.policy, self.decoder, self.use_obs = policy, decoder, use_obs
+        self.frozen = [lam]  # a list keeps the LAM out of parameters(), DDP and checkpoints
+
+    def forward(self, batch: dict) -> Tensor:
+        lam, context = self.frozen[0], batch["frames"][:, :-1]  # (B, k, 3, H, W)
+        latent = policy_latent(self.policy, lam, context)  # (B, D)
+        feats = None
+        if self.use_obs:
+            with torch.no_grad():
+                feats = obs_features(lam, context)  # (B, E)
+        return self.decoder(latent, feats)  # (B, A)
+
+
+class IDMFit(nn.Module):
+    """idm-supervised: window -> IDM (trained from scratch) -> pre -> decoder."""
+
+    def __init__(self, idm: nn.Module, decoder: ActionDecoder, image_size: int):
+        super().__init__()
+        self.idm, self.decoder, self.image_size = idm, decoder, image_size
+
+    def forward(self, batch: dict) -> Tensor:
+        x = prepare_frames(
+            batch["frames"], self.image_size, where="lapo/finetune.py"
+        )  # (B, k+1, 3, S, S)
+        _, pre = self.idm(x)  # (B, D)
+        return self.decoder(pre)  # (B, A)
+
+
+class BCFit(nn.Module):
+    """bc: context -> policy -> true action."""
+
+    def __init__(self, policy: LatentPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict) -> Tensor:
+        return self.policy(batch["frames"][:, :-1])  # (B, A)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that is a pure function of (seed, epoch): a resumed run replays the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class Rows(Dataset):
+    """Tensors sharing their first axis, served as dicts (the decoder fit's latents)."""
+
+    def __init__(self, **tensors: Tensor):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+@torch.no_grad()
+def extract_latents(
+    lam: LatentActionModel, ds: LabelledWindows, cfg: FinetuneConfig, device
+) -> Rows:
+    """The frozen IDM's latents (and obs features) of every window, computed once."""
+    lats, feats = [], []
+    for i in range(0, len(ds), cfg.eval_batch_size):
+        frames = ds.frames[ds.index[i : i + cfg.eval_batch_size]].to(device)  # (B, k+1, 3, H, W)
+        lats.append(lam.encode(frames)["latent"].float().cpu())  # (B, D)
+        if cfg.use_obs_features:
+            feats.append(obs_features(lam, frames[:, :-1]).float().cpu())  # (B, E)
+    extra = {"feats": torch.cat(feats)} if feats else {}
+    return Rows(latent=torch.cat(lats), actions=ds.actions, **extra)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Phase:
+    name: str  # checkpoint folder and metrics prefix: decoder, policy, idm, bc
+    model: nn.Module
+    train: Dataset
+    val: Dataset
+    epochs: int
+    lr: float
+    metric: str  # what the held-out evaluation measures: label or act
+
+
+def _complete(ckpt_root: Path) -> list[Path]:
+    """Epoch checkpoints whose save finished, oldest first."""
+    return sorted(p.parent for p in ckpt_root.glob("epoch-*/progress.json"))
+
+
+def evaluate(acc: Accelerator, model: nn.Module, loader: DataLoader, discrete: bool) -> dict:
+    """Held-out accuracy (discrete) or MSE (continuous), over every rank's share."""
+    model.eval()
+    outs, targets = [], []
+    with torch.no_grad():
+        for batch in loader:
+            out, y = acc.gather_for_metrics((model(batch).float(), batch["actions"]))
+            outs.append(out.cpu())
+            targets.append(y.cpu())
+    model.train()
+    out, y = torch.cat(outs), torch.cat(targets)
+    if discrete:
+        return {
+            "accuracy": (out.argmax(-1) == y).float().mean().item(),
+            "loss": action_loss(out, y, True).item(),
+        }
+    return {"mse": action_loss(out, y, False).item()}
+
+
+def run_phase(
+    acc: Accelerator, ph: Phase, cfg: FinetuneConfig, run_dir: Path, discrete: bool
+) -> dict:
+    """Train one phase with checkpoints and per-epoch evaluation; returns its last epoch's metrics."""
+    root = run_dir / "checkpoints" / ph.name
+    sampler = EpochSampler(len(ph.train), cfg.seed)
+    train_dl = DataLoader(ph.train, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+    val_dl = DataLoader(ph.val, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+    opt = torch.optim.AdamW(ph.model.parameters(), lr=ph.lr, weight_decay=cfg.weight_decay)
+    model, opt, train_dl, val_dl = acc.prepare(ph.model, opt, train_dl, val_dl)
+    total = ph.epochs * len(train_dl)
+    start, step, last = 0, 0, {}
+    done = _complete(root)
+    if done:  # only present with --resume (a fresh run refuses an existing RUN_F)
+        acc.load_state(str(done[-1]))
+        last = json.loads((done[-1] / "progress.json").read_text())
+        start, step = last["epoch"] + 1, last["step"]
+        acc.print(f"lapo finetune: {ph.name}: resumed after epoch {last['epoch']} (step {step})")
+    for epoch in range(start, ph.epochs):
+        train_dl.set_epoch(epoch)
+        model.train()
+        loss_sum, n = torch.zeros((), device=acc.device), 0
+        bar = tqdm(train_dl, desc=f"{ph.name} {epoch + 1}/{ph.epochs}", leave=False,
+                   disable=not (cfg.progress and acc.is_local_main_process))  # fmt: skip
+        for batch in bar:
+            lr = ph.lr * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))  # cosine to 0
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = action_loss(model(batch), batch["actions"], discrete)
+            acc.backward(loss)
+            if cfg.grad_clip > 0:
+                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum, n, step = loss_sum + loss.detach(), n + 1, step + 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        train_loss = acc.reduce(loss_sum / max(n, 1), "mean").item()
+        val = evaluate(acc, model, val_dl, discrete)
+        last = {"phase": ph.name, "epoch": epoch, "step": step, "train_loss": train_loss, "lr": lr,
+                **{f"{ph.metric}_{k}": v for k, v in val.items()}, "time": time.time()}  # fmt: skip
+        _save(acc, root / f"epoch-{epoch:04d}", last, cfg.keep_checkpoints)
+        if acc.is_main_process:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(last) + "\n")
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in last.items() if k.startswith(ph.metric) or k == "train_loss"
+        )
+        acc.print(f"{ph.name} epoch {epoch + 1}/{ph.epochs}: {shown}")
+    acc.wait_for_everyone()
+    acc.free_memory()  # the next phase prepares its own model and optimiser
+    return last
+
+
+def _save(acc: Accelerator, path: Path, progress: dict, keep: int) -> None:
+    acc.save_state(str(path))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        atomic_write_text(path / "progress.json", json.dumps(progress) + "\n")  # marks it complete
+        for old in _complete(path.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- building a method
+
+
+@dataclass
+class Plan:
+    """Everything one run trains and saves."""
+
+    agent: Agent
+    phases: list[Phase]
+    lam_config: dict | None = None
+    lam_kwargs: dict | None = None
+    policy_config: dict | None = None
+
+
+def window_shape(cfg: FinetuneConfig, lam_run: str | None) -> tuple[int, int]:
+    """(context k, frame_gap) of the windows: the LAM's for lapo, else the config's (or 2, 1)."""
+    if cfg.method != "lapo":
+        return cfg.context or 2, cfg.frame_gap or 1
+    meta = read_model_meta(lam_run, kind="lam")
+    k, g = int(meta["extra"]["context"]), int(meta["config"].get("data", {}).get("frame_gap", 1))
+    for key, mine, theirs in (("context", cfg.context, k), ("frame_gap", cfg.frame_gap, g)):
+        if mine and mine != theirs:
+            raise ConfigError(
+                f"finetune.{key}: {mine} differs from the LAM's {theirs} ({lam_run}); leave it 0"
+            )
+    return k, g
+
+
+def _decoder(cfg: FinetuneConfig, space: dict, latent_dim: int, obs_dim: int = 0) -> ActionDecoder:
+    n, d = (space["n"], 0) if space["type"] == "discrete" else (0, space["dim"])
+    return ActionDecoder(
+        latent_dim, num_actions=n, action_dim=d, hidden=cfg.decoder_hidden, obs_dim=obs_dim
+    )
+
+
+def load_policy_run(run_dir: str | Path) -> tuple[LatentPolicy, dict]:
+    """The stage-2 policy and its PolicyModelConfig dict (to rebuild it inside agent.json)."""
+    from lapo.policy import load_policy, policy_model_config
+
+    return load_policy(run_dir), policy_model_config(run_dir)
+
+
+def make_plan(
+    cfg: FinetuneConfig, split, lam_run: str | None, policy_run: str | None, device
+) -> Plan:
+    space, k = split.action_space, split.train.index.shape[1] - 1
+    info = {"labeled": split.selection.info["dataset"], "label_budget": cfg.label_budget, "lam_run": lam_run,
+            "policy_run": policy_run, "policy_finetuned": False, "image_shape": list(split.image_shape)}  # fmt: skip
+    common = {"action_space": space, "context": k, "frame_gap": cfg.frame_gap or 1, "info": info}
+    if cfg.method == "bc":
+        n = space["n"] if space["type"] == "discrete" else space["dim"]
+        pcfg = replace(cfg.policy, target="continuous")  # its "latent" is the action itself
+        policy = LatentPolicy(pcfg, context=k, image_size=cfg.model.image_size, latent_dim=n)
+        phase = Phase("bc", BCFit(policy), split.train, split.val, cfg.epochs, cfg.lr, "act")
+        return Plan(
+            Agent(method="bc", policy=policy, **common), [phase], policy_config=to_dict(pcfg)
+        )
+    if cfg.method == "idm-supervised":
+        kwargs = {"in_channels": 3, "num_actions": 0, "action_dim": 0, "context": k}
+        lam = LatentActionModel(cfg.model, **kwargs, sync_codebook=False)
+        decoder = _decoder(cfg, space, cfg.model.latent_dim)
+        phase = Phase("idm", IDMFit(lam.idm, decoder, lam.image_size), split.train, split.val, cfg.epochs, cfg.lr, "label")  # fmt: skip
+        agent = Agent(method="idm-supervised", lam=lam, decoder=decoder, **common)
+        return Plan(agent, [phase], to_dict(cfg.model), kwargs)
+    from lapo.lam import load_lam  # imports Lightning: only the lapo method needs it
+
+    meta = read_model_meta(lam_run, kind="lam")
+    common["frame_gap"] = int(meta["config"].get("data", {}).get("frame_gap", 1))
+    lam = load_lam(lam_run).to(device).requires_grad_(False)
+    obs_dim = lam.cfg.embed_dim if cfg.use_obs_features else 0
+    decoder = _decoder(cfg, space, lam.cfg.latent_dim, obs_dim)
+    train, val = (extract_latents(lam, ds, cfg, device) for ds in (split.train, split.val))
+    phases = [Phase("decoder", DecoderFit(decoder), train, val, cfg.epochs, cfg.lr, "label")]
+    policy, pconfig = None, None
+    if policy_run:
+        policy, pconfig = load_policy_run(policy_run)
+        if policy.context != lam.context or policy.latent_dim != lam.cfg.latent_dim:
+            raise ConfigError(
+                f"--policy {policy_run}: context {policy.context} / latent_dim {policy.latent_dim} do not "
+                f"match the LAM's {lam.context} / {lam.cfg.latent_dim} ({lam_run}); was it trained on this LAM?"
+            )
+        if cfg.finetune_policy:
+            info["policy_finetuned"] = True
+            epochs = cfg.policy_epochs or cfg.epochs
+            fit = PolicyFit(policy, decoder, lam, cfg.use_obs_features)
+            phases.append(
+                Phase("policy", fit, split.train, split.val, epochs, cfg.policy_lr, "act")
+            )
+    elif cfg.finetune_policy:
+        raise ConfigError(
+            "finetune.finetune_policy: needs --policy RUN_P (the stage-2 policy to fine-tune)"
+        )
+    agent = Agent(method="lapo", lam=lam, decoder=decoder, policy=policy, use_obs_features=cfg.use_obs_features, **common)  # fmt: skip
+    return Plan(agent, phases, meta["config"]["model"], meta["extra"], pconfig)
+
+
+@torch.no_grad()
+def final_metrics(
+    acc: Accelerator, agent: Agent, val: LabelledWindows, cfg: FinetuneConfig
+) -> dict:
+    """The saved agent's own label() / act() on the held-out split (every rank's share)."""
+    agent.eval()
+    loader = acc.prepare(DataLoader(val, cfg.eval_batch_size, shuffle=False))
+    got: dict[str, list] = {"label": [], "act": [], "true": []}
+    for batch in loader:
+        frames, y = batch["frames"], batch["actions"]  # (B, k+1, 3, H, W), (B,) / (B, D)
+        got["true"].append(acc.gather_for_metrics(y).cpu())
+        if agent.method != "bc":
+            got["label"].append(acc.gather_for_metrics(agent.label(frames)["action"]).cpu())
+        if agent.has_policy:
+            got["act"].append(acc.gather_for_metrics(agent.act(frames[:, :-1])).cpu())
+    acc.free_memory()
+    y = torch.cat(got["true"])
+    out = {"val_transitions": len(y)}
+    if agent.discrete:
+        out["majority_baseline"] = torch.bincount(y).max().item() / max(len(y), 1)
+    for name in ("label", "act"):
+        if got[name]:
+            pred = torch.cat(got[name])
+            if agent.discrete:
+                out[f"{name}_accuracy"] = (pred == y).float().mean().item()
+            else:
+                out[f"{name}_mse"] = (pred.float() - y.float()).pow(2).mean().item()
+    if "label_accuracy" in out or "label_mse" in out:  # the name `lapo evaluate` reports too
+        out["decoder_accuracy" if agent.discrete else "decoder_mse"] = out.get(
+            "label_accuracy", out.get("label_mse")
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+RESUME_FREE = ("progress", "num_workers", "keep_checkpoints", "mixed_precision", "eval_batch_size")
+
+
+def _prepare_run(
+    acc: Accelerator, cfg: FinetuneConfig, run_dir: Path, sources: dict, resume: bool
+) -> None:
+    """Refuse to overwrite a run; on resume insist on the same settings and inputs."""
+    saved = run_dir / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise CheckpointError(
+                f"--resume: {run_dir} holds no finetune run (no config.yaml); start without --resume"
+            )
+        old = load_config(FinetuneConfig, saved)
+        for key in to_dict(cfg):
+            if key not in RESUME_FREE and to_dict(old)[key] != to_dict(cfg)[key]:
+                raise ConfigError(f"{key}: {to_dict(cfg)[key]!r} differs from {to_dict(old)[key]!r} in {saved}; "
+                                  "--resume needs the same settings")  # fmt: skip
+        old_sources = json.loads((run_dir / "sources.json").read_text())
+        if old_sources != sources:
+            raise ConfigError(
+                f"--resume: inputs {sources} differ from {old_sources} ({run_dir}/sources.json)"
+            )
+    elif saved.exists() or (run_dir / "checkpoints").exists() or (run_dir / "agent.json").exists():
+        raise CheckpointError(
+            f"{run_dir} already holds a finetune run; pass --resume or choose another --out"
+        )
+    acc.wait_for_everyone()  # every rank has checked before anything is written
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+        atomic_write_text(run_dir / "sources.json", json.dumps(sources, indent=2) + "\n")
+    acc.wait_for_everyone()
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        warnings.warn("lapo finetune: fp16 needs a GPU; training in full precision", stacklevel=2)
+        mixed_precision = "no"
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    run_dir: str | Path,
+    labeled: str | Path,
+    *,
+    lam: str | Path | None = None,
+    policy: str | Path | None = None,
+    resume: bool = False,
+    accelerator: Accelerator | None = None,
+) -> dict:
+    """Run stage 3 into `run_dir`; returns the final metrics (also RUN_F/metrics.json)."""
+    run_dir = Path(run_dir)
+    if cfg.method == "lapo" and not lam:
+        raise ConfigError(
+            "method lapo: needs --lam RUN (a stage-1 run); the baselines idm-supervised and bc do not"
+        )
+    if cfg.method != "lapo" and (lam or policy):
+        warnings.warn(
+            f"lapo finetune: method {cfg.method} ignores --lam and --policy", stacklevel=2
+        )
+        lam = policy = None
+    acc = accelerator or make_accelerator(cfg.mixed_precision)
+    sources = {"labeled": str(Path(labeled).resolve()), "lam": lam and str(Path(lam).resolve()),
+               "policy": policy and str(Path(policy).resolve())}  # fmt: skip
+    k, gap = window_shape(cfg, lam)
+    _prepare_run(acc, cfg, run_dir, sources, resume)
+    set_seed(cfg.seed)  # same initial weights on every rank
+    t0 = time.time()
+    split = load_labelled(
+        labeled, cfg.label_budget, context=k, frame_gap=gap, seed=cfg.seed, val_fraction=cfg.val_fraction,
+        val_max=cfg.val_max, progress=cfg.progress and acc.is_local_main_process,
+    )  # fmt: skip
+    if acc.is_main_process:
+        atomic_write_text(run_dir / "selection.json", json.dumps(split.selection.summary()) + "\n")
+    acc.print(f"lapo finetune: {cfg.method}: {len(split.train)} labelled transitions for training, "
+              f"{len(split.val)} held out in {len(split.selection.heldout_episodes)} episodes")  # fmt: skip
+    plan = make_plan(cfg, split, lam and str(lam), policy and str(policy), acc.device)
+    discrete = split.action_space["type"] == "discrete"
+    phases = {ph.name: run_phase(acc, ph, cfg, run_dir, discrete) for ph in plan.phases}
+    agent = plan.agent.to(acc.device)
+    metrics = {"method": cfg.method, **final_metrics(acc, agent, split.val, cfg), "phases": phases,
+               "selection": split.selection.info, "seconds": time.time() - t0,
+               "num_processes": acc.num_processes}  # fmt: skip
+    if acc.is_main_process:
+        agent.info["metrics"] = {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float, str))
+        }
+        save_agent(agent, run_dir, lam_config=plan.lam_config, lam_kwargs=plan.lam_kwargs, policy_config=plan.policy_config)  # fmt: skip
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    acc.wait_for_everyone()
+    return metrics
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "finetune",
+        help="stage 3: fit the latent->action decoder (and policy) on labelled demos",
+        description="Stage 3 (Accelerate): fit a decoder from latent to true actions on a budget of "
+        "labelled transitions (and fine-tune the policy), or train a baseline. Writes RUN_F/config.yaml, "
+        "selection.json, metrics.jsonl, checkpoints/, agent.safetensors + agent.json, metrics.json. "
+        "Multi-process: accelerate launch --num_processes N -m lapo.cli finetune ...",
+    )
+    p.add_argument("--lam", help="stage-1 run directory (RUN); required for --method lapo")
+    p.add_argument(
+        "--policy", help="stage-2 run directory (RUN_P): the agent can act; see --finetune-policy"
+    )
+    p.add_argument("--labeled", "--labelled", dest="labeled", required=True,
+                   help="labelled dataset directory (shards + manifest.json with an action space)")  # fmt: skip
+    p.add_argument(
+        "--label-budget", type=int, help="labelled transitions to train on (sets label_budget)"
+    )
+    p.add_argument("--out", required=True, help="run directory RUN_F")
+    p.add_argument(
+        "--method", choices=["lapo", "idm-supervised", "bc"], help="sets method (default lapo)"
+    )
+    p.add_argument(
+        "--finetune-policy",
+        action="store_true",
+        help="lapo: also fine-tune policy + decoder end to end",
+    )
+    p.add_argument(
+        "--config",
+        help="YAML file overriding the typed defaults (e.g. configs/finetune/default.yaml)",
+    )
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override any setting, e.g. --set epochs=5 decoder_hidden=64 model.image_size=32")  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="sets mixed_precision")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """Defaults < --config YAML < --set pairs < explicit flags."""
+    tree = parse_overrides(args.overrides)
+    flags = {"method": args.method, "label_budget": args.label_budget, "mixed_precision": args.mixed_precision,
+             "finetune_policy": True if args.finetune_policy else None}  # fmt: skip
+    tree.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(FinetuneConfig, args.config, tree)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    metrics = finetune(
+        cfg, args.out, args.labeled, lam=args.lam, policy=args.policy, resume=args.resume
+    )
+    shown = {
+        k: round(v, 4) for k, v in metrics.items() if k.endswith(("accuracy", "mse", "baseline"))
+    }
+    if metrics.get("num_processes", 1) == 1 or _is_main():
+        print(
+            f"lapo finetune: {cfg.method} done in {metrics['seconds']:.0f} s: {shown}; agent in {args.out}"
+        )
+    return 0
+
+
+def _is_main() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

@@ -1,0 +1,384 @@
+"""Stage 2: clone a latent policy pi(z | o[t-k+1..t]) from the frozen IDM's latent actions.
+
+Every training window o[t-k+1..t+1] of the unlabelled video is labelled on the fly by the
+stage-1 IDM (frozen, eval mode, no gradient): it sees all k+1 frames and gives the latent
+action z[t] of the transition o[t] -> o[t+1]. The policy sees only the k context frames
+(never o[t+1]) and learns to predict that label:
+
+- ``policy.target=continuous`` (LAPO): regress the IDM's pre-quantisation latent (MSE);
+- ``policy.target=codes`` (vq / fsq LAMs only): classify its code indices, one
+  cross-entropy per head.
+
+Validation logs ``val/loss``, ``val/latent_mse`` (the policy's latent after the LAM's own
+bottleneck against the IDM's ``z[t]``), ``val/latent_mse_baseline`` (the best constant
+guess on the batch, so a policy stuck at the mean shows), ``val/pre_mse`` (continuous)
+and ``val/code_acc`` (when the LAM has codes). Real-action metrics belong to stage 3.
+
+The window (context k, frame gap) and the frame size are the LAM's: they are read from
+the LAM run, ``data.context`` / ``data.frame_gap`` default to them and a different value
+is an error. Checkpoints hold the policy only (the LAM is re-read from its run and its
+hash checked on resume). At the end, ``RUN_P/policy.safetensors`` + ``RUN_P/policy.json``
+hold everything `load_policy` needs, plus the LAM run's path and hash.
+Command: ``lapo train-policy --lam RUN --data DATASET --out RUN_P``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+
+from lapo.checkpoint import CheckpointError, export_model, load_weights, read_model_meta
+from lapo.config import (
+    ConfigError,
+    PolicyConfig,
+    PolicyModelConfig,
+    from_dict,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
+from lapo.models import LatentActionModel, LatentPolicy
+from lapo.train import StageModule, add_run_arguments, fit, prepare_run, write_metrics
+
+KIND = "policy"
+NAME = "policy"  # RUN_P/policy.safetensors + RUN_P/policy.json
+LAM_PREFIX = "lam."  # the frozen LAM's keys in the LightningModule's state dict
+
+
+# --------------------------------------------------------------------------- the LAM it clones
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def lam_window(meta: dict) -> dict[str, int]:
+    """Context k, frame gap and image size of a LAM run, from its model.json."""
+    return {
+        "context": int(meta["extra"]["context"]),
+        "frame_gap": int(meta["config"].get("data", {}).get("frame_gap", 1)),
+        "image_size": int(meta["config"]["model"]["image_size"]),
+    }
+
+
+def lam_info(lam_run: str | Path, meta: dict) -> dict[str, Any]:
+    """What policy.json and the checkpoints record about the LAM: where, which, its shape."""
+    run = Path(lam_run).resolve()
+    return {
+        "run": str(run),
+        "sha256": file_sha256(run / meta["weights"]),
+        "bottleneck": meta["config"]["model"]["bottleneck"],
+        "latent_dim": int(meta["config"]["model"]["latent_dim"]),
+        "in_channels": int(meta["extra"].get("in_channels", 3)),
+        **lam_window(meta),
+    }
+
+
+def check_config(cfg: PolicyConfig, meta: dict) -> None:
+    """Fail at start-up when the settings cannot clone this LAM (the message names the key)."""
+    window = lam_window(meta)
+    for key in ("context", "frame_gap"):
+        mine, theirs = getattr(cfg.data, key), window[key]
+        if mine != theirs:
+            raise ConfigError(
+                f"data.{key}: {mine} differs from the LAM's {theirs} ({cfg.lam}/model.json); the "
+                "policy learns the IDM's labels of the LAM's own windows, so leave data."
+                f"{key} unset to inherit it"
+            )
+    bottleneck = meta["config"]["model"]["bottleneck"]
+    if cfg.policy.target == "codes" and bottleneck == "continuous":
+        raise ConfigError(
+            f"policy.target: codes needs a vq or fsq LAM, but {cfg.lam} has a continuous "
+            "bottleneck (no codes); use policy.target=continuous"
+        )
+
+
+def load_policy_config(
+    path: str | Path | None = None, overrides: list[str] | dict | None = None
+) -> PolicyConfig:
+    """Typed defaults < YAML at `path` < `overrides`, with the window inherited from the LAM.
+
+    ``data.context`` and ``data.frame_gap`` take the LAM run's values unless the YAML or
+    the overrides set them (then `check_config` insists they agree).
+    """
+    tree = copy.deepcopy(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
+    raw = read_yaml(path) if path else {}
+    lam = tree.get("lam") or raw.get("lam")
+    if lam:
+        window = lam_window(read_model_meta(lam, kind="lam"))
+        given = [d for d in (raw.get("data"), tree.get("data")) if isinstance(d, dict)]
+        for key in ("context", "frame_gap"):
+            if not any(key in d for d in given):
+                tree.setdefault("data", {})[key] = window[key]
+    return load_config(PolicyConfig, path, tree)
+
+
+# --------------------------------------------------------------------------- the LightningModule
+
+
+class PolicyModule(StageModule):
+    """Stage 2 LightningModule: a trainable `LatentPolicy` and the frozen LAM that labels for it."""
+
+    compile_targets = ("policy", "lam.idm")
+
+    def __init__(self, cfg: PolicyConfig, lam: LatentActionModel, lam_info: dict) -> None:
+        super().__init__(cfg.optim, cfg.trainer)
+        self.cfg = cfg
+        self.lam = lam.requires_grad_(False).eval()
+        self.policy = LatentPolicy.for_lam(cfg.policy, lam)
+        self.lam_info = lam_info
+        # plain dicts only: checkpoints stay loadable with torch.load(weights_only=True)
+        self.save_hyperparameters({"config": to_dict(cfg), "lam": lam_info})
+
+    @property
+    def context(self) -> int:
+        return self.policy.context
+
+    def train(self, mode: bool = True) -> PolicyModule:
+        super().train(mode)
+        # The IDM is a fixed labeller: no bottleneck noise, no codebook or norm updates.
+        self.lam.eval()
+        return self
+
+    @torch.no_grad()
+    def label(self, frames: Tensor) -> dict[str, Tensor | None]:
+        """The IDM's view of whole windows (B, k+1, C, H, W): latent, pre, codes."""
+        return self.lam.encode(frames)
+
+    def target(self, enc: dict) -> Tensor:
+        """What the policy learns: pre-quantisation latent (B, D) or codes (B, heads)."""
+        return enc["pre"].float() if self.policy.target == "continuous" else enc["codes"]
+
+    def forward(self, frames: Tensor) -> Tensor:
+        """Windows (B, k+1, C, H, W) or contexts (B, k, ...) -> the policy's output; o[t+1] unused."""
+        return self.policy(frames[:, : self.context])  # (B, D) or (B, heads, num_codes)
+
+    def objective(self, frames: Tensor) -> tuple[Tensor, dict[str, Tensor], dict]:
+        """Loss of the policy on windows (B, k+1, C, H, W): IDM labels from all frames,
+        policy prediction from the first k only."""
+        enc = self.label(frames)
+        loss, logs = self.policy.loss(frames[:, : self.context], self.target(enc))
+        return loss, logs, enc
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        frames = batch["frames"]  # (B, k+1, C, H, W) uint8
+        loss, logs, enc = self.objective(frames)
+        if not self.check_loss(loss, batch, batch_idx):
+            return None  # skipped: no backward, no update (nan_policy=skip)
+        b = frames.shape[0]
+        # a collapsed IDM (every window the same latent) makes the loss look good: show it
+        logs["target_std"] = enc["latent"].float().std(dim=0).mean()
+        self.log_dict(
+            {f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b
+        )
+        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        frames = batch["frames"]  # (B, k+1, C, H, W) uint8
+        loss, _, enc = self.objective(frames)
+        logs = latent_metrics(self(frames), enc, self.lam, self.policy.target)
+        logs["loss"] = loss
+        self.log_dict(
+            {f"val/{k}": v for k, v in logs.items()},
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=frames.shape[0],
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The LAM is an input, not training state: keep it out of every checkpoint and
+        # remember which one it was, so a resume against another LAM fails loudly.
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(LAM_PREFIX)}
+        checkpoint["lapo_lam"] = dict(self.lam_info)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("lapo_lam", {}).get("sha256")
+        if saved != self.lam_info["sha256"]:
+            raise CheckpointError(
+                f"--resume: the checkpoint was trained on the LAM with sha256 {saved} "
+                f"({checkpoint.get('lapo_lam', {}).get('run')}), but --lam {self.lam_info['run']} "
+                f"has {self.lam_info['sha256']}; resume with the same LAM or start a new run"
+            )
+        # Lightning loads strictly: hand it the frozen LAM's current weights back.
+        lam_state = self.lam.state_dict()
+        checkpoint["state_dict"].update({LAM_PREFIX + k: v for k, v in lam_state.items()})
+
+    def on_train_end(self) -> None:
+        if self.global_step < self.trainer.max_steps:
+            return  # stopped early by a signal: the export belongs to the real end
+        # every rank takes part: FSDP gathers the full state dict here
+        state = self.trainer.strategy.lightning_module_state_dict()
+        if self.trainer.is_global_zero:
+            weights = {
+                k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")
+            }
+            export_model(
+                self.trainer.default_root_dir,
+                self.policy,
+                kind=KIND,
+                config=to_dict(self.cfg),
+                extra=policy_extra(self.policy, self.lam_info),
+                state_dict=weights,
+                name=NAME,
+            )
+
+
+@torch.no_grad()
+def latent_metrics(pred: Tensor, enc: dict, lam: LatentActionModel, target: str) -> dict:
+    """How close the policy's choice is to the IDM's, in the latent space the FDM/decoder see.
+
+    pred: policy output (B, D) or (B, heads, num_codes); enc: `LatentActionModel.encode`.
+    The predicted latent goes through the LAM's bottleneck (eval mode: no noise, no
+    codebook update), or its argmax codes are looked up, as stage 3 does.
+    """
+    latent = enc["latent"].float()  # (B, D)
+    codes = enc["codes"]  # (B, heads) or None
+    out = {"latent_mse_baseline": (latent - latent.mean(dim=0)).pow(2).mean()}
+    if target == "continuous":
+        out["pre_mse"] = F.mse_loss(pred.float(), enc["pre"].float())
+        q = lam.bottleneck(pred)
+        pred_latent, pred_codes = q.latent, q.codes  # (B, D), (B, heads) or None
+    else:
+        pred_codes = pred.argmax(dim=-1)  # (B, heads)
+        pred_latent = lam.codes_to_latent(pred_codes)  # (B, D)
+    out["latent_mse"] = F.mse_loss(pred_latent.float(), latent)
+    if codes is not None and pred_codes is not None:
+        out["code_acc"] = (pred_codes == codes).float().mean()
+    return out
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+def policy_extra(policy: LatentPolicy, lam_info: dict) -> dict:
+    """policy.json's ``extra``: the constructor arguments and where the labels came from."""
+    return {
+        "kwargs": {
+            "context": policy.context,
+            "image_size": policy.image_size,
+            "latent_dim": policy.latent_dim,
+            "num_codes": policy.num_codes,
+            "code_heads": policy.code_heads,
+            "in_channels": lam_info["in_channels"],
+        },
+        "target": policy.target,
+        "frame_gap": lam_info["frame_gap"],
+        "lam": lam_info,
+    }
+
+
+def read_policy_meta(run_dir: str | Path) -> dict:
+    """``RUN_P/policy.json``: config (PolicyConfig), extra (kwargs, target, frame_gap, lam)."""
+    return read_model_meta(run_dir, kind=KIND, name=NAME)
+
+
+def policy_model_config(run_dir: str | Path) -> dict:
+    """The PolicyModelConfig of a stage-2 run as a plain dict (rebuilds its LatentPolicy)."""
+    return read_policy_meta(run_dir)["config"]["policy"]
+
+
+def load_policy(run_dir: str | Path, map_location: str | torch.device = "cpu") -> LatentPolicy:
+    """The trained LatentPolicy of a stage-2 run, in eval mode, from RUN_P/policy.{json,safetensors}."""
+    meta = read_policy_meta(run_dir)
+    pcfg = from_dict(PolicyModelConfig, meta["config"]["policy"], prefix="policy")
+    policy = LatentPolicy(pcfg, **meta["extra"]["kwargs"])
+    load_weights(policy, run_dir, name=NAME)
+    return policy.to(map_location).eval()
+
+
+def _warn_frame_size(dm: Any, lam_meta: dict) -> None:
+    """Frames are resized to the LAM's image size either way; a different source size is legal
+    but means the IDM labels frames unlike those it was trained on."""
+    from lapo.data import DatasetError, dataset_info
+
+    lam_data = lam_meta["config"].get("data", {}).get("path")
+    try:
+        theirs = dataset_info(lam_data).frame_size if lam_data else None
+    except (DatasetError, OSError, ValueError):
+        return  # the LAM's dataset is not reachable from here: nothing to compare
+    mine = dm.frame_size
+    if theirs and mine and tuple(theirs) != tuple(mine):
+        warnings.warn(
+            f"lapo train-policy: frames of {dm.cfg.path} are {mine[0]}x{mine[1]} but the LAM was "
+            f"trained on {theirs[0]}x{theirs[1]} ({lam_data}); both are resized to "
+            f"{lam_meta['config']['model']['image_size']}, check the IDM's labels are still sound",
+            stacklevel=2,
+        )
+
+
+def train_policy(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
+    """Train stage 2 into `run_dir`; returns the final metrics (also in RUN_P/metrics.json)."""
+    from lapo.data import VideoDataModule  # the loader pulls in webdataset and decoders
+    from lapo.lam import load_lam
+
+    if not cfg.lam:
+        raise ConfigError("lam: no stage-1 run to clone; pass --lam RUN (or set lam in the config)")
+    meta = read_model_meta(cfg.lam, kind="lam")
+    check_config(cfg, meta)
+    run_dir = Path(run_dir)
+    ckpt = prepare_run(cfg, run_dir, resume=resume)  # seeds before the policy's weights exist
+    module = PolicyModule(cfg, load_lam(cfg.lam), lam_info(cfg.lam, meta))
+    dm = VideoDataModule(cfg.data)
+    _warn_frame_size(dm, meta)
+    result = fit(module, dm, cfg.trainer, run_dir, ckpt_path=ckpt)
+    return write_metrics(
+        result.trainer,
+        run_dir,
+        {"finished": result.finished, "nonfinite_steps": module.nonfinite_steps},
+    )
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train-policy",
+        help="stage 2: clone a latent policy from the IDM's latent actions",
+        description="Stage 2 (Lightning): label unlabelled video with a trained LAM's frozen IDM "
+        "and clone a policy that predicts those latent actions from the context frames alone. "
+        "Writes RUN_P/config.yaml, checkpoints/, logs/, metrics.json and, at the end, "
+        "RUN_P/policy.safetensors + RUN_P/policy.json.",
+    )
+    p.add_argument(
+        "--lam",
+        help="stage-1 run directory (lapo pretrain --out) whose IDM labels the windows; sets lam",
+    )
+    add_run_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    tree = parse_overrides(args.overrides)
+    if args.data:  # set directly, not through YAML parsing: a path like `2024` stays a string
+        tree.setdefault("data", {})["path"] = str(args.data)
+    if args.lam:
+        tree["lam"] = str(args.lam)
+    cfg = load_policy_config(args.config, tree)
+    if not cfg.lam:
+        raise SystemExit("lapo train-policy: no LAM; pass --lam RUN (a lapo pretrain run)")
+    if not cfg.data.path:
+        raise SystemExit("lapo train-policy: no dataset; pass --data DATASET (or set data.path)")
+    metrics = train_policy(cfg, args.out, resume=args.resume)
+    if rank_zero_only.rank == 0:
+        state = "finished" if metrics.get("finished") else "stopped early (resume with --resume)"
+        print(f"lapo train-policy: {state} at step {metrics['global_step']}; run in {args.out}")
+    return 0

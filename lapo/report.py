@@ -1,0 +1,237 @@
+"""The demo's report: `report.md` and a self-contained `report.html` (images inlined).
+
+Every number in the report is read from a metrics file written by the stage
+that measured it (`eval/lapo.json`, `eval/bc.json`, `lam/metrics.json`), and the
+table says which file and key each came from, so the report can be checked
+against them (the demo test does).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# (row label, metrics file relative to the demo dir, key) for the main table
+RESULT_COLUMNS = [
+    ("success rate", "success_rate"),
+    ("mean return", "return_mean"),
+    ("held-out action accuracy", "decoder_accuracy"),
+]
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return "n/a"
+    if isinstance(v, (int, float)):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def results_table(out: Path) -> tuple[list[str], list[list[str]]]:
+    """Rows of the main table: the lapo agent, bc on the same labels, a random policy."""
+    lapo_m = _load(out / "eval" / "lapo.json")
+    bc_m = _load(out / "eval" / "bc.json")
+    header = ["agent", *[c for c, _ in RESULT_COLUMNS]]
+    rows = [
+        ["lapo (latent policy + decoder)", *[_fmt(lapo_m.get(k)) for _, k in RESULT_COLUMNS]],
+        ["bc on the same labels", *[_fmt(bc_m.get(k)) for _, k in RESULT_COLUMNS]],
+        [
+            "random policy",
+            _fmt(lapo_m.get("random_success_rate")),
+            _fmt(lapo_m.get("random_return_mean")),
+            "n/a",
+        ],
+    ]
+    return header, rows
+
+
+def lam_table(out: Path) -> tuple[list[str], list[list[str]]]:
+    m = _load(out / "eval" / "lapo.json")
+    keys = [
+        ("latent probe accuracy (held-out)", "probe_accuracy"),
+        ("probe majority-class baseline", "probe_majority_baseline"),
+        ("world model PSNR (dB)", "fdm_psnr"),
+        ("copy-last-frame PSNR (dB)", "fdm_psnr_copy_baseline"),
+        ("codebook perplexity", "codebook_perplexity"),
+        ("codebook usage", "codebook_usage"),
+    ]
+    return ["latent action model", "value"], [[name, _fmt(m.get(k))] for name, k in keys if k in m]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _read_csv_logs(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalar series from Lightning's CSVLogger files under RUN/logs (any version dir)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(run.glob("logs/**/metrics.csv")):
+        with f.open() as fh:
+            for row in csv.DictReader(fh):
+                step = row.get("step")
+                if step in (None, ""):
+                    continue
+                for k, v in row.items():
+                    if k in ("step", "epoch") or v in (None, ""):
+                        continue
+                    try:
+                        series.setdefault(k, []).append((int(float(step)), float(v)))
+                    except ValueError:
+                        pass
+    return series
+
+
+def plot_curves(out: Path, dest: Path) -> Path | None:
+    """Training curves of stage 1 and stage 2 from their CSV logs."""
+    panels = []
+    for run, title, prefer in (
+        ("lam", "stage 1: latent action model", ("loss", "psnr", "probe_acc")),
+        ("policy", "stage 2: latent policy", ("loss",)),
+    ):
+        s = _read_csv_logs(out / run)
+        keys = [k for k in sorted(s) if any(p in k for p in prefer) and "step" not in k]
+        if keys:
+            panels.append((title, s, keys[:4]))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, s, keys) in zip(axes[0], panels):
+        for k in keys:
+            xs, ys = zip(*sorted(s[k]))
+            ax.plot(xs, ys, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return dest
+
+
+def _find(out: Path, patterns: list[str]) -> Path | None:
+    for pat in patterns:
+        hits = sorted(out.glob(pat))
+        if hits:
+            return hits[-1]
+    return None
+
+
+def _img_html(path: Path | None, caption: str) -> str:
+    if path is None or not path.is_file():
+        return f"<p class='missing'>{html.escape(caption)}: not produced</p>"
+    mime = "image/gif" if path.suffix == ".gif" else "image/png"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (
+        f"<figure><img src='data:{mime};base64,{data}' alt='{html.escape(caption)}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;
+padding:0 1em;color:#1d2330;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px solid #dde;padding-bottom:.2em}
+.sub{color:#667}
+table{border-collapse:collapse;margin:.8em 0} th,td{border:1px solid #ccd;padding:.35em .8em;text-align:right}
+th:first-child,td:first-child{text-align:left} thead{background:#eef1f7}
+tbody tr:first-child{font-weight:600}
+figure{margin:1em 0} img{max-width:100%;image-rendering:pixelated;border:1px solid #dde}
+figcaption{color:#556;font-size:.9em}
+pre{background:#f5f6f9;padding:.8em;overflow-x:auto;font-size:.85em;border-radius:4px}
+.missing{color:#a33}
+"""
+
+
+def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: str, scale) -> dict:
+    out = Path(out)
+    assets = out / "report_assets"
+    assets.mkdir(exist_ok=True)
+    curves = plot_curves(out, assets / "training_curves.png")
+    wm_strip = _find(out, ["lam/images/*.png"])
+    latent_2d = _find(out, ["eval/*latent*.png"])
+    budget = _find(out, ["eval/*budget*.png"])
+    rollout = _find(out, ["eval/*rollout*.gif", "eval/*rollout*.png"])
+
+    header, rows = results_table(out)
+    lh, lrows = lam_table(out)
+    title = f"lapo demo: {env}"
+    intro = (
+        f"Whole pipeline on {env}: {scale.train_episodes} unlabelled expert episodes for "
+        f"pretraining, a label budget of {scale.label_budget} transitions, "
+        f"{scale.eval_episodes} closed-loop evaluation episodes. Wall time {wall_seconds / 60:.1f} min."
+    )
+    rel = lambda p: p.relative_to(out).as_posix() if p else None  # noqa: E731
+    md = [f"# {title}", "", intro, "", "## Results", "", _md_table(header, rows), ""]
+    md += ["Numbers from `eval/lapo.json` and `eval/bc.json`.", "", "## Latent action model", ""]
+    md += [_md_table(lh, lrows), ""]
+    for cap, p in (
+        ("Training curves", curves),
+        ("World model: o[t], predicted o[t+1], true o[t+1]", wm_strip),
+        ("Latent actions in 2D, coloured by true action", latent_2d),
+        ("Decoder accuracy against label budget", budget),
+        ("Rollout of the final policy", rollout),
+    ):
+        md += [f"## {cap}", "", f"![{cap}]({rel(p)})" if p else "_not produced_", ""]
+    md += [
+        "## Commands",
+        "",
+        "Each stage, as run (repeat any by hand at a larger scale):",
+        "",
+        "```",
+    ]
+    md += [c["command"] for c in commands] + ["```", ""]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md))
+
+    cmds = html.escape("\n".join(c["command"] for c in commands))
+    body = [
+        f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(intro)}</p>",
+        "<h2>Results</h2>",
+        _html_table(header, rows),
+        "<h2>Latent action model</h2>",
+        _html_table(lh, lrows),
+        "<h2>Training</h2>",
+        _img_html(curves, "Training curves"),
+        "<h2>World model</h2>",
+        _img_html(wm_strip, "o[t], predicted o[t+1], true o[t+1]"),
+        "<h2>Latent actions</h2>",
+        _img_html(latent_2d, "Latent actions in 2D, coloured by true action"),
+        _img_html(budget, "Decoder accuracy against label budget"),
+        "<h2>Rollout</h2>",
+        _img_html(rollout, "Rollout of the final policy"),
+        "<h2>Commands</h2>",
+        f"<pre>{cmds}</pre>",
+    ]
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>"
+    )
+    html_path = out / "report.html"
+    html_path.write_text(page)
+    return {"html": html_path, "md": md_path}

@@ -1,0 +1,315 @@
+"""The per-rank stream of windows: who reads which shard, and the webdataset pipeline.
+
+Per DataLoader worker the pipeline is webdataset's: a shard list (resampled for
+training, in order for validation), ``tarfile_to_samples``, then
+``lapo.windows`` (check, decode each clip once, cut many windows), ``shuffle``
+in a bounded buffer, ``batched``. Batches are made inside the workers
+(``DataLoader(batch_size=None)``).
+
+Splitting is explicit: shards go to ranks (``shards[rank::world]``) and then to
+workers, so in a finite pass no two ranks or workers read the same shard. With
+fewer shards than that needs, the readers that share shards split their clips
+by a hash of the sample key instead (with a warning): every sample is still read
+by exactly one of them.
+
+Training is an endless resampled stream cut to exactly ``batches_per_epoch``
+batches per rank, shared out over the workers, so no DDP rank waits on another.
+Epoch e of rank r, worker w is a pure function of (seed, e, r, w); the loader's
+``state_dict`` (epoch, batches served) resumes mid-epoch exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+from collections.abc import Callable, Iterator
+from itertools import islice
+
+import numpy as np
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lapo.config import DataConfig
+from lapo.windows import (
+    BadSample,
+    DatasetError,
+    LoaderStats,
+    collate_windows,
+    cut_windows,
+    empty_action,
+    load_clip,
+    pick_starts,
+    warn_bad,
+    window_starts,
+    window_to_tensors,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- who reads what
+
+
+def share(total: int, worker: int, num_workers: int) -> int:
+    """Worker's part of ``total`` items dealt round-robin (what DataLoader does with workers)."""
+    return total // num_workers + (worker < total % num_workers)
+
+
+def split_plan(
+    num_shards: int, rank: int, world_size: int, worker: int, num_workers: int
+) -> tuple[list[int], int, int]:
+    """Which shards a (rank, worker) reads, and its clip slot: (shard ids, slots, slot).
+
+    Clips are kept when ``crc32(key) % slots == slot``; slots is 1 when the shards
+    themselves are disjoint. Whatever the counts, every sample has exactly one reader.
+    """
+    if num_shards >= world_size:
+        mine = list(range(rank, num_shards, world_size))
+        if len(mine) >= num_workers:
+            return mine[worker::num_workers], 1, 0
+        return mine, num_workers, worker  # this rank's workers share its shards
+    return list(range(num_shards)), world_size * num_workers, rank * num_workers + worker
+
+
+def split_note(num_shards: int, world_size: int, num_workers: int) -> str | None:
+    """A warning when shards are too few to give every rank and worker its own."""
+    if num_shards >= world_size * num_workers:
+        return None
+    if num_shards >= world_size:
+        return (
+            f"{num_shards} shards for {world_size} rank(s) x {num_workers} worker(s): "
+            "workers of a rank share shards and split their clips by key (each reads whole shards)"
+        )
+    return (
+        f"only {num_shards} shards for {world_size} ranks: every rank reads every shard and "
+        "keeps its own clips by key; write more shards (at least ranks x workers)"
+    )
+
+
+def _in_slot(samples: Iterator[dict], slots: int, slot: int) -> Iterator[dict]:
+    for sample in samples:
+        if zlib.crc32(sample["__key__"].encode()) % slots == slot:
+            yield sample
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+class WindowDataset(IterableDataset):
+    """Windows of k+1 frames from shards, for one rank; see the module docstring.
+
+    ``batch_size`` None yields single windows (frames uint8 (k+1, 3, H, W)); an
+    integer yields batches (frames uint8 (B, k+1, 3, H, W), actions (B,) or
+    (B, D), has_action (B,), key list, start (B,)). Training yields exactly
+    ``batches_per_epoch`` items per rank (batches, or windows when unbatched);
+    validation ends with the data or at ``val_batches`` (0: no cap).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        cfg: DataConfig,
+        *,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        action_space: dict | None = None,
+        frame_size: tuple[int, int] | None = None,
+        batch_size: int | None = None,
+        stats: LoaderStats | None = None,
+    ):
+        super().__init__()
+        if not urls:
+            raise DatasetError("WindowDataset: no shards to read")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.urls, self.cfg, self.train = list(urls), cfg, train
+        self.rank, self.world_size = rank, world_size
+        self.action_space, self.frame_size, self.batch_size = action_space, frame_size, batch_size
+        self.stats = stats or LoaderStats(max(cfg.num_workers, 1))
+        self.epoch = 0
+        self.skip = 0  # items of this epoch already served (mid-epoch resume)
+
+    def limit(self) -> int | None:
+        """Items per rank per epoch (None: until the data ends)."""
+        per_batch = 1 if self.batch_size else self.cfg.batch_size
+        if self.train:
+            return self.cfg.batches_per_epoch * per_batch
+        return self.cfg.val_batches * per_batch if self.cfg.val_batches else None
+
+    def __len__(self) -> int:
+        if not self.train:
+            raise TypeError("a validation pass has no length known in advance")
+        return self.limit()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader asks workers round-robin from worker 0; after serving `skip`
+        # items, the next item is worker skip % workers's, so roles are rotated.
+        worker = (physical + self.skip) % workers
+        limit = self.limit()
+        stop = None if limit is None else share(limit, worker, workers)
+        start = share(self.skip, worker, workers)
+        if stop is not None and stop <= start:
+            return
+        ids, slots, slot = split_plan(len(self.urls), self.rank, self.world_size, worker, workers)
+        urls = [self.urls[i] for i in ids]
+        seq = np.random.SeedSequence(
+            [self.cfg.seed, self.epoch, self.rank, worker, int(self.train)]
+        )
+        shard_seed, window_seed, shuffle_seed = (int(s) for s in seq.generate_state(3))
+        row = worker % self.stats.table.shape[0]
+        idle = {"shards": 0}  # shards opened since the last window (training guard)
+
+        def on_tar_error(exn: Exception) -> bool:
+            self.stats.add(row, "tar_error")
+            warn_bad(f"shard data ({type(exn).__name__}: {exn})")
+            return True
+
+        def watch(src: Iterator[dict]) -> Iterator[dict]:
+            for item in src:
+                idle["shards"] += 1
+                if idle["shards"] > 4 * len(urls) + 16:
+                    raise DatasetError(
+                        f"rank {self.rank} worker {worker}: {idle['shards']} shards opened without one "
+                        f"usable window (all corrupt, or clips shorter than the window?): {urls[:3]} "
+                        f"... ; {self.stats.summary()}"
+                    )
+                yield item
+
+        if self.train:
+            source = wds.ResampledShards(
+                urls, seed=shard_seed, worker_seed=_zero, deterministic=True
+            )
+        else:
+            source = wds.SimpleShardList(urls)
+        stages: list = [source, watch, wds.tarfile_to_samples(handler=on_tar_error)]
+        if slots > 1:
+            stages.append(lambda src: _in_slot(src, slots, slot))
+        rng = np.random.default_rng(window_seed) if self.train else None
+        stages.append(lambda src: self._windows(src, row, rng, idle))
+        if self.train:
+            buf = self.cfg.shuffle_buffer
+            stages.append(wds.shuffle(buf, initial=buf, rng=random.Random(shuffle_seed)))
+        if self.batch_size:
+            stages.append(
+                wds.batched(self.batch_size, collation_fn=collate_windows, partial=not self.train)
+            )
+        else:
+            stages.append(wds.map(window_to_tensors))
+        for item in islice(wds.DataPipeline(*stages), start, stop):
+            if self.batch_size:
+                self.stats.add(row, "batches")
+            yield item
+
+    def _windows(self, samples: Iterator[dict], row: int, rng, idle: dict) -> Iterator[dict]:
+        cfg = self.cfg
+        fill = empty_action(self.action_space)
+        for sample in samples:
+            try:
+                clip = load_clip(sample, action_space=self.action_space, frame_size=self.frame_size)
+            except BadSample as e:
+                self.stats.add(row, e.reason)
+                warn_bad(f"{sample.get('__key__')} in {sample.get('__url__')}: {e.reason}: {e}")
+                continue
+            self.stats.add(row, "clips")
+            starts = window_starts(len(clip.frames), clip.dones, cfg.context, cfg.frame_gap)
+            if len(starts) == 0:
+                self.stats.add(row, "short_clips")
+                continue
+            starts = pick_starts(starts, cfg.windows_per_clip, rng)
+            self.stats.add(row, "windows", len(starts))
+            idle["shards"] = 0
+            yield from cut_windows(clip, starts, cfg.context, cfg.frame_gap, fill)
+
+
+def _zero() -> int:
+    return 0
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+class WindowLoader(DataLoader):
+    """DataLoader over a ``WindowDataset`` that knows its epoch and can resume mid-epoch.
+
+    The epoch of each pass is, in order: the one restored by ``load_state_dict``,
+    one set with ``set_epoch``, ``epoch_fn()`` (Lightning's current epoch), or
+    one more than the previous pass. Workers are started afresh every pass
+    (no persistent workers) so that each sees the epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: WindowDataset,
+        *,
+        num_workers: int,
+        pin_memory: bool = False,
+        epoch_fn: Callable[[], int] | None = None,
+    ):
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            collate_fn=_as_is,  # batches are made in the workers; skip default_convert's walk
+        )
+        self.epoch_fn = epoch_fn
+        self.epoch = 0
+        self.served = 0
+        self._next: int | None = None
+        self._resume: tuple[int, int] | None = None
+        self._passes = 0
+
+    @property
+    def stats(self) -> LoaderStats:
+        return self.dataset.stats
+
+    def set_epoch(self, epoch: int) -> None:
+        self._next = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._resume is not None:
+            epoch, skip = self._resume
+        elif self._next is not None:
+            epoch, skip = self._next, 0
+        elif self.epoch_fn is not None:
+            epoch, skip = int(self.epoch_fn()), 0
+        else:
+            epoch, skip = self._passes, 0
+        self._resume = self._next = None
+        self._passes = epoch + 1
+        self.epoch, self.served = epoch, skip
+        self.dataset.epoch, self.dataset.skip = epoch, skip
+        return self._serve(super().__iter__())
+
+    def _serve(self, it: Iterator[dict]) -> Iterator[dict]:
+        for batch in it:
+            self.served += 1
+            yield batch
+        stats = self.stats
+        report = log.warning if stats.bad else log.info
+        report(
+            "lapo.data: %s pass (epoch %d): %s",
+            "train" if self.dataset.train else "val",
+            self.epoch,
+            stats.summary(),
+        )
+
+    def state_dict(self) -> dict:
+        """Where the stream stands: ``{"epoch", "batches"}`` served in that epoch."""
+        return {"epoch": self.epoch, "batches": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next pass continues epoch ``state["epoch"]`` after ``state["batches"]`` items."""
+        epoch, served = int(state["epoch"]), int(state["batches"])
+        limit = self.dataset.limit()
+        if limit is not None and served >= limit:
+            epoch, served = epoch + 1, 0
+        self._resume = (epoch, served)
+
+
+def _as_is(item: dict) -> dict:
+    return item

@@ -1,0 +1,193 @@
+"""Stage 1 end to end: `lapo pretrain` on real recorded Procgen frames.
+
+Covers the run directory (checkpoints, logs, images, config, export), resume,
+seeded determinism, the NaN policy and the signal handling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lapo.checkpoint import CheckpointError, checkpoint_step, state_dict_from_checkpoint
+from lapo.config import PretrainConfig, load_config, read_yaml
+from lapo.lam import LAMModule, load_lam, pretrain
+from lapo.train import NonFiniteLossError, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "lam" / "debug.yaml"
+LAPO = [sys.executable, "-m", "lapo.cli"]
+
+
+@pytest.fixture(scope="session")
+def procgen_data(tmp_path_factory) -> Path:
+    """Four short random-policy Bigfish episodes, one shard each (3 train + 1 val)."""
+    from lapo.record import record_dataset
+
+    out = tmp_path_factory.mktemp("bigfish")
+    record_dataset(
+        "procgen:bigfish",
+        out,
+        episodes=4,
+        size=32,
+        clip_frames=16,
+        episodes_per_shard=1,
+        max_episode_steps=30,
+        progress=False,
+        verbose=False,
+    )
+    return out
+
+
+def debug_cfg(data: Path, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, DEBUG, [f"data.path={data}", *overrides])
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAPO, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_cli_end_to_end_writes_the_run_directory(procgen_data, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli(
+        "pretrain", "--config", str(DEBUG), "--data", str(procgen_data), "--out", str(run),
+        "--set", "trainer.max_steps=4", "optim.lr=2e-3",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "finished at step 4" in res.stdout
+
+    # resolved config: the YAML plus the overrides, readable back into the dataclass
+    cfg = load_config(PretrainConfig, run / "config.yaml")
+    assert cfg.data.path == str(procgen_data) and cfg.optim.lr == 2e-3
+    assert cfg.model.image_size == read_yaml(DEBUG)["model"]["image_size"]
+
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step-0000002.ckpt", "step-0000004.ckpt"]
+    assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 4
+    assert not list(run.rglob("*.tmp")), "atomic writes left temporary files behind"
+
+    metrics_csv = next((run / "logs" / "csv").rglob("metrics.csv")).read_text()
+    assert "train/loss" in metrics_csv and "val/psnr" in metrics_csv
+    assert list((run / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (run / "images" / "train-step0000002.png").is_file()
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["finished"] is True
+    for key in ("train/loss", "train/psnr", "train/psnr_copy", "val/codebook_perplexity"):
+        assert key in metrics, key
+    # the val shard carries Procgen's actions, so the online probe ran
+    assert metrics["val/probe_n"] >= 20
+    assert 0.0 <= metrics["val/probe_acc"] <= 1.0 and 0.0 <= metrics["val/probe_majority"] <= 1.0
+
+    # the export equals the final checkpoint and loads without Lightning or pickle
+    exported = load_file(run / "model.safetensors")
+    ckpt = state_dict_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert exported.keys() == ckpt.keys()
+    assert all(torch.equal(exported[k], ckpt[k]) for k in ckpt)
+    model = load_lam(run)
+    assert not model.training
+    frames = torch.randint(0, 256, (2, cfg.data.context + 1, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model.encode(frames)
+    assert out["latent"].shape == (2, cfg.model.latent_dim)
+
+
+def test_resume_continues_from_the_saved_step(procgen_data, tmp_path):
+    run = tmp_path / "run"
+    first = pretrain(debug_cfg(procgen_data, "trainer.max_steps=4"), run)
+    assert first["global_step"] == 4
+    at4 = state_dict_from_checkpoint(run / "checkpoints" / "last.ckpt")
+
+    second = pretrain(debug_cfg(procgen_data, "trainer.max_steps=8"), run, resume=True)
+    assert second["global_step"] == 8 and second["finished"] is True
+    assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 8
+    assert checkpoint_step(run / "checkpoints" / "step-0000006.ckpt") == 6
+    at8 = state_dict_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert any(not torch.equal(at4[k], at8[k]) for k in at4), "training did not go on"
+    # the resumed run logged only the new steps, in a new log version
+    resumed_csv = (run / "logs" / "csv" / "version_1" / "metrics.csv").read_text().splitlines()
+    header = resumed_csv[0].split(",")
+    steps = {int(row.split(",")[header.index("step")]) for row in resumed_csv[1:]}
+    assert steps and min(steps) >= 4 and max(steps) <= 8
+
+
+def test_resume_without_a_checkpoint_fails_before_reading_data(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        pretrain(debug_cfg(tmp_path / "no-such-dataset"), tmp_path / "run", resume=True)
+
+
+def test_two_seeded_runs_are_identical_and_the_seed_matters(procgen_data, tmp_path):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    c = tmp_path / "c"
+    pretrain(debug_cfg(procgen_data), a)
+    pretrain(debug_cfg(procgen_data), b)
+    pretrain(debug_cfg(procgen_data, "trainer.seed=1"), c)
+    wa, wb, wc = (load_file(r / "model.safetensors") for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def _poisoned_module(cfg: PretrainConfig) -> LAMModule:
+    """A real LAM whose world model emits NaN: every loss is non-finite."""
+    module = LAMModule(cfg, num_actions=15)
+    with torch.no_grad():
+        next(module.model.fdm.parameters()).fill_(float("nan"))
+    return module
+
+
+def test_nan_policy_skip_counts_and_keeps_weights(procgen_data, tmp_path):
+    from lapo.data import VideoDataModule
+
+    cfg = debug_cfg(procgen_data, "trainer.nan_policy=skip", "trainer.max_steps=3")
+    module = _poisoned_module(cfg)
+    idm_before = {k: v.clone() for k, v in module.model.idm.state_dict().items()}
+    result = fit(module, VideoDataModule(cfg.data), cfg.trainer, tmp_path / "run")
+    assert result.trainer.global_step == 3 and module.nonfinite_steps == 3
+    # skipped steps ran no backward: the IDM is untouched
+    assert all(torch.equal(v, module.model.idm.state_dict()[k]) for k, v in idm_before.items())
+
+
+def test_nan_policy_stop_names_step_and_keys(procgen_data, tmp_path):
+    from lapo.data import VideoDataModule
+
+    cfg = debug_cfg(procgen_data, "trainer.nan_policy=stop")
+    with pytest.raises(NonFiniteLossError, match=r"step 0, batch 0, keys \['.+__c\d{5}'"):
+        fit(_poisoned_module(cfg), VideoDataModule(cfg.data), cfg.trainer, tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_last_checkpoint_and_exits_cleanly(procgen_data, tmp_path, signum):
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen(
+        [*LAPO, "pretrain", "--config", str(DEBUG), "--data", str(procgen_data), "--out", str(run),
+         "--set", "trainer.max_steps=100000", "trainer.val_every_n_steps=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while not (run / "checkpoints" / "step-0000002.ckpt").exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "training never reached step 2"
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped" in out and "--resume" in out
+    step = checkpoint_step(run / "checkpoints" / "last.ckpt")
+    assert 2 <= step < 100000
+    assert not (run / "model.safetensors").exists(), "an unfinished run must not export a model"
