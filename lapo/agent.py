@@ -112,6 +112,7 @@ class Agent(nn.Module):
         lam: LatentActionModel | None = None,
         decoder: ActionDecoder | None = None,
         policy: LatentPolicy | None = None,
+        act_decoder: ActionDecoder | None = None,
         use_obs_features: bool = False,
         info: dict | None = None,
     ):
@@ -125,6 +126,7 @@ class Agent(nn.Module):
         self.lam = lam
         self.decoder = decoder
         self.policy = policy
+        self.act_decoder = act_decoder  # the decoder fine-tuned with the policy (None: decoder)
         self.use_obs_features = use_obs_features
         self.info = dict(info or {})  # provenance and settings, written to agent.json
         if method != "bc" and (lam is None or decoder is None):
@@ -187,7 +189,8 @@ class Agent(nn.Module):
             return self.policy(context)  # (B, A)
         latent = policy_latent(self.policy, self.lam, context)  # (B, D)
         feats = obs_features(self.lam, context) if self.use_obs_features else None
-        return self.decoder(latent, feats)  # (B, A)
+        decoder = self.act_decoder if self.act_decoder is not None else self.decoder
+        return decoder(latent, feats)  # (B, A)
 
     @torch.no_grad()
     def act(self, context: Tensor, greedy: bool = True) -> Tensor:
@@ -267,6 +270,7 @@ def save_agent(
         "use_obs_features": agent.use_obs_features,
         "lam": None,
         "decoder": None,
+        "act_decoder": None,
         "policy": None,
         "info": agent.info,
     }
@@ -276,8 +280,9 @@ def save_agent(
                 "lapo/agent.py: save_agent needs lam_config and lam_kwargs for the LAM"
             )
         meta["lam"] = {"config": lam_config, "kwargs": lam_kwargs}
-    if agent.decoder is not None:
-        meta["decoder"] = {"kwargs": decoder_kwargs(agent.decoder)}
+    for name in ("decoder", "act_decoder"):
+        if getattr(agent, name) is not None:
+            meta[name] = {"kwargs": decoder_kwargs(getattr(agent, name))}
     if agent.policy is not None:
         if policy_config is None:
             raise AgentError("lapo/agent.py: save_agent needs policy_config for the policy")
@@ -317,10 +322,13 @@ def load_agent(run_dir: str | Path, map_location: str | torch.device = "cpu") ->
     meta = read_agent_meta(run_dir)
     lam = build_lam(**meta["lam"]) if meta["lam"] else None
     decoder = ActionDecoder(**meta["decoder"]["kwargs"]) if meta["decoder"] else None
+    act_decoder = (
+        ActionDecoder(**meta["act_decoder"]["kwargs"]) if meta.get("act_decoder") else None
+    )
     policy = build_policy(**meta["policy"]) if meta["policy"] else None
     agent = Agent(
         method=meta["method"], action_space=meta["action_space"], context=meta["context"],
-        frame_gap=meta.get("frame_gap", 1), lam=lam, decoder=decoder, policy=policy,
+        frame_gap=meta.get("frame_gap", 1), lam=lam, decoder=decoder, policy=policy, act_decoder=act_decoder,
         use_obs_features=meta.get("use_obs_features", False), info=meta.get("info"),
     )  # fmt: skip
     path = run_dir / WEIGHTS

@@ -30,9 +30,10 @@ BabyAI/MiniGrid, the episode terminated with reward > 0; Procgen, the game's
 ``prev_level_complete`` flag at the episode end. An episode cut by the step cap
 counts as no success.
 
-``--label-budgets 100,300,1000 --lam RUN`` refits the decoder of a lapo run for
-each budget with lapo.finetune's library function and plots held-out decoder
-accuracy against the budget.
+``--label-budgets 100,300,1000 --lam RUN`` refits a lapo decoder for each
+budget with lapo.finetune's library function (on ``--budget-data``, default
+``--labeled``; runs kept under ``<stem>_budgets/``) and scores each on the same
+held-out windows as ``decoder_accuracy``; ``label_budgets`` lists the results.
 
 Figures next to the JSON: ``<stem>_latents.png`` (latent actions in 2D by true
 action), ``<stem>_budgets.png``, ``<stem>_rollout.gif`` and ``<stem>_rollout.png``.
@@ -47,15 +48,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
 from tqdm import tqdm
 
 from lapo.checkpoint import atomic_write_text
-from lapo.envs import episode_seeds, make_env, make_policy
 from lapo.labelled import load_windows, scan_labelled, select_budget
 from lapo.models.common import psnr
 from lapo.models.quantizers import code_histogram, perplexity_from_counts, usage_from_counts
 from lapo.probe import fit_probe
+from lapo.rollouts import rollout_metrics
 
 # --------------------------------------------------------------------------- held-out data
 
@@ -78,7 +78,7 @@ def collect(agent, windows, *, batch_size: int, device: str, progress: bool = Tr
     """
     lapo_lam = agent.lam if agent.method == "lapo" else None
     can_label = agent.method != "bc"
-    can_act = getattr(agent, "policy", None) is not None
+    can_act = agent.has_policy
     out: dict = {"true": [], "label": [], "act": [], "latent": [], "codes": []}
     fdm_sum = copy_sum = 0.0
     has_fdm = False
@@ -128,8 +128,10 @@ def offline_metrics(agent, res: dict, ids: list[tuple[str, int]], *, seed: int =
     if discrete:
         m["decoder_accuracy"] = _score(res["label"], true, True)
         m["policy_accuracy"] = _score(res["act"], true, True)
-        counts = np.bincount(true, minlength=agent.action_space["n"]) if len(true) else None
-        m["heldout_action_histogram"] = counts.tolist() if counts is not None else None
+        counts = np.bincount(true, minlength=agent.action_space["n"])
+        m["heldout_action_histogram"] = counts.tolist()
+        # the best constant guess on these very windows: what a decoder must beat
+        m["decoder_majority_baseline"] = float(counts.max() / len(true)) if len(true) else None
     else:
         m["decoder_mse"] = _score(res["label"], true, False)
         m["policy_mse"] = _score(res["act"], true, False)
@@ -162,105 +164,6 @@ def offline_metrics(agent, res: dict, ids: list[tuple[str, int]], *, seed: int =
     return m
 
 
-# --------------------------------------------------------------------------- rollouts
-
-
-def play(spec: str, choose, *, episodes: int, seed: int, size: int, context: int,
-         max_steps: int, record: bool = False, progress: bool = True, desc: str = "rollouts") -> dict:  # fmt: skip
-    """Run `episodes` seeded episodes in lockstep; `choose(contexts, alive, rngs, envs)` acts.
-
-    contexts: uint8 (B, k, 3, H, W) of the live episodes (the k latest frames, the
-    first frame repeated at the start); alive: their episode numbers; rngs, envs: the
-    per-episode policy generators and environments. It returns B action ids. Episode i
-    starts from `episode_seeds(seed, i)`, whatever the policy, so two policies
-    meet the same levels. Returns per-episode returns, successes and lengths, plus
-    the frames and actions of episode 0 when `record`.
-    """
-    envs = [make_env(spec, size=size, seed=seed) for _ in range(episodes)]
-    history, rngs = [], []
-    for i, env in enumerate(envs):
-        env_seed, rng = episode_seeds(seed, i)
-        frame = env.reset(seed=env_seed)
-        history.append([frame] * context)
-        rngs.append(rng)
-    returns = np.zeros(episodes)
-    success = np.zeros(episodes, dtype=bool)
-    length = np.zeros(episodes, dtype=np.int64)
-    done = np.zeros(episodes, dtype=bool)
-    film, film_actions = ([history[0][-1]], []) if record else (None, None)
-    bar = tqdm(total=episodes, desc=desc, unit="ep", disable=not progress)
-    for _ in range(max_steps):
-        alive = np.flatnonzero(~done)
-        if len(alive) == 0:
-            break
-        ctx = torch.from_numpy(np.stack([np.stack(history[i][-context:]) for i in alive]))
-        actions = choose(rearrange(ctx, "b k h w c -> b k c h w"), alive, rngs, envs)  # (B,)
-        for i, a in zip(alive.tolist(), actions):
-            frame, reward, ended, info = envs[i].step(int(a))
-            returns[i] += reward
-            length[i] += 1
-            history[i] = history[i][-(context - 1) :] + [frame] if context > 1 else [frame]
-            if record and i == 0:
-                film_actions.append(int(a))
-                if not ended or info.get("terminal_frame", True):
-                    film.append(frame)
-            if ended:
-                done[i] = True
-                success[i] = bool(info.get("success", False))
-                bar.update(1)
-    bar.update(int((~done).sum()))
-    bar.close()
-    for env in envs:
-        env.close()
-    out = {"returns": returns, "success": success, "length": length, "capped": ~done}
-    if record:
-        out["frames"], out["actions"] = np.stack(film), np.asarray(film_actions)
-    return out
-
-
-def _summary(r: dict, prefix: str = "") -> dict:
-    return {
-        f"{prefix}return_mean": float(r["returns"].mean()),
-        f"{prefix}return_std": float(r["returns"].std()),
-        f"{prefix}success_rate": float(r["success"].mean()),
-        f"{prefix}episode_length_mean": float(r["length"].mean()),
-        f"{prefix}capped_episodes": int(r["capped"].sum()),
-    }
-
-
-def rollout_metrics(agent, spec: str, *, episodes: int, seed: int, size: int, max_steps: int,
-                    greedy: bool, device: str, progress: bool = True) -> tuple[dict, dict]:  # fmt: skip
-    """Closed-loop returns of the agent's policy and of a uniform random policy."""
-    if agent.action_space["type"] != "discrete":
-        raise ValueError("lapo evaluate: --env needs a discrete action space (Procgen, BabyAI)")
-
-    def agent_choose(ctx, alive, rngs, envs):
-        return agent.act(ctx.to(device), greedy=greedy).cpu().tolist()
-
-    # uniform over the env's sampling set: the `--policy random` of lapo.record
-    randoms: dict[int, object] = {}
-
-    def random_choose(ctx, alive, rngs, envs):
-        for i in alive.tolist():
-            if i not in randoms:
-                randoms[i] = make_policy("random", envs[i], rngs[i])
-        return [randoms[i](None) for i in alive.tolist()]
-
-    common = dict(episodes=episodes, seed=seed, size=size, context=agent.context,
-                  max_steps=max_steps, progress=progress)  # fmt: skip
-    mine = play(spec, agent_choose, record=True, desc="rollouts (agent)", **common)
-    rand = play(spec, random_choose, desc="rollouts (random)", **common)
-    metrics = {
-        "env": spec,
-        "episodes": episodes,
-        "max_steps": max_steps,
-        "greedy": greedy,
-        **_summary(mine),
-        **_summary(rand, "random_"),
-    }
-    return metrics, mine
-
-
 # --------------------------------------------------------------------------- label budgets
 
 
@@ -272,7 +175,8 @@ def budget_curve(agent_dir: str | Path, lam: str | Path, data: str | Path, budge
     budget changed. Runs go to work_dir/budget-N; a finished one is reused. A budget
     larger than the labelled data holds is reported with an error instead.
     """
-    from lapo.config import FinetuneConfig, load_config
+    from lapo.agent import load_agent
+    from lapo.config import FinetuneConfig, load_config, to_dict
     from lapo.finetune import finetune
     from lapo.labelled import LabelledDataError
 
@@ -283,7 +187,7 @@ def budget_curve(agent_dir: str | Path, lam: str | Path, data: str | Path, budge
         run = work_dir / f"budget-{b}"
         cfg = load_config(
             FinetuneConfig, None,
-            {**_as_tree(base), "label_budget": b, "method": "lapo", "finetune_policy": False},
+            {**to_dict(base), "label_budget": b, "method": "lapo", "finetune_policy": False},
         )  # fmt: skip
         try:
             if not (run / "agent.json").is_file():
@@ -291,8 +195,6 @@ def budget_curve(agent_dir: str | Path, lam: str | Path, data: str | Path, budge
         except LabelledDataError as e:
             rows.append({"budget": b, "error": str(e)})
             continue
-        from lapo.agent import load_agent
-
         fitted = load_agent(run).to(device)
         res = collect(fitted, windows, batch_size=batch_size, device=device, progress=False)
         discrete = fitted.action_space["type"] == "discrete"
@@ -303,13 +205,16 @@ def budget_curve(agent_dir: str | Path, lam: str | Path, data: str | Path, budge
     return rows
 
 
-def _as_tree(cfg) -> dict:
-    from lapo.config import to_dict
-
-    return to_dict(cfg)
-
-
 # --------------------------------------------------------------------------- the command
+
+
+def _frame_size(agent) -> int:
+    """Env frame size that matches the labelled data the run was fitted on (else the model's)."""
+    shape = agent.info.get("image_shape")
+    if shape:
+        return int(shape[0])
+    part = agent.lam if agent.lam is not None else agent.policy
+    return int(part.image_size)
 
 
 def _out_paths(out: str | Path) -> tuple[Path, str]:
@@ -356,7 +261,7 @@ def evaluate(
     json_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     agent = load_agent(model).to(device).eval()
-    if env is not None and not getattr(agent, "has_policy", False):
+    if env is not None and not agent.has_policy:
         raise ValueError(
             f"lapo evaluate: --env needs a run that can act, and {model} ({agent.method}) has no "
             "policy; finetune with --policy RUN_P (lapo) or --method bc"
@@ -398,13 +303,11 @@ def evaluate(
                     [r["budget"] for r in ok], [r[key] for r in ok],
                     json_path.parent / f"{stem}_budgets.png",
                     ylabel=key.replace("_", " ") + " (held out)",
-                    baseline=metrics.get("probe_majority_baseline") if key == "decoder_accuracy" else None,
+                    baseline=metrics.get("decoder_majority_baseline"),
                 )  # fmt: skip
                 plots["budgets"] = str(path)
     if env is not None:
-        size = env_size or getattr(getattr(agent, "lam", None), "image_size", None) or 64
-        if agent.lam is None and agent.policy is not None:
-            size = env_size or int(getattr(agent.policy, "image_size", 64))
+        size = env_size or _frame_size(agent)
         roll, mine = rollout_metrics(agent, env, episodes=episodes, seed=seed, size=size,
                                      max_steps=max_steps, greedy=greedy, device=device,
                                      progress=progress)  # fmt: skip
@@ -459,7 +362,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--env-size",
         type=int,
         default=None,
-        help="frame size of the env (default: the model's image size)",
+        help="frame size of the env (default: that of the data the run was fine-tuned on)",
     )
     p.add_argument(
         "--sample", action="store_true", help="sample actions from the policy instead of argmax"

@@ -26,11 +26,13 @@ RUN_F/metrics.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -171,7 +173,7 @@ def extract_latents(
 @dataclass
 class Phase:
     name: str  # checkpoint folder and metrics prefix: decoder, policy, idm, bc
-    model: nn.Module
+    make: Callable[[], nn.Module]  # built when the phase starts, after the phases before it
     train: Dataset
     val: Dataset
     epochs: int
@@ -211,8 +213,9 @@ def run_phase(
     sampler = EpochSampler(len(ph.train), cfg.seed)
     train_dl = DataLoader(ph.train, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
     val_dl = DataLoader(ph.val, cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
-    opt = torch.optim.AdamW(ph.model.parameters(), lr=ph.lr, weight_decay=cfg.weight_decay)
-    model, opt, train_dl, val_dl = acc.prepare(ph.model, opt, train_dl, val_dl)
+    module = ph.make()
+    opt = torch.optim.AdamW(module.parameters(), lr=ph.lr, weight_decay=cfg.weight_decay)
+    model, opt, train_dl, val_dl = acc.prepare(module, opt, train_dl, val_dl)
     total = ph.epochs * len(train_dl)
     start, step, last = 0, 0, {}
     done = _complete(root)
@@ -301,11 +304,19 @@ def _decoder(cfg: FinetuneConfig, space: dict, latent_dim: int, obs_dim: int = 0
     )
 
 
-def load_policy_run(run_dir: str | Path) -> tuple[LatentPolicy, dict]:
-    """The stage-2 policy and its PolicyModelConfig dict (to rebuild it inside agent.json)."""
-    from lapo.policy import load_policy, policy_model_config
+def load_policy_run(policy_run: str | Path, lam_run: str | Path) -> tuple[LatentPolicy, dict]:
+    """The stage-2 policy and its PolicyModelConfig dict; it must clone this very LAM."""
+    from lapo.policy import file_sha256, load_policy, read_policy_meta
 
-    return load_policy(run_dir), policy_model_config(run_dir)
+    lam_meta = read_model_meta(lam_run, kind="lam")
+    trained_on = read_policy_meta(policy_run)["extra"].get("lam", {})
+    sha = file_sha256(Path(lam_run) / lam_meta["weights"])
+    if trained_on.get("sha256") not in (None, sha):
+        raise ConfigError(
+            f"--policy {policy_run} was cloned from the LAM {trained_on.get('run')}, whose weights "
+            f"differ from --lam {lam_run}; its latent actions would mean something else"
+        )
+    return load_policy(policy_run), read_policy_meta(policy_run)["config"]["policy"]
 
 
 def make_plan(
@@ -319,7 +330,9 @@ def make_plan(
         n = space["n"] if space["type"] == "discrete" else space["dim"]
         pcfg = replace(cfg.policy, target="continuous")  # its "latent" is the action itself
         policy = LatentPolicy(pcfg, context=k, image_size=cfg.model.image_size, latent_dim=n)
-        phase = Phase("bc", BCFit(policy), split.train, split.val, cfg.epochs, cfg.lr, "act")
+        phase = Phase(
+            "bc", lambda: BCFit(policy), split.train, split.val, cfg.epochs, cfg.lr, "act"
+        )
         return Plan(
             Agent(method="bc", policy=policy, **common), [phase], policy_config=to_dict(pcfg)
         )
@@ -327,7 +340,7 @@ def make_plan(
         kwargs = {"in_channels": 3, "num_actions": 0, "action_dim": 0, "context": k}
         lam = LatentActionModel(cfg.model, **kwargs, sync_codebook=False)
         decoder = _decoder(cfg, space, cfg.model.latent_dim)
-        phase = Phase("idm", IDMFit(lam.idm, decoder, lam.image_size), split.train, split.val, cfg.epochs, cfg.lr, "label")  # fmt: skip
+        phase = Phase("idm", lambda: IDMFit(lam.idm, decoder, lam.image_size), split.train, split.val, cfg.epochs, cfg.lr, "label")  # fmt: skip
         agent = Agent(method="idm-supervised", lam=lam, decoder=decoder, **common)
         return Plan(agent, [phase], to_dict(cfg.model), kwargs)
     from lapo.lam import load_lam  # imports Lightning: only the lapo method needs it
@@ -338,27 +351,30 @@ def make_plan(
     obs_dim = lam.cfg.embed_dim if cfg.use_obs_features else 0
     decoder = _decoder(cfg, space, lam.cfg.latent_dim, obs_dim)
     train, val = (extract_latents(lam, ds, cfg, device) for ds in (split.train, split.val))
-    phases = [Phase("decoder", DecoderFit(decoder), train, val, cfg.epochs, cfg.lr, "label")]
+    phases = [
+        Phase("decoder", lambda: DecoderFit(decoder), train, val, cfg.epochs, cfg.lr, "label")
+    ]
     policy, pconfig = None, None
     if policy_run:
-        policy, pconfig = load_policy_run(policy_run)
-        if policy.context != lam.context or policy.latent_dim != lam.cfg.latent_dim:
-            raise ConfigError(
-                f"--policy {policy_run}: context {policy.context} / latent_dim {policy.latent_dim} do not "
-                f"match the LAM's {lam.context} / {lam.cfg.latent_dim} ({lam_run}); was it trained on this LAM?"
-            )
-        if cfg.finetune_policy:
-            info["policy_finetuned"] = True
-            epochs = cfg.policy_epochs or cfg.epochs
-            fit = PolicyFit(policy, decoder, lam, cfg.use_obs_features)
-            phases.append(
-                Phase("policy", fit, split.train, split.val, epochs, cfg.policy_lr, "act")
-            )
+        policy, pconfig = load_policy_run(policy_run, lam_run)
     elif cfg.finetune_policy:
         raise ConfigError(
             "finetune.finetune_policy: needs --policy RUN_P (the stage-2 policy to fine-tune)"
         )
-    agent = Agent(method="lapo", lam=lam, decoder=decoder, policy=policy, use_obs_features=cfg.use_obs_features, **common)  # fmt: skip
+    agent = Agent(method="lapo", lam=lam, decoder=decoder, policy=policy,
+                  use_obs_features=cfg.use_obs_features, **common)  # fmt: skip
+    if policy is not None and cfg.finetune_policy:
+        info["policy_finetuned"] = True
+
+        def policy_phase() -> nn.Module:
+            # a copy of the fitted decoder learns with the policy; label() keeps the original
+            agent.act_decoder = copy.deepcopy(decoder)
+            return PolicyFit(policy.to(device), agent.act_decoder, lam, cfg.use_obs_features)
+
+        epochs = cfg.policy_epochs or cfg.epochs
+        phases.append(
+            Phase("policy", policy_phase, split.train, split.val, epochs, cfg.policy_lr, "act")
+        )
     return Plan(agent, phases, meta["config"]["model"], meta["extra"], pconfig)
 
 
@@ -435,10 +451,14 @@ def _prepare_run(
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
+    """Accelerator for this process. Without CUDA it is told cpu=True, which is what makes
+    Accelerate join the gloo process group that `accelerate launch --multi_gpu` or
+    `torchrun` set up (a CPU machine otherwise runs every process on its own)."""
+    cuda = torch.cuda.is_available()
+    if mixed_precision == "fp16" and not cuda:
         warnings.warn("lapo finetune: fp16 needs a GPU; training in full precision", stacklevel=2)
         mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
 
 
 def finetune(

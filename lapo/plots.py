@@ -106,6 +106,8 @@ def plot_budget_curve(
     if baseline is not None:
         ax.axhline(baseline, ls="--", color="grey", label=baseline_label)
     ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])  # the budgets themselves, not 10^k
+    ax.minorticks_off()
     ax.set_xlabel("label budget (transitions)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -338,7 +338,10 @@ def train_policy(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = False
     module = PolicyModule(cfg, load_lam(cfg.lam), lam_info(cfg.lam, meta))
     dm = VideoDataModule(cfg.data)
     _warn_frame_size(dm, meta)
-    result = fit(module, dm, cfg.trainer, run_dir, ckpt_path=ckpt)
+    with warnings.catch_warnings():
+        # intended: the frozen LAM stays in eval mode for the whole run (see PolicyModule.train)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        result = fit(module, dm, cfg.trainer, run_dir, ckpt_path=ckpt)
     return write_metrics(
         result.trainer,
         run_dir,

@@ -24,6 +24,7 @@ import logging
 import random
 import zlib
 from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import islice
 
 import numpy as np
@@ -35,14 +36,15 @@ from lapo.windows import (
     BadSample,
     DatasetError,
     LoaderStats,
+    as_tensors,
     collate_windows,
     cut_windows,
     empty_action,
     load_clip,
     pick_starts,
+    single_window,
     warn_bad,
     window_starts,
-    window_to_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,9 @@ class WindowDataset(IterableDataset):
         self.stats = stats or LoaderStats(max(cfg.num_workers, 1))
         self.epoch = 0
         self.skip = 0  # items of this epoch already served (mid-epoch resume)
+        # True: small fields leave as numpy and the consumer calls as_tensors (WindowLoader
+        # does, in the main process: cheaper to pass between processes than small tensors).
+        self.numpy_fields = False
 
     def limit(self) -> int | None:
         """Items per rank per epoch (None: until the data ends)."""
@@ -194,15 +199,16 @@ class WindowDataset(IterableDataset):
             buf = self.cfg.shuffle_buffer
             stages.append(wds.shuffle(buf, initial=buf, rng=random.Random(shuffle_seed)))
         if self.batch_size:
+            collate = partial(collate_windows, shared=info is not None)
             stages.append(
-                wds.batched(self.batch_size, collation_fn=collate_windows, partial=not self.train)
+                wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)
             )
         else:
-            stages.append(wds.map(window_to_tensors))
+            stages.append(wds.map(single_window))
         for item in islice(wds.DataPipeline(*stages), start, stop):
             if self.batch_size:
                 self.stats.add(row, "batches")
-            yield item
+            yield item if self.numpy_fields else as_tensors(item)
 
     def _windows(self, samples: Iterator[dict], row: int, rng, idle: dict) -> Iterator[dict]:
         cfg = self.cfg
@@ -256,6 +262,7 @@ class WindowLoader(DataLoader):
             pin_memory=pin_memory,
             collate_fn=_as_is,  # batches are made in the workers; skip default_convert's walk
         )
+        dataset.numpy_fields = True  # converted to tensors in _serve
         self.epoch_fn = epoch_fn
         self.epoch = 0
         self.served = 0
@@ -288,7 +295,7 @@ class WindowLoader(DataLoader):
     def _serve(self, it: Iterator[dict]) -> Iterator[dict]:
         for batch in it:
             self.served += 1
-            yield batch
+            yield as_tensors(batch)
         stats = self.stats
         report = log.warning if stats.bad else log.info
         report(

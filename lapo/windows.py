@@ -187,7 +187,9 @@ def load_clip(
             raise BadSample("bad_dones", f"dones.npy has shape {dones.shape}, expected ({t},)")
         dones = dones.astype(bool)
     # Channels first once per clip: windows are then views, and a batch is one np.stack.
-    frames = np.ascontiguousarray(rearrange(frames, "t h w c -> t c h w"))  # (T, 3, H, W)
+    frames = (
+        rearrange(torch.from_numpy(frames), "t h w c -> t c h w").contiguous().numpy()
+    )  # (T, 3, H, W)
     return Clip(key=key, frames=frames, actions=actions, dones=dones)
 
 
@@ -239,23 +241,36 @@ def cut_windows(
         }
 
 
-def window_to_tensors(window: dict) -> dict:
-    """One window as tensors: frames uint8 (k+1, 3, H, W)."""
+def single_window(window: dict) -> dict:
+    """One window for delivery: frames uint8 tensor (k+1, 3, H, W), other fields numpy."""
+    return {**window, "frames": torch.from_numpy(np.ascontiguousarray(window["frames"]))}
+
+
+def collate_windows(windows: list[dict], *, shared: bool = False) -> dict:
+    """Stack windows into a batch: frames uint8 (B, k+1, 3, H, W), actions (B,) / (B, D).
+
+    Frames become a tensor, written straight into shared memory when ``shared``
+    (a DataLoader worker then hands it over without another copy). The small
+    fields stay numpy, which pickles inline; a tensor each would cost a
+    shared-memory segment per batch. ``as_tensors`` converts them.
+    """
+    first = windows[0]["frames"]
+    frames = torch.empty((len(windows), *first.shape), dtype=torch.uint8)  # (B, k+1, 3, H, W)
+    if shared:
+        frames.share_memory_()
+    np.stack([w["frames"] for w in windows], out=frames.numpy())
     return {
-        "frames": torch.from_numpy(np.ascontiguousarray(window["frames"])),  # (k+1, 3, H, W)
-        "actions": torch.as_tensor(window["actions"]),  # () int64 or (D,) float32
-        "has_action": torch.tensor(window["has_action"]),
-        "key": window["key"],
-        "start": torch.tensor(window["start"], dtype=torch.int64),
+        "frames": frames,
+        "actions": np.stack([w["actions"] for w in windows]),  # (B,) int64 or (B, D) float32
+        "has_action": np.array([w["has_action"] for w in windows], dtype=bool),  # (B,)
+        "key": [w["key"] for w in windows],
+        "start": np.array([w["start"] for w in windows], dtype=np.int64),  # (B,)
     }
 
 
-def collate_windows(windows: list[dict]) -> dict:
-    """Stack windows into a batch: frames uint8 (B, k+1, 3, H, W), actions (B,) / (B, D)."""
+def as_tensors(item: dict) -> dict:
+    """Numpy fields of a window or batch as tensors (no copy)."""
     return {
-        "frames": torch.from_numpy(np.stack([w["frames"] for w in windows])),  # (B, k+1, 3, H, W)
-        "actions": torch.from_numpy(np.stack([w["actions"] for w in windows])),  # (B,) or (B, D)
-        "has_action": torch.tensor([w["has_action"] for w in windows], dtype=torch.bool),  # (B,)
-        "key": [w["key"] for w in windows],
-        "start": torch.tensor([w["start"] for w in windows], dtype=torch.int64),  # (B,)
+        k: torch.as_tensor(v) if isinstance(v, (np.ndarray, np.generic, bool, int)) else v
+        for k, v in item.items()
     }

@@ -248,6 +248,7 @@ def test_merge_reports_missing_shards(babyai, run, tmp_path):
         label_dataset(run, babyai, out, merge_only=True, device="cpu", progress=False)
 
 
+@pytest.mark.slow  # three processes each import torch and Lightning: ~20-80 s on 2 shared cores
 def test_cli_with_two_workers_matches_in_process(babyai, run, labelled, tmp_path):
     out = tmp_path / "ds"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

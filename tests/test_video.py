@@ -150,3 +150,16 @@ def test_resize_square_crop_and_pad():
     assert tall.shape == (3, 64, 64, 3) and tall[:, 32, 32].min() == 7 and tall[:, 32, 0].max() == 0
     with pytest.raises(ValueError, match="crop"):
         video.resize_square(frame, 8, "stretch")
+
+
+def test_falls_back_to_pyav_without_decord(monkeypatch):
+    import sys
+
+    monkeypatch.delenv(video.ENV_VAR, raising=False)
+    monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` now raises ImportError
+    with pytest.warns(RuntimeWarning, match="decord cannot be imported"):
+        assert video.set_backend() == "pyav"
+    data = video.encode_video(moving_frames(5, 16, 32), fps=5)
+    assert video.decode_video_bytes(data).shape == (5, 16, 32, 3)
+    monkeypatch.undo()
+    assert video.set_backend() == "decord"

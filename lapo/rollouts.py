@@ -1,0 +1,118 @@
+"""Closed-loop rollouts of a fine-tuned agent, and of a uniform random policy on the same seeds.
+
+`lapo evaluate --env SPEC` runs `--episodes` episodes of each policy, in lockstep
+so the agent sees one batch per step. Episode i of either policy starts from
+`lapo.envs.episode_seeds(seed, i)`: both policies meet the same levels, and a
+rerun the same ones. The policy acts from the k latest frames, the first frame
+repeated at an episode start (the convention of `lapo label` and
+`lapo.labelled`). Each episode is cut at `max_steps`.
+
+Success is the env adapter's `info["success"]` at the episode end: BabyAI /
+MiniGrid, terminated with reward > 0; Procgen, the game's
+`prev_level_complete`. An episode cut by the step cap is no success.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from einops import rearrange
+from tqdm import tqdm
+
+from lapo.envs import episode_seeds, make_env, make_policy
+
+
+def play(spec: str, choose, *, episodes: int, seed: int, size: int, context: int,
+         max_steps: int, record: bool = False, progress: bool = True, desc: str = "rollouts") -> dict:  # fmt: skip
+    """Run `episodes` seeded episodes in lockstep; `choose(contexts, alive, rngs, envs)` acts.
+
+    contexts: uint8 (B, k, 3, H, W) of the live episodes (the k latest frames, the
+    first frame repeated at the start); alive: their episode numbers; rngs, envs: the
+    per-episode policy generators and environments. It returns B action ids. Episode i
+    starts from `episode_seeds(seed, i)`, whatever the policy, so two policies
+    meet the same levels. Returns per-episode returns, successes and lengths, plus
+    the frames and actions of episode 0 when `record`.
+    """
+    envs = [make_env(spec, size=size, seed=seed) for _ in range(episodes)]
+    history, rngs = [], []
+    for i, env in enumerate(envs):
+        env_seed, rng = episode_seeds(seed, i)
+        frame = env.reset(seed=env_seed)
+        history.append([frame] * context)
+        rngs.append(rng)
+    returns = np.zeros(episodes)
+    success = np.zeros(episodes, dtype=bool)
+    length = np.zeros(episodes, dtype=np.int64)
+    done = np.zeros(episodes, dtype=bool)
+    film, film_actions = ([history[0][-1]], []) if record else (None, None)
+    bar = tqdm(total=episodes, desc=desc, unit="ep", disable=not progress)
+    for _ in range(max_steps):
+        alive = np.flatnonzero(~done)
+        if len(alive) == 0:
+            break
+        ctx = torch.from_numpy(np.stack([np.stack(history[i][-context:]) for i in alive]))
+        actions = choose(rearrange(ctx, "b k h w c -> b k c h w"), alive, rngs, envs)  # (B,)
+        for i, a in zip(alive.tolist(), actions):
+            frame, reward, ended, info = envs[i].step(int(a))
+            returns[i] += reward
+            length[i] += 1
+            history[i] = history[i][-(context - 1) :] + [frame] if context > 1 else [frame]
+            if record and i == 0:
+                film_actions.append(int(a))
+                if not ended or info.get("terminal_frame", True):
+                    film.append(frame)
+            if ended:
+                done[i] = True
+                success[i] = bool(info.get("success", False))
+                bar.update(1)
+    bar.update(int((~done).sum()))
+    bar.close()
+    for env in envs:
+        env.close()
+    out = {"returns": returns, "success": success, "length": length, "capped": ~done}
+    if record:
+        out["frames"], out["actions"] = np.stack(film), np.asarray(film_actions)
+    return out
+
+
+def _summary(r: dict, prefix: str = "") -> dict:
+    return {
+        f"{prefix}return_mean": float(r["returns"].mean()),
+        f"{prefix}return_std": float(r["returns"].std()),
+        f"{prefix}success_rate": float(r["success"].mean()),
+        f"{prefix}episode_length_mean": float(r["length"].mean()),
+        f"{prefix}capped_episodes": int(r["capped"].sum()),
+    }
+
+
+def rollout_metrics(agent, spec: str, *, episodes: int, seed: int, size: int, max_steps: int,
+                    greedy: bool, device: str, progress: bool = True) -> tuple[dict, dict]:  # fmt: skip
+    """Closed-loop returns of the agent's policy and of a uniform random policy."""
+    if agent.action_space["type"] != "discrete":
+        raise ValueError("lapo evaluate: --env needs a discrete action space (Procgen, BabyAI)")
+
+    def agent_choose(ctx, alive, rngs, envs):
+        return agent.act(ctx.to(device), greedy=greedy).cpu().tolist()
+
+    # uniform over the env's sampling set: the `--policy random` of lapo.record
+    randoms: dict[int, object] = {}
+
+    def random_choose(ctx, alive, rngs, envs):
+        for i in alive.tolist():
+            if i not in randoms:
+                randoms[i] = make_policy("random", envs[i], rngs[i])
+        return [randoms[i](None) for i in alive.tolist()]
+
+    common = dict(episodes=episodes, seed=seed, size=size, context=agent.context,
+                  max_steps=max_steps, progress=progress)  # fmt: skip
+    mine = play(spec, agent_choose, record=True, desc="rollouts (agent)", **common)
+    rand = play(spec, random_choose, desc="rollouts (random)", **common)
+    metrics = {
+        "env": spec,
+        "episodes": episodes,
+        "max_steps": max_steps,
+        "greedy": greedy,
+        **_summary(mine),
+        **_summary(rand, "random_"),
+    }
+    return metrics, mine
