@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             env_kwargs=env_kwargs,
             progress=not a.no_progress,
         )
-    except (EnvError, ValueError) as e:
+    except (EnvError, ValueError, OSError) as e:  # OSError: full disk, unwritable --out
         parser.error(str(e))
     return 0
 

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             command=shlex.join(["python", "-m", "data_prep.shard_videos", *argv]),
         )
-    except IngestError as e:
+    except (IngestError, OSError) as e:  # OSError: full disk, unwritable OUT (names the file)
         print(f"shard_videos: error: {e}", file=sys.stderr)
         return 2
     for s in summary["skipped"]:

@@ -120,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     # imported after parsing: keeps `lapo --help` free of torch
     from lapo.checkpoint import CheckpointError
     from lapo.config import ConfigError
+    from lapo.labelled import LabelledDataError
+    from lapo.shards import ManifestError
+    from lapo.windows import DatasetError
 
+    user_errors = (ConfigError, CheckpointError, DatasetError, LabelledDataError, ManifestError)
     try:
         status = module.run(args)
-    except (ConfigError, CheckpointError) as e:
-        # a user mistake (bad key or value, nothing to resume): one line naming it, no traceback
+    except (*user_errors, OSError) as e:
+        # a user mistake (bad key or value, nothing to resume, a missing or unusable dataset,
+        # an unwritable or full --out): one line naming it, no traceback
         print(f"lapo {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

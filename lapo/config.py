@@ -102,8 +102,8 @@ class ModelConfig:
     """VQ: commitment loss weight."""
     vq_kmeans_init: bool = False
     """VQ: initialise codebooks with k-means on the first batch."""
-    vq_dead_code_threshold: float = 0.0
-    """VQ: replace codes used fewer than this many times per batch (0: off)."""
+    vq_dead_code_threshold: float = 1.0
+    """VQ: replace codes whose EMA usage per batch (summed over ranks) falls below this with batch vectors (0: off; off, the codebook collapses to one code on small games)."""
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     """FSQ: levels per dimension (codebook size is their product)."""
     continuous_dim: int = 8

@@ -276,6 +276,13 @@ class VideoDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _pin(self) -> bool:
+        """Pinned host memory only when batches go to a CUDA device."""
+        try:
+            return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        except Exception:  # no strategy yet (a loader asked for outside fit/validate)
+            return torch.cuda.is_available()
+
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
@@ -289,7 +296,7 @@ class VideoDataModule(pl.LightningDataModule):
             world_size=world,
             info=self.info,
             epoch_fn=self._epoch,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self._pin(),
         )
 
     def val_dataloader(self) -> WindowLoader | list:
@@ -304,5 +311,5 @@ class VideoDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world,
             info=self.val_info,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self._pin(),
         )

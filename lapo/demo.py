@@ -216,14 +216,14 @@ class Pipeline:
             "evaluate",
             ["lapo.cli", "evaluate", "--model", str(agent), "--labeled", str(heldout), *env_flags,
              "--label-budgets", ",".join(map(str, sc.label_budgets)), "--lam", str(lam),
-             "--budget-data", str(labeled), "--out", str(ev / "lapo.json")],
+             "--budget-data", str(labeled), "--split", "all", "--out", str(ev / "lapo.json")],
             ev / "lapo.json",
             lambda: _metrics_line(ev / "lapo.json", ["decoder_accuracy", "success_rate", "return_mean"]),
         )  # fmt: skip
         self.run_stage(
             "evaluate bc",
             ["lapo.cli", "evaluate", "--model", str(bc), "--labeled", str(heldout), *env_flags,
-             "--out", str(ev / "bc.json")],
+             "--split", "all", "--out", str(ev / "bc.json")],
             ev / "bc.json",
             lambda: _metrics_line(ev / "bc.json", ["success_rate", "return_mean"]),
         )  # fmt: skip

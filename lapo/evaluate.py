@@ -24,8 +24,8 @@ they are null for the baselines.
 
 Online (``--env``): ``--episodes`` seeded episodes of agent.act (greedy unless
 ``--sample``) and of a uniform random policy on the same seeds, each cut at
-``--max-steps``: ``return_mean``, ``return_std``, ``success_rate`` and
-``random_return_mean``, ``random_success_rate``. Success is the env adapter's:
+``--max-steps``: ``return_mean``, ``return_std``, ``success_rate``,
+``positive_return_rate`` and the same with a ``random_`` prefix (lapo.rollouts). Success is the env adapter's:
 BabyAI/MiniGrid, the episode terminated with reward > 0; Procgen, the game's
 ``prev_level_complete`` flag at the episode end. An episode cut by the step cap
 counts as no success.

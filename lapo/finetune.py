@@ -304,19 +304,17 @@ def _decoder(cfg: FinetuneConfig, space: dict, latent_dim: int, obs_dim: int = 0
     )
 
 
-def load_policy_run(policy_run: str | Path, lam_run: str | Path) -> tuple[LatentPolicy, dict]:
-    """The stage-2 policy and its PolicyModelConfig dict; it must clone this very LAM."""
-    from lapo.policy import file_sha256, load_policy, read_policy_meta
+def check_policy_run(policy_run: str | Path, lam_run: str | Path) -> None:
+    """The stage-2 policy must have been cloned from this very LAM (same weights)."""
+    from lapo.policy import file_sha256, read_policy_meta
 
-    lam_meta = read_model_meta(lam_run, kind="lam")
     trained_on = read_policy_meta(policy_run)["extra"].get("lam", {})
-    sha = file_sha256(Path(lam_run) / lam_meta["weights"])
+    sha = file_sha256(Path(lam_run) / read_model_meta(lam_run, kind="lam")["weights"])
     if trained_on.get("sha256") not in (None, sha):
         raise ConfigError(
             f"--policy {policy_run} was cloned from the LAM {trained_on.get('run')}, whose weights "
             f"differ from --lam {lam_run}; its latent actions would mean something else"
         )
-    return load_policy(policy_run), read_policy_meta(policy_run)["config"]["policy"]
 
 
 def make_plan(
@@ -356,11 +354,9 @@ def make_plan(
     ]
     policy, pconfig = None, None
     if policy_run:
-        policy, pconfig = load_policy_run(policy_run, lam_run)
-    elif cfg.finetune_policy:
-        raise ConfigError(
-            "finetune.finetune_policy: needs --policy RUN_P (the stage-2 policy to fine-tune)"
-        )
+        from lapo.policy import load_policy, policy_model_config
+
+        policy, pconfig = load_policy(policy_run), policy_model_config(policy_run)
     agent = Agent(method="lapo", lam=lam, decoder=decoder, policy=policy,
                   use_obs_features=cfg.use_obs_features, **common)  # fmt: skip
     if policy is not None and cfg.finetune_policy:
@@ -482,6 +478,10 @@ def finetune(
             f"lapo finetune: method {cfg.method} ignores --lam and --policy", stacklevel=2
         )
         lam = policy = None
+    if cfg.finetune_policy and not policy:
+        raise ConfigError("finetune_policy: needs --policy RUN_P (the stage-2 policy to fine-tune)")
+    if policy:
+        check_policy_run(policy, lam)
     acc = accelerator or make_accelerator(cfg.mixed_precision)
     sources = {"labeled": str(Path(labeled).resolve()), "lam": lam and str(Path(lam).resolve()),
                "policy": policy and str(Path(policy).resolve())}  # fmt: skip
@@ -511,6 +511,12 @@ def finetune(
         save_agent(agent, run_dir, lam_config=plan.lam_config, lam_kwargs=plan.lam_kwargs, policy_config=plan.policy_config)  # fmt: skip
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     acc.wait_for_everyone()
+    shown = {
+        k: round(v, 4) for k, v in metrics.items() if k.endswith(("accuracy", "mse", "baseline"))
+    }
+    acc.print(
+        f"lapo finetune: {cfg.method} done in {metrics['seconds']:.0f} s: {shown}; agent in {run_dir}"
+    )
     return metrics
 
 
@@ -546,9 +552,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--config",
-        help="YAML file overriding the typed defaults (e.g. configs/finetune/default.yaml)",
+        help="YAML file overriding the typed defaults (e.g. configs/finetune/lapo.yaml)",
     )
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set epochs=5 decoder_hidden=64 model.image_size=32")  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
@@ -568,20 +574,5 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    metrics = finetune(
-        cfg, args.out, args.labeled, lam=args.lam, policy=args.policy, resume=args.resume
-    )
-    shown = {
-        k: round(v, 4) for k, v in metrics.items() if k.endswith(("accuracy", "mse", "baseline"))
-    }
-    if metrics.get("num_processes", 1) == 1 or _is_main():
-        print(
-            f"lapo finetune: {cfg.method} done in {metrics['seconds']:.0f} s: {shown}; agent in {args.out}"
-        )
+    finetune(cfg, args.out, args.labeled, lam=args.lam, policy=args.policy, resume=args.resume)
     return 0
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process

@@ -3,7 +3,9 @@
 A fine-tuned run (RUN_F: IDM + action decoder) labels every transition of every
 clip. Each input shard becomes one output shard of the same name holding the
 same clips: the mp4 bytes are copied as they are (no re-encode), the json gains
-a ``label`` entry, and per-frame arrays are added:
+a ``label`` entry, and per-frame arrays are added (a clip that cannot be read or
+decoded is left out with a BadDataWarning and counted in the manifest's
+``made_by.skipped_clips``):
 
 - ``actions.npy``: the predicted action of row t (o[t] -> o[t+1]), int64 (T,) or float32 (T, D).
 - ``latents.npy``: the IDM's latent action z[t], float32 (T, latent_dim) (absent when the
@@ -36,7 +38,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tarfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -55,7 +59,8 @@ from lapo.shards import (
     write_manifest,
     write_shard,
 )
-from lapo.video import decode_video_bytes
+from lapo.video import VideoDecodeError, decode_video_bytes
+from lapo.windows import BadDataWarning
 
 LAST_ROW_DOC = (
     "row t of actions.npy is the action of o[t] -> o[t+1], predicted from a window that never "
@@ -161,6 +166,38 @@ def _dones(sample: dict | None, t: int) -> np.ndarray:
     return load_npy(sample["dones.npy"]).astype(bool)
 
 
+def _skip(src: str | Path, what: str, why: str) -> None:
+    warnings.warn(f"lapo label: skipping {what} of {src}: {why}", BadDataWarning, stacklevel=3)
+
+
+def _readable(src: str | Path) -> tuple[list[dict], list[dict]]:
+    """The samples of shard `src` that can be labelled, and their json; the rest are warned about.
+
+    A clip without mp4 or json, whose json lacks an integer start and num_frames, or
+    whose dones.npy does not hold num_frames rows is left out; a tar that breaks off
+    keeps the clips before the break. (Clips whose mp4 does not decode are left out
+    by `label_shard`.) The manifest's skipped_clips counts them all.
+    """
+    samples, metas = [], []
+    try:
+        for sample in iter_tar_samples(src):
+            try:
+                meta = json.loads(sample["json"])
+                n, _ = int(meta["num_frames"]), int(meta["start"])
+                if "mp4" not in sample:
+                    raise KeyError("mp4")
+                if "dones.npy" in sample and load_npy(sample["dones.npy"]).shape != (n,):
+                    raise ValueError(f"dones.npy does not hold {n} rows")
+            except (KeyError, ValueError, TypeError) as e:
+                _skip(src, f"clip {sample['__key__']}", f"{type(e).__name__}: {e}")
+                continue
+            samples.append(sample)
+            metas.append(meta)
+    except (tarfile.TarError, EOFError) as e:
+        _skip(src, "the rest", f"unreadable tar: {e}")
+    return samples, metas
+
+
 def label_shard(agent, src: str | Path, dst: str | Path, *, batch_size: int, device: str) -> dict:
     """Label every clip of shard `src` into shard `dst` (atomic); return write_shard's entry.
 
@@ -170,8 +207,24 @@ def label_shard(agent, src: str | Path, dst: str | Path, *, batch_size: int, dev
     whatever the clip length; about one batch plus one clip is held at a time.
     """
     k, gap = int(agent.context), int(getattr(agent, "frame_gap", 1))
-    samples = list(iter_tar_samples(src))  # raw bytes only: a shard of clips fits in memory
-    metas = [json.loads(s["json"]) for s in samples]
+    samples, metas = _readable(src)  # raw bytes only: a shard of clips fits in memory
+    bad: set[int] = set()  # samples whose mp4 does not decode to num_frames frames
+
+    def decoded(j: int) -> torch.Tensor | None:
+        if j in bad:
+            return None
+        try:
+            frames = _decode(samples[j])  # (T, 3, H, W)
+        except VideoDecodeError as e:
+            why = str(e)
+        else:
+            if len(frames) == int(metas[j]["num_frames"]):
+                return frames
+            why = f"decodes to {len(frames)} frames, its json says {metas[j]['num_frames']}"
+        bad.add(j)
+        _skip(src, f"clip {samples[j]['__key__']}", why)
+        return None
+
     out_samples: list[dict] = []
     # (sample index, valid rows (T,), windows of the valid rows) of clips waiting for a batch
     pending: list[tuple[int, np.ndarray, torch.Tensor]] = []
@@ -193,14 +246,12 @@ def label_shard(agent, src: str | Path, dst: str | Path, *, batch_size: int, dev
 
     prev = nxt = None  # decoded (frames, dones) of the previous / next clip
     for i, sample in enumerate(samples):
-        frames = nxt[0] if nxt is not None else _decode(sample)  # (T, 3, H, W)
+        frames = nxt[0] if nxt is not None else decoded(i)  # (T, 3, H, W)
         nxt = None
+        if frames is None:  # left out of the output (warned); its neighbours lose the overlap
+            prev = None
+            continue
         start, t = int(metas[i]["start"]), len(frames)
-        if t != int(metas[i]["num_frames"]):
-            raise ValueError(
-                f"lapo label: {src}: clip {sample['__key__']} decodes to {t} frames, "
-                f"its json says {metas[i]['num_frames']}"
-            )
         dones = _dones(sample, t)
         parts, part_dones = [frames], [dones]
         lead = 0
@@ -210,9 +261,12 @@ def label_shard(agent, src: str | Path, dst: str | Path, *, batch_size: int, dev
             parts.insert(0, prev[0][lo:cut])
             part_dones.insert(0, prev[1][lo:cut])
             lead = cut - lo
+        after = None
         if i + 1 < len(samples) and _overlaps(metas[i], metas[i + 1]):
+            after = decoded(i + 1)
+        if after is not None:
             t_next = int(metas[i + 1]["num_frames"])
-            nxt = (_decode(samples[i + 1]), _dones(samples[i + 1], t_next))
+            nxt = (after, _dones(samples[i + 1], t_next))
             j = start + t - int(metas[i + 1]["start"])  # o[start + T] in the next clip
             parts.append(nxt[0][j : j + gap])
             part_dones.append(nxt[1][j : j + gap])
@@ -301,11 +355,12 @@ def _work(paths: tuple[str, str]) -> dict:
 
 
 def shard_complete(path: Path, expected_samples: int) -> bool:
-    """An output shard counts as done when it exists and holds the expected clip count."""
+    """An output shard counts as done when it exists, reads through, and holds at most the
+    expected clip count (fewer: input clips that could not be read were left out)."""
     if not path.is_file():
         return False
     try:
-        return sum(1 for _ in _tar_keys(path)) == expected_samples
+        return sum(1 for _ in _tar_keys(path)) <= expected_samples
     except Exception:  # truncated or foreign file: label it again
         return False
 
@@ -355,15 +410,21 @@ def merge(data: str | Path, out: str | Path, *, made_by: dict, action_space: dic
             missing.append(e["name"])
             continue
         # same clips as the input: samples and frames carry over, bytes are the new file's
-        entries.append({**e, "bytes": path.stat().st_size})
+        entry = {**e, "bytes": path.stat().st_size}
+        kept = sum(1 for _ in _tar_keys(path))
+        if kept < int(e["samples"]):  # unreadable input clips were left out (and warned about)
+            frames = sum(int(json.loads(s["json"])["num_frames"]) for s in iter_tar_samples(path))
+            entry.update(samples=kept, frames=frames)
+        entries.append(entry)
     if missing:
         raise FileNotFoundError(
             f"lapo label: {out} lacks {len(missing)} of {len(src['shards'])} labelled shards "
             f"(first: {missing[0]}); run the missing ranks, then `lapo label --merge`"
         )
+    skipped = sum(int(e["samples"]) for e in src["shards"]) - sum(e["samples"] for e in entries)
     return write_manifest(
         out, entries, height=src["height"], width=src["width"], fps=src["fps"],
-        action_space=action_space, made_by=made_by,
+        action_space=action_space, made_by={**made_by, "skipped_clips": skipped},
     )  # fmt: skip
 
 
@@ -402,6 +463,12 @@ def label_dataset(
             f"lapo label: --out {out} must differ from --data (a new dataset is written)"
         )
     src = read_manifest(data)
+    lost = [e["name"] for e in src["shards"] if not (data / e["name"]).is_file()]
+    if lost:  # found now, not when a worker reaches the shard hours later
+        raise FileNotFoundError(
+            f"lapo label: {data}: {len(lost)} shard(s) listed in manifest.json do not exist "
+            f"(first: {data / lost[0]})"
+        )
     rank, world, local = dist_env(rank, world_size)
     out.mkdir(parents=True, exist_ok=True)
     job = LabelJob(str(model), batch_size, pick_device(device, local), 0)

@@ -175,21 +175,32 @@ def scan_labelled(path: str | Path, *, context: int, frame_gap: int = 1) -> Labe
         shard = path / entry["name"]
         if not shard.is_file():
             raise LabelledDataError(f"{shard}: listed in {path}/manifest.json but missing")
-        for key, members in _tar_members(shard).items():
+        try:
+            clips = _tar_members(shard)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[-1].strip("- ")
+            raise LabelledDataError(f"{shard}: not a readable tar file: {why}") from e
+        for key, members in clips.items():
             if "json" not in members or "mp4" not in members:
                 raise LabelledDataError(f"{shard}: clip {key}: no json or mp4 member")
-            meta = json.loads(_read(str(shard), members["json"]))
-            n = int(meta["num_frames"])
-            dones = None
-            if "dones.npy" in members:
-                dones = load_npy(_read(str(shard), members["dones.npy"])).astype(bool)
+            try:  # the labelled set is loaded at start-up: a damaged clip is an error naming it
+                meta = json.loads(_read(str(shard), members["json"]))
+                n, start = int(meta["num_frames"]), int(meta.get("start", 0))
+                dones = None
+                if "dones.npy" in members:
+                    dones = load_npy(_read(str(shard), members["dones.npy"])).astype(bool)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                raise LabelledDataError(
+                    f"{shard}: clip {key}: unreadable json or dones.npy: {type(e).__name__}: {e}"
+                ) from e
+            if dones is not None:
                 if dones.shape != (n,):
                     raise LabelledDataError(
                         f"{shard}: clip {key}: dones.npy has shape {dones.shape}, json says {n} frames"
                     )
             source = str(meta.get("source", key))
             clip = ClipRef(
-                key, str(shard), int(meta.get("start", 0)), n, str(meta.get("episode", source)),
+                key, str(shard), start, n, str(meta.get("episode", source)),
                 members, "actions.npy" in members, dones,
             )  # fmt: skip
             by_source.setdefault(source, []).append(clip)

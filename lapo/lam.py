@@ -93,7 +93,13 @@ class LAMModule(StageModule):
 
     # ------------------------------------------------------------------ validation
 
+    # Ranks may hold different numbers of val batches (few val shards, many ranks), so
+    # nothing here may run a collective per batch: sums are kept locally and exchanged
+    # once, unconditionally, at the end of the pass.
+
     def on_validation_epoch_start(self) -> None:
+        self._val_sums: dict[str, float] = {}
+        self._val_n = 0
         self._val_counts = None
         self._val_probe = []
 
@@ -102,16 +108,16 @@ class LAMModule(StageModule):
         actions, has_action = batch.get("actions"), batch.get("has_action")
         b = frames.shape[0]
         _, logs, pred_next = self.model.loss(frames, actions, has_action)
-        self.log_dict(
-            {f"val/{k}": v for k, v in logs.items()}, on_epoch=True, sync_dist=True, batch_size=b
-        )
+        for k, v in logs.items():
+            self._val_sums[k] = self._val_sums.get(k, 0.0) + float(v) * b
+        self._val_n += b
         if batch_idx == 0 and pred_next is not None:
             self.log_strip(frames, pred_next, "val")
 
         enc = self.model.encode(frames)
         codes = enc["codes"]  # (B, heads) long or None
         if codes is not None and self.model.num_codes > 0:
-            counts = code_histogram(codes, self.model.num_codes)  # (heads, num_codes)
+            counts = code_histogram(codes, self.model.num_codes).cpu()  # (heads, num_codes)
             self._val_counts = counts if self._val_counts is None else self._val_counts + counts
         if actions is not None and has_action is not None and bool(has_action.any()):
             keep = has_action.bool()  # (B,)
@@ -119,22 +125,27 @@ class LAMModule(StageModule):
             self._val_probe.append((enc["latent"][keep].float().cpu(), actions[keep].cpu(), keys))
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_counts is not None:
-            counts = self.trainer.strategy.reduce(
-                self._val_counts, reduce_op="sum"
-            )  # (heads, num_codes)
-            self.log("val/codebook_perplexity", perplexity_from_counts(counts), sync_dist=False)
-            self.log("val/codebook_usage", usage_from_counts(counts), sync_dist=False)
+        parts = _all_gather((self._val_sums, self._val_n, self._val_counts))
+        n = sum(p[1] for p in parts)
+        if n > 0:  # every rank computes the same means: no sync_dist needed
+            keys = sorted({k for p in parts for k in p[0]})
+            for k in keys:
+                self.log(f"val/{k}", sum(p[0].get(k, 0.0) for p in parts) / n)
+        counts = [p[2] for p in parts if p[2] is not None]
+        if counts:
+            total = torch.stack(counts).sum(0)  # (heads, num_codes) over the whole val pass
+            self.log("val/codebook_perplexity", perplexity_from_counts(total))
+            self.log("val/codebook_usage", usage_from_counts(total))
+
         collected = _gather_to_zero(self._val_probe)
         if not collected:  # None off rank zero; [] when no val window carries an action
             return
         latents = torch.cat([c[0] for c in collected])  # (N, D)
         actions = torch.cat([c[1] for c in collected])  # (N,) or (N, A)
         keys = [k for c in collected for k in c[2]]
-        device = self.device if self.device.type != "cpu" else torch.device("cpu")
         scores = fit_probe(
-            latents.to(device),
-            actions.to(device),
+            latents.to(self.device),
+            actions.to(self.device),
             num_actions=self.model_kwargs["num_actions"],
             keys=keys if all(keys) else None,
             seed=self.cfg.trainer.seed,
@@ -190,9 +201,22 @@ class LAMModule(StageModule):
             )
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather(obj: object) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] without a process group)."""
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _gather_to_zero(items: list) -> list | None:
     """All ranks' `items` concatenated on rank 0 (None on the other ranks)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _distributed():
         return items
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(items, out, dst=0)

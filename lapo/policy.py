@@ -141,6 +141,10 @@ class PolicyModule(StageModule):
         self.lam = lam.requires_grad_(False).eval()
         self.policy = LatentPolicy.for_lam(cfg.policy, lam)
         self.lam_info = lam_info
+        # Frozen and read from the same file on every rank: DDP must neither track the LAM's
+        # parameters nor broadcast its buffers (VQ codebooks) before every forward.
+        names = [n for n, _ in lam.named_parameters()] + [n for n, _ in lam.named_buffers()]
+        self._ddp_params_and_buffers_to_ignore = [LAM_PREFIX + n for n in names]
         # plain dicts only: checkpoints stay loadable with torch.load(weights_only=True)
         self.save_hyperparameters({"config": to_dict(cfg), "lam": lam_info})
 
@@ -188,17 +192,37 @@ class PolicyModule(StageModule):
         self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=b)
         return loss
 
+    # ------------------------------------------------------------------ validation
+
+    def val_keys(self) -> list[str]:
+        """The validation metrics, the same on every rank (see `latent_metrics`)."""
+        keys = ["loss", "latent_mse", "latent_mse_baseline"]
+        keys += ["pre_mse"] if self.policy.target == "continuous" else []
+        return keys + (["code_acc"] if self.lam.num_codes > 0 else [])
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(
+            len(self.val_keys()) + 1, dtype=torch.float64, device=self.device
+        )
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         frames = batch["frames"]  # (B, k+1, C, H, W) uint8
         loss, _, enc = self.objective(frames)
         logs = latent_metrics(self(frames), enc, self.lam, self.policy.target)
         logs["loss"] = loss
-        self.log_dict(
-            {f"val/{k}": v for k, v in logs.items()},
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=frames.shape[0],
-        )
+        b = frames.shape[0]
+        row = [logs[k].double() * b for k in self.val_keys()] + [loss.new_tensor(b).double()]
+        self._val_sums += torch.stack(row)  # (metrics + 1,) sums over windows, then the count
+
+    def on_validation_epoch_end(self) -> None:
+        # One all-reduce that every rank joins, whatever its number of val batches: a val
+        # split with fewer shards than ranks can leave a rank with none, and per-metric
+        # sync_dist would then wait for it forever.
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        if sums[-1] > 0:
+            means = (sums[:-1] / sums[-1]).float()  # (metrics,) window-weighted means
+            for key, value in zip(self.val_keys(), means):
+                self.log(f"val/{key}", value, sync_dist=False)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -221,9 +221,11 @@ def _check_args(args: dict, out: Path) -> None:
                 "use another --out or delete it"
             )
     out.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
-    for tmp in out.glob("shard-*.tar.tmp"):  # a killed run's partial shard; redone below
+    for tmp in out.glob("*.tmp"):  # a killed run's partial shard or manifest; redone below
         tmp.unlink()
+    tmp = file.with_name(file.name + ".tmp")  # tmp + rename: a kill never leaves half a file
+    tmp.write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
+    tmp.replace(file)
 
 
 def record_dataset(

@@ -10,6 +10,9 @@ repeated at an episode start (the convention of `lapo label` and
 Success is the env adapter's `info["success"]` at the episode end: BabyAI /
 MiniGrid, terminated with reward > 0; Procgen, the game's
 `prev_level_complete`. An episode cut by the step cap is no success.
+`positive_return_rate` (episodes with return > 0) is reported beside it: in
+Procgen games with partial rewards (Bigfish's fish) it moves long before levels
+are completed.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def _summary(r: dict, prefix: str = "") -> dict:
         f"{prefix}return_mean": float(r["returns"].mean()),
         f"{prefix}return_std": float(r["returns"].std()),
         f"{prefix}success_rate": float(r["success"].mean()),
+        f"{prefix}positive_return_rate": float((r["returns"] > 0).mean()),
         f"{prefix}episode_length_mean": float(r["length"].mean()),
         f"{prefix}capped_episodes": int(r["capped"].sum()),
     }

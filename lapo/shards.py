@@ -33,6 +33,10 @@ MIN_CLIP_FRAMES = 2  # one transition; a shorter tail clip carries nothing to le
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
+class ManifestError(ValueError):
+    """manifest.json is unreadable or malformed. The message names the file."""
+
+
 def shard_name(i: int) -> str:
     """Name of shard number i: ``shard-000042.tar``."""
     return f"shard-{i:06d}.tar"
@@ -96,6 +100,8 @@ def normalize_actions(actions: np.ndarray) -> np.ndarray:
             actions = actions[:, None]
         if actions.ndim != 2:
             raise ValueError(f"continuous actions must have shape (T, D), got {actions.shape}")
+        if not np.isfinite(actions).all():
+            raise ValueError("continuous actions hold NaN or inf (the loader would skip the clip)")
         return actions.astype(np.float32)
     raise ValueError(f"actions must be integer or float, got dtype {actions.dtype}")
 
@@ -182,13 +188,24 @@ def _num_frames(sample: dict) -> int:
     return int(meta["num_frames"])
 
 
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` with the file it concerns: ENOSPC from write() carries no file name."""
+    if e.filename:
+        return e
+    return type(e)(e.errno, e.strerror, str(path))
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _named(e, path) from e
 
 
 def write_shard(path: str | Path, samples: Iterable[dict]) -> dict:
@@ -208,8 +225,10 @@ def write_shard(path: str | Path, samples: Iterable[dict]) -> dict:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _named(e, path) from e
         raise
     return {"name": path.name, "samples": count, "frames": frames, "bytes": path.stat().st_size}
 
@@ -251,14 +270,34 @@ def read_manifest(path: str | Path) -> dict:
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON: {e}") from e
+        raise ManifestError(f"{file}: not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{file}: top level is a {type(manifest).__name__}, not an object")
     missing = [
         k for k in ("format_version", "shards", "height", "width", "fps") if k not in manifest
     ]
     if missing:
-        raise ValueError(f"{file}: missing keys {missing}")
+        raise ManifestError(f"{file}: missing keys {missing}")
+    if not isinstance(manifest["shards"], list) or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("name"), str)
+        and all(isinstance(s.get(k), int) and s[k] >= 0 for k in ("samples", "frames"))
+        for s in manifest["shards"]
+    ):
+        raise ManifestError(f"{file}: shards must be a list of {{name, samples, frames, bytes}}")
+    space = manifest.get("action_space")
+    kind = space.get("type") if isinstance(space, dict) else None
+    size_key = {"discrete": "n", "continuous": "dim"}.get(kind)
+    size = space.get(size_key) if size_key else None
+    if space is not None and not (type(size) is int and size >= 1):
+        raise ManifestError(
+            f"{file}: action_space {space!r} is not null, "
+            '{"type": "discrete", "n": N} or {"type": "continuous", "dim": D}'
+        )
+    if not all(type(manifest[k]) is int for k in ("format_version", "height", "width")):
+        raise ManifestError(f"{file}: format_version, height and width must be integers")
     if manifest["format_version"] > FORMAT_VERSION:
-        raise ValueError(
+        raise ManifestError(
             f"{file}: format_version {manifest['format_version']} is newer than this lapo "
             f"understands ({FORMAT_VERSION})"
         )
@@ -305,10 +344,14 @@ def _check_sample(sample: dict, manifest: dict, where: str) -> list[str]:
         meta = json.loads(sample["json"])
     except ValueError as e:
         return problems + [f"{where}: sample {key}: json does not parse: {e}"]
+    if not isinstance(meta, dict):
+        return problems + [f"{where}: sample {key}: json is a {type(meta).__name__}, not an object"]
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         return problems + [f"{where}: sample {key}: json lacks {missing}"]
-    t = int(meta["num_frames"])
+    t = meta["num_frames"]
+    if not isinstance(t, int):
+        return problems + [f"{where}: sample {key}: num_frames {t!r} is not an integer"]
     if t < 1:
         problems.append(f"{where}: sample {key}: num_frames {t} < 1")
     if (meta["height"], meta["width"]) != (manifest["height"], manifest["width"]):
@@ -336,7 +379,9 @@ def _check_sample(sample: dict, manifest: dict, where: str) -> list[str]:
                 f"{where}: sample {key} has actions but the manifest's action_space is null"
             )
         elif space["type"] == "discrete" and (
-            arr.dtype != np.int64 or arr.ndim != 1 or (arr.size and arr.max() >= space["n"])
+            arr.dtype != np.int64
+            or arr.ndim != 1
+            or (arr.size and (arr.min() < 0 or arr.max() >= space["n"]))
         ):
             problems.append(
                 f"{where}: sample {key}: actions {arr.dtype} {arr.shape} are not int64 (T,) in [0, {space['n']})"

@@ -101,6 +101,11 @@ def video_clips(src: Path, rel: str, stem: str, opts: IngestOptions) -> tuple[li
         raise SkipVideo("no frames decoded")
     if len(clip) >= opts.min_clip_frames:
         emit()
+    if not samples:  # counted as skipped, not as a video that silently gave nothing
+        raise SkipVideo(
+            f"too short: {j} output frame(s) at {opts.fps:g} fps, fewer than --min-clip-frames "
+            f"{opts.min_clip_frames}"
+        )
     if actions is not None and len(actions) != n_src:
         raise SkipVideo(f"actions file has {len(actions)} rows but the video has {n_src} frames")
     if actions is not None:  # only now is the source frame count known to match

@@ -32,11 +32,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lapo.config import DataConfig
+from lapo.ring import BatchRing
 from lapo.windows import (
     BadSample,
     DatasetError,
     LoaderStats,
     as_tensors,
+    collate_fields,
     collate_windows,
     cut_windows,
     empty_action,
@@ -48,6 +50,8 @@ from lapo.windows import (
 )
 
 log = logging.getLogger(__name__)
+
+PREFETCH = 2  # batches requested ahead from each worker (DataLoader's prefetch_factor)
 
 
 # --------------------------------------------------------------------------- who reads what
@@ -135,6 +139,7 @@ class WindowDataset(IterableDataset):
         # True: small fields leave as numpy and the consumer calls as_tensors (WindowLoader
         # does, in the main process: cheaper to pass between processes than small tensors).
         self.numpy_fields = False
+        self.ring: BatchRing | None = None  # set by WindowLoader when it has worker processes
 
     def limit(self) -> int | None:
         """Items per rank per epoch (None: until the data ends)."""
@@ -199,7 +204,10 @@ class WindowDataset(IterableDataset):
             buf = self.cfg.shuffle_buffer
             stages.append(wds.shuffle(buf, initial=buf, rng=random.Random(shuffle_seed)))
         if self.batch_size:
-            collate = partial(collate_windows, shared=info is not None)
+            if self.ring is not None and info is not None:
+                collate = partial(self._collate_to_ring, physical)
+            else:
+                collate = partial(collate_windows, shared=info is not None)
             stages.append(
                 wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)
             )
@@ -210,6 +218,10 @@ class WindowDataset(IterableDataset):
                 self.stats.add(row, "batches")
             yield item if self.numpy_fields else as_tensors(item)
 
+    def _collate_to_ring(self, physical: int, windows: list[dict]) -> dict:
+        address = self.ring.put(physical, [w["frames"] for w in windows])
+        return {"ring": address, **collate_fields(windows)}
+
     def _windows(self, samples: Iterator[dict], row: int, rng, idle: dict) -> Iterator[dict]:
         cfg = self.cfg
         fill = empty_action(self.action_space)
@@ -219,6 +231,10 @@ class WindowDataset(IterableDataset):
             except BadSample as e:
                 self.stats.add(row, e.reason)
                 warn_bad(f"{sample.get('__key__')} in {sample.get('__url__')}: {e.reason}: {e}")
+                continue
+            except Exception as e:  # one odd sample must not end a training run
+                self.stats.add(row, "bad_other")
+                warn_bad(f"{sample.get('__key__')} in {sample.get('__url__')}: {e!r}")
                 continue
             self.stats.add(row, "clips")
             starts = window_starts(len(clip.frames), clip.dones, cfg.context, cfg.frame_gap)
@@ -255,14 +271,19 @@ class WindowLoader(DataLoader):
         pin_memory: bool = False,
         epoch_fn: Callable[[], int] | None = None,
     ):
+        self.ring_shape = None  # frames of a batch, when workers hand them over through a ring
+        if num_workers > 0 and dataset.batch_size and dataset.frame_size:
+            self.ring_shape = (dataset.batch_size, dataset.cfg.context + 1, 3, *dataset.frame_size)
         super().__init__(
             dataset,
             batch_size=None,
             num_workers=num_workers,
-            pin_memory=pin_memory,
+            prefetch_factor=PREFETCH if num_workers > 0 else None,
+            pin_memory=pin_memory and self.ring_shape is None,  # else take() pins as it copies
             collate_fn=_as_is,  # batches are made in the workers; skip default_convert's walk
         )
         dataset.numpy_fields = True  # converted to tensors in _serve
+        self.pin = pin_memory
         self.epoch_fn = epoch_fn
         self.epoch = 0
         self.served = 0
@@ -290,11 +311,18 @@ class WindowLoader(DataLoader):
         self._passes = epoch + 1
         self.epoch, self.served = epoch, skip
         self.dataset.epoch, self.dataset.skip = epoch, skip
-        return self._serve(super().__iter__())
+        # A fresh ring per pass: workers of an abandoned pass may still be writing to theirs.
+        ring = None
+        if self.ring_shape is not None:
+            ring = BatchRing(self.num_workers, PREFETCH + 2, self.ring_shape)
+        self.dataset.ring = ring
+        return self._serve(super().__iter__(), ring)
 
-    def _serve(self, it: Iterator[dict]) -> Iterator[dict]:
+    def _serve(self, it: Iterator[dict], ring: BatchRing | None) -> Iterator[dict]:
         for batch in it:
             self.served += 1
+            if "ring" in batch:
+                batch["frames"] = ring.take(batch.pop("ring"), pin_memory=self.pin)
             yield as_tensors(batch)
         stats = self.stats
         report = log.warning if stats.bad else log.info

@@ -15,6 +15,7 @@ this file turns a `TrainerConfig` into a Trainer and runs it:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import signal
@@ -31,6 +32,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
 
 from lapo.callbacks import GracefulStop, KeyLog, StepProgressBar
 from lapo.checkpoint import AtomicCheckpointIO, atomic_write_text, resume_checkpoint
@@ -171,15 +173,37 @@ def resolve_hardware(cfg: TrainerConfig) -> Hardware:
     return Hardware(accel, precision, compile_)
 
 
+def _num_processes(cfg: TrainerConfig, hw: Hardware) -> int:
+    if isinstance(cfg.devices, int) and cfg.devices > 0:
+        per_node = cfg.devices
+    elif hw.accelerator == "cpu":
+        per_node = 1
+    else:  # "auto" or -1: every visible GPU
+        per_node = torch.cuda.device_count()
+    return per_node * cfg.num_nodes
+
+
 def make_strategy(cfg: TrainerConfig, hw: Hardware) -> str | Strategy:
-    if cfg.strategy == "ddp":
-        return DDPStrategy(process_group_backend="gloo" if hw.accelerator == "cpu" else None)
     if cfg.strategy == "fsdp":
         if hw.accelerator == "cpu":
             raise RuntimeError("trainer.strategy=fsdp needs GPUs; use ddp on CPU")
         # full state dicts keep checkpoints single files (atomic writes, simple resume)
         return FSDPStrategy(state_dict_type="full")
-    return cfg.strategy  # "auto" or "ddp_find_unused_parameters_true"
+    if cfg.strategy == "auto" and _num_processes(cfg, hw) <= 1:
+        return "auto"
+    # No buffer broadcast at each forward: the only buffers (VQ codebooks) are all-reduced
+    # by the quantiser itself, and Lightning runs validation through the DDP wrapper, where
+    # a broadcast hangs as soon as ranks hold different numbers of val batches.
+    no_sync = (
+        {"forward_sync_buffers": False}  # torch >= 2.13 (still syncs once at init)
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
+    return DDPStrategy(
+        process_group_backend="gloo" if hw.accelerator == "cpu" else None,
+        find_unused_parameters=cfg.strategy == "ddp_find_unused_parameters_true",
+        **no_sync,
+    )
 
 
 def make_loggers(cfg: TrainerConfig, run_dir: Path) -> list[Logger]:
@@ -271,6 +295,17 @@ def prepare_run(cfg: Any, run_dir: str | Path, *, resume: bool) -> Path | None:
     return ckpt
 
 
+# Lightning advice that does not apply to these runs:
+EXPECTED_WARNINGS = (
+    # resumed runs reuse their checkpoint directory
+    r"Checkpoint directory .* exists and is not empty",
+    # the resampled loader has a length and splits work across workers itself
+    r"Your `IterableDataset` has `__len__` defined",
+    # val metrics are reduced by hand (ranks may hold unequal val batches) and agree on every rank
+    r"It is recommended to use `self.log\('val/",
+)
+
+
 @dataclass
 class FitResult:
     trainer: L.Trainer
@@ -297,14 +332,8 @@ def fit(
     stop.install()
     try:
         with warnings.catch_warnings():
-            # expected here: resumed runs reuse their checkpoint directory, and the
-            # resampled loader has a length while splitting work across workers itself
-            warnings.filterwarnings(
-                "ignore", message=r"Checkpoint directory .* exists and is not empty"
-            )
-            warnings.filterwarnings(
-                "ignore", message=r"Your `IterableDataset` has `__len__` defined"
-            )
+            for message in EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
             ckpt = str(ckpt_path) if ckpt_path else None
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except SIGTERMException:

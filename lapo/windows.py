@@ -37,7 +37,8 @@ REASONS = (
     "frame_count",  # decoded frames differ from json num_frames
     "frame_size",  # decoded frame size differs from the manifest's
     "bad_actions",  # actions.npy unreadable, wrong rows / dtype / shape / range, NaN
-    "bad_dones",  # dones.npy unreadable or wrong rows
+    "bad_dones",  # dones.npy unreadable or wrong rows / dtype
+    "bad_other",  # any other error while reading one sample (the warning names it)
 )
 COUNTERS = ("clips", "windows", "batches", "short_clips", *REASONS)
 
@@ -144,6 +145,8 @@ def load_clip(
 ) -> Clip:
     """Check and decode one shard sample; raise ``BadSample`` naming what is wrong.
 
+    The clip's frames come back channels first, (T, 3, H, W) uint8.
+
     Actions are read only when the dataset declares an action space (without one
     there is nothing to check them against, and the loader marks every window
     unlabelled).
@@ -164,7 +167,7 @@ def load_clip(
     except VideoDecodeError as e:
         raise BadSample("bad_video", str(e)) from e
     t = len(frames)
-    if "num_frames" in meta and int(meta["num_frames"]) != t:
+    if "num_frames" in meta and meta["num_frames"] != t:  # no int(): json may hold "abc"
         raise BadSample("frame_count", f"json says {meta['num_frames']} frames, mp4 decodes to {t}")
     if frame_size is not None and tuple(frames.shape[1:3]) != tuple(frame_size):  # (T, H, W, 3)
         raise BadSample(
@@ -183,8 +186,10 @@ def load_clip(
             dones = load_npy(sample["dones.npy"])
         except Exception as e:
             raise BadSample("bad_dones", f"dones.npy does not load: {e}") from e
-        if dones.shape != (t,):
-            raise BadSample("bad_dones", f"dones.npy has shape {dones.shape}, expected ({t},)")
+        if dones.shape != (t,) or dones.dtype.kind not in "biuf":
+            raise BadSample(
+                "bad_dones", f"dones.npy is {dones.dtype} {dones.shape}, expected bool ({t},)"
+            )
         dones = dones.astype(bool)
     # Channels first once per clip: windows are then views, and a batch is one np.stack.
     frames = (
@@ -246,26 +251,30 @@ def single_window(window: dict) -> dict:
     return {**window, "frames": torch.from_numpy(np.ascontiguousarray(window["frames"]))}
 
 
+def collate_fields(windows: list[dict]) -> dict:
+    """A batch's fields other than frames, as numpy (pickles inline between processes)."""
+    return {
+        "actions": np.stack([w["actions"] for w in windows]),  # (B,) int64 or (B, D) float32
+        "has_action": np.array([w["has_action"] for w in windows], dtype=bool),  # (B,)
+        "key": [w["key"] for w in windows],
+        "start": np.array([w["start"] for w in windows], dtype=np.int64),  # (B,)
+    }
+
+
 def collate_windows(windows: list[dict], *, shared: bool = False) -> dict:
     """Stack windows into a batch: frames uint8 (B, k+1, 3, H, W), actions (B,) / (B, D).
 
     Frames become a tensor, written straight into shared memory when ``shared``
     (a DataLoader worker then hands it over without another copy). The small
-    fields stay numpy, which pickles inline; a tensor each would cost a
-    shared-memory segment per batch. ``as_tensors`` converts them.
+    fields stay numpy: a tensor each would cost a shared-memory segment per
+    batch. ``as_tensors`` converts them.
     """
     first = windows[0]["frames"]
     frames = torch.empty((len(windows), *first.shape), dtype=torch.uint8)  # (B, k+1, 3, H, W)
     if shared:
         frames.share_memory_()
     np.stack([w["frames"] for w in windows], out=frames.numpy())
-    return {
-        "frames": frames,
-        "actions": np.stack([w["actions"] for w in windows]),  # (B,) int64 or (B, D) float32
-        "has_action": np.array([w["has_action"] for w in windows], dtype=bool),  # (B,)
-        "key": [w["key"] for w in windows],
-        "start": np.array([w["start"] for w in windows], dtype=np.int64),  # (B,)
-    }
+    return {"frames": frames, **collate_fields(windows)}
 
 
 def as_tensors(item: dict) -> dict:

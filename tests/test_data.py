@@ -13,11 +13,13 @@ import json
 import shutil
 from collections import Counter
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
+from lapo import ring as ring_module
 from lapo.config import DataConfig
 from lapo.data import (
     DatasetError,
@@ -27,6 +29,7 @@ from lapo.data import (
     share,
     split_plan,
 )
+from lapo.ring import BatchRing
 from lapo.shards import iter_tar_samples
 from lapo.windows import BadDataWarning
 from tests.datagen import frame_episode, frame_time, make_dataset
@@ -92,9 +95,9 @@ def test_continuous_actions_and_single_windows(tmp_path):
     assert w["frames"].shape == (3, 3, 32, 32) and w["actions"].shape == (2,)
 
 
-@pytest.mark.parametrize("context,gap", [(2, 1), (3, 2)])
-def test_actions_align_with_last_context_frame(discrete, context, gap):
-    cfg = cfg_for(discrete.path, context=context, frame_gap=gap, windows_per_clip=0)
+@pytest.mark.parametrize("context,gap,workers", [(2, 1, 0), (3, 2, 0), (3, 2, 2)])
+def test_actions_align_with_last_context_frame(discrete, context, gap, workers):
+    cfg = cfg_for(discrete.path, context=context, frame_gap=gap, num_workers=workers)
     seen = differs = 0
     for b in make_loader(cfg.path, cfg, train=True):
         for i, key in enumerate(b["key"]):
@@ -186,7 +189,9 @@ def test_validation_covers_every_window_once_across_ranks(tmp_path, shards):
     cfg = cfg_for(tmp_path, num_workers=2, val_batches=0, val_shards=0, batch_size=5)
     got = []
     for rank in range(2):
-        got += collect(make_loader(cfg.path, cfg, train=False, rank=rank, world_size=2))
+        for b in make_loader(cfg.path, cfg, train=False, rank=rank, world_size=2):
+            assert [frame_time(w[0]) for w in b["frames"].numpy()] == b["start"].tolist()
+            got += [(k, int(s)) for k, s in zip(b["key"], b["start"])]
     assert len(got) == len(set(got))
     assert set(got) == all_windows(ds, 2, 1)
 
@@ -230,6 +235,32 @@ def test_resume_mid_epoch_continues_exactly(discrete, workers, done):
     assert resumed.state_dict() == {"epoch": 2, "batches": 7}
 
 
+def test_an_abandoned_pass_does_not_disturb_the_next(discrete):
+    cfg = cfg_for(discrete.path, num_workers=2, batches_per_epoch=6)
+    want = make_loader(cfg.path, cfg, train=True)
+    want.set_epoch(1)
+    want = list(want)
+    loader = make_loader(cfg.path, cfg, train=True)
+    first = iter(loader)
+    next(first), next(first)  # stop early; its workers stay alive while the next pass runs
+    got = list(loader)
+    assert loader.epoch == 1 and len(got) == 6
+    for a, b in zip(got, want):
+        assert a["key"] == b["key"] and torch.equal(a["frames"], b["frames"])
+    del first
+
+
+def test_ring_gives_up_instead_of_hanging(monkeypatch):
+    monkeypatch.setattr(ring_module, "WAIT_LIMIT_S", 0.01)
+    ring = BatchRing(1, 2, (2, 3, 3, 8, 8))
+    window = np.full((3, 3, 8, 8), 7, dtype=np.uint8)
+    addresses = [ring.put(0, [window, window]) for _ in range(2)]
+    assert torch.equal(ring.take(addresses[0]), torch.full((2, 3, 3, 8, 8), 7, dtype=torch.uint8))
+    ring.put(0, [window])  # the slot just taken is free again
+    with pytest.raises(RuntimeError, match="waited"):
+        ring.put(0, [window])  # both slots written, none taken
+
+
 def _states(loader):
     for _ in loader:
         yield loader.state_dict()
@@ -248,6 +279,10 @@ def _spoil(sample: dict) -> dict:
         sample["actions.npy"] = buf.getvalue()
     elif key == "rec002__c00001":
         del sample["mp4"]
+    elif key == "rec002__c00002":
+        buf = io.BytesIO()
+        np.save(buf, np.ones(16, dtype=np.float32))  # float rows for a discrete action space
+        sample["actions.npy"] = buf.getvalue()
     return sample
 
 
@@ -262,13 +297,9 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     with pytest.warns(BadDataWarning):
         got = collect(loader)
     stats = loader.stats.as_dict()
-    assert (
-        stats["bad_video"],
-        stats["bad_json"],
-        stats["bad_actions"],
-        stats["missing_video"],
-    ) == (1, 1, 1, 1)
-    bad = {"rec000__c00001", "rec001__c00000", "rec001__c00002", "rec002__c00001"}
+    counts = [stats[r] for r in ("bad_video", "bad_json", "bad_actions", "missing_video")]
+    assert counts == [1, 1, 2, 1]
+    bad = {"rec000__c00001", "rec001__c00000", "rec001__c00002", "rec002__c00001", "rec002__c00002"}
     assert set(got) == {w for w in all_windows(ds, 2, 1) if w[0] not in bad}
     train = make_loader(cfg.path, cfg, train=True)
     with pytest.warns(BadDataWarning):
@@ -372,48 +403,83 @@ def test_patterns_and_manifest_metadata(discrete):
     assert {discrete.clips[k]["shard"] for k in keys} == {0, 1}
 
 
+def test_shards_without_manifest_stream_unlabelled(discrete, tmp_path):
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        shutil.copy(discrete.path / name, tmp_path / name)
+    with pytest.warns(UserWarning, match="no manifest.json"):
+        urls = list_shards(tmp_path)
+    cfg = cfg_for(tmp_path, num_workers=2, val_batches=0)
+    got = []
+    for b in make_loader(urls, cfg, train=False):  # no frame size known: no ring, plain hand-over
+        assert not b["has_action"].any() and b["frames"].shape[1:] == (3, 3, 32, 32)
+        assert [frame_time(w[0]) for w in b["frames"].numpy()] == b["start"].tolist()
+        got += [(k, int(s)) for k, s in zip(b["key"], b["start"])]
+    assert sorted(got) == sorted(
+        w for w in all_windows(discrete, 2, 1) if discrete.clips[w[0]]["shard"] < 2
+    )
+
+
 # --------------------------------------------------------------------------- Lightning
 
 
+class _Probe(pl.LightningModule):
+    """Records the keys of every training batch, by epoch and by global step."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list] = {}
+        self.by_step: dict[int, tuple] = {}
+        self.val_windows = 0
+
+    def training_step(self, batch, _):
+        self.seen.setdefault(self.current_epoch, []).append(tuple(batch["key"]))
+        self.by_step[self.global_step] = (tuple(batch["key"]), batch["start"].tolist())
+        return (self.w - batch["frames"].float().mean() / 255).pow(2).sum()
+
+    def validation_step(self, batch, _):
+        self.val_windows += len(batch["key"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(**kw) -> pl.Trainer:
+    base = dict(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    return pl.Trainer(**{**base, **kw})
+
+
 def test_datamodule_drives_a_lightning_fit(discrete):
-    import lightning.pytorch as pl
-
-    class Probe(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.seen: dict[int, list] = {}
-            self.val_windows = 0
-
-        def training_step(self, batch, _):
-            self.seen.setdefault(self.current_epoch, []).append(tuple(batch["key"]))
-            return (self.w - batch["frames"].float().mean() / 255).pow(2).sum()
-
-        def validation_step(self, batch, _):
-            self.val_windows += len(batch["key"])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     cfg = cfg_for(discrete.path, batches_per_epoch=3, val_shards=1, val_batches=0)
     dm = VideoDataModule(cfg)
     dm.setup()
     assert dm.action_space == {"type": "discrete", "n": 5} and dm.image_size == 32
     assert len(dm.train_info.urls) == 3 and len(dm.val_info.urls) == 1
-    model = Probe()
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, datamodule=dm)
+    model = _Probe()
+    _trainer(max_epochs=2).fit(model, datamodule=dm)
     assert [len(model.seen[e]) for e in (0, 1)] == [3, 3]
     assert model.seen[0] != model.seen[1]
     held_out = [k for k, c in discrete.clips.items() if c["shard"] == 3]
     assert all(k not in held_out for e in (0, 1) for batch in model.seen[e] for k in batch)
     want = {w for w in all_windows(discrete, 2, 1) if w[0] in held_out}
     assert model.val_windows == 2 * len(want)  # validated after each of the 2 epochs
+
+
+def test_lightning_resumes_mid_epoch_on_the_same_batches(discrete, tmp_path):
+    cfg = cfg_for(discrete.path, batches_per_epoch=3, val_shards=0, num_workers=2)
+    whole = _Probe()
+    _trainer(max_steps=5, limit_val_batches=0).fit(whole, datamodule=VideoDataModule(cfg))
+    first = _Probe()
+    trainer = _trainer(max_steps=4, limit_val_batches=0)  # stops inside epoch 1
+    trainer.fit(first, datamodule=VideoDataModule(cfg))
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = _Probe()
+    _trainer(max_steps=5, limit_val_batches=0).fit(
+        resumed, datamodule=VideoDataModule(cfg), ckpt_path=tmp_path / "mid.ckpt"
+    )
+    assert sorted(resumed.by_step) == [4]
+    assert resumed.by_step[4] == whole.by_step[4]
+    assert [first.by_step[i] for i in range(4)] == [whole.by_step[i] for i in range(4)]

@@ -66,7 +66,7 @@ def test_two_cpu_ranks_agree_and_read_disjoint_shards(tmp_path):
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "rank 0 of 2 done at step 6" in res.stdout and "rank 1 of 2 done at step 6" in res.stdout
 

@@ -33,7 +33,9 @@ CLIP = 16
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):
     """Four recordings of 3 clips x 16 frames, episodes of 6-12 frames crossing clip edges."""
-    return make_dataset(tmp_path_factory.mktemp("stream"), shards=4, clips_per_shard=3, clip_frames=CLIP)
+    return make_dataset(
+        tmp_path_factory.mktemp("stream"), shards=4, clips_per_shard=3, clip_frames=CLIP
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def babyai(tmp_path_factory):
 def truth(ds) -> dict[int, dict]:
     """Per recording: frame-wise actions, dones and episode numbers as written."""
     out: dict[int, dict] = {}
-    for key, c in sorted(ds.clips.items()):
+    for _key, c in sorted(ds.clips.items()):
         rec = out.setdefault(c["shard"], {"actions": [], "dones": [], "episodes": []})
         rec["actions"].append(c["actions"])
         rec["dones"].append(c["dones"])
@@ -66,7 +68,9 @@ def test_budget_is_exact_deterministic_and_never_touches_held_out_episodes(strea
         b = select_budget(scan_labelled(stream.path, context=2), budget, seed=3, val_fraction=0.25)
         assert sum(len(r) for r in a.train.values()) == budget == a.info["train_transitions"]
         assert a.heldout_episodes == b.heldout_episodes and a.whole_episodes == b.whole_episodes
-        assert {e: r.tolist() for e, r in a.train.items()} == {e: r.tolist() for e, r in b.train.items()}
+        assert {e: r.tolist() for e, r in a.train.items()} == {
+            e: r.tolist() for e, r in b.train.items()
+        }
         assert not set(a.train) & set(a.heldout_episodes)
         assert set(a.val) == set(a.heldout_episodes)
         # the held-out episodes depend on the seed only, not on the budget
@@ -77,7 +81,9 @@ def test_budget_is_exact_deterministic_and_never_touches_held_out_episodes(strea
             assert len(set(rows.tolist())) == len(rows)
             assert set(rows.tolist()) <= set(index.episodes[e].rows.tolist())
     assert len(heldout) == round(0.25 * len(index.episodes))
-    assert select_budget(index, 25, seed=4, val_fraction=0.25).heldout_episodes != heldout or total < 4
+    assert (
+        select_budget(index, 25, seed=4, val_fraction=0.25).heldout_episodes != heldout or total < 4
+    )
 
 
 def test_whole_episodes_first_then_clips_then_a_subset_of_one_clip(stream):
@@ -109,7 +115,9 @@ def test_selection_does_not_depend_on_the_order_of_shards(stream, tmp_path):
     a = select_budget(stream.path, 30, seed=1, val_fraction=0.2, context=2)
     b = select_budget(copy, 30, seed=1, val_fraction=0.2, context=2)
     assert a.heldout_episodes == b.heldout_episodes
-    assert {e: r.tolist() for e, r in a.train.items()} == {e: r.tolist() for e, r in b.train.items()}
+    assert {e: r.tolist() for e, r in a.train.items()} == {
+        e: r.tolist() for e, r in b.train.items()
+    }
 
 
 def test_loaded_windows_are_the_recorded_frames_and_actions(stream):
@@ -161,8 +169,13 @@ def test_a_budget_larger_than_the_labels_is_a_clear_error(stream):
     index = scan_labelled(stream.path, context=2)
     sel = select_budget(index, 1, seed=0, val_fraction=0.2)
     available = index.num_transitions - sel.info["val_transitions_available"]
-    assert select_budget(index, available, seed=0, val_fraction=0.2).info["train_transitions"] == available
-    with pytest.raises(LabelledDataError, match=rf"budget {available + 1} exceeds the {available} labelled"):
+    assert (
+        select_budget(index, available, seed=0, val_fraction=0.2).info["train_transitions"]
+        == available
+    )
+    with pytest.raises(
+        LabelledDataError, match=rf"budget {available + 1} exceeds the {available} labelled"
+    ):
         select_budget(index, available + 1, seed=0, val_fraction=0.2)
 
 
@@ -170,13 +183,17 @@ def test_unlabelled_data_and_too_few_episodes_are_errors(tmp_path):
     none = make_dataset(tmp_path / "none", shards=1, actions=None)
     with pytest.raises(LabelledDataError, match="no action labels"):
         scan_labelled(none.path, context=2)
-    one = make_dataset(tmp_path / "one", shards=1, clips_per_shard=1, clip_frames=8, episode_len=(20, 20))
+    one = make_dataset(
+        tmp_path / "one", shards=1, clips_per_shard=1, clip_frames=8, episode_len=(20, 20)
+    )
     with pytest.raises(LabelledDataError, match="need at least 2"):
         select_budget(one.path, 1, context=2)
 
 
 def test_mixed_clips_count_only_labelled_rows_and_val_is_capped(tmp_path):
-    ds = make_dataset(tmp_path / "mixed", shards=3, clips_per_shard=4, clip_frames=CLIP, actions="mixed")
+    ds = make_dataset(
+        tmp_path / "mixed", shards=3, clips_per_shard=4, clip_frames=CLIP, actions="mixed"
+    )
     index = scan_labelled(ds.path, context=2)
     for ep in index.episodes.values():
         tl = index.timelines[ep.source]

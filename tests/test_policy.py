@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -247,10 +248,14 @@ def test_every_policy_yaml_parses(lam_run):
         assert cfg.policy.target in ("continuous", "codes"), path
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*LAPO, *args], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env
-    )
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAPO, *args], capture_output=True, text=True, timeout=400, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -269,12 +274,43 @@ def test_cli_end_to_end(lam_run, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(lam_run, data, tmp_path):
+def test_ddp_two_cpu_ranks_with_uneven_validation(lam_run, data, tmp_path):
+    """Two gloo ranks launched by torchrun (as srun would). The dataset's one val shard is
+    split by key, so the ranks get unequal val batches (possibly none): must not hang."""
     run = tmp_path / "policy"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    res = _cli("train-policy", "--lam", str(lam_run), "--data", str(data), "--out", str(run),
-               "--config", str(DEBUG), "--set", "trainer.devices=2", "trainer.strategy=ddp",
-               "trainer.max_steps=2", "trainer.val_every_n_steps=2", env=env)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((run / "metrics.json").read_text())["global_step"] == 2
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "-m", "lapo.cli", "train-policy", "--lam", str(lam_run),
+           "--data", str(data), "--out", str(run), "--config", str(DEBUG), "--set",
+           "trainer.devices=2", "trainer.strategy=ddp", "trainer.val_every_n_steps=2"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and "val/latent_mse" in metrics
     assert load_policy(run).context == K
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_script_trains_a_policy(lam_run, data, tmp_path):
+    from tests.test_slurm import ensure_cluster, wait
+
+    reason = ensure_cluster()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "policy"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(GPUS="0", LAPO=str(ROOT / ".venv" / "bin" / "lapo"), OMP_NUM_THREADS="1")
+    cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+           f"--chdir={ROOT}", f"--output={tmp_path}/slurm-%j.out", "--export=ALL",
+           str(ROOT / "slurm" / "train_policy.sbatch"), str(DEBUG), str(lam_run), str(data), str(out),
+           "--set", "trainer.val_every_n_steps=2"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    state = wait(job, timeout=600)
+    log = next(tmp_path.glob("slurm-*.out")).read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "2 task(s), cpu" in log and "finished at step 4" in log
+    assert load_policy(out).context == K

@@ -130,10 +130,16 @@ class VQBottleneck(nn.Module):
 
 
 class FSQBottleneck(nn.Module):
-    """Finite scalar quantisation: project D -> len(levels), round each dimension, project back."""
+    """Finite scalar quantisation: batch-standardise, project D -> len(levels), round, project back."""
 
     def __init__(self, dim: int, *, levels: list[int]):
         super().__init__()
+        # Standardise each dimension over the batch. Windows of one game share most pixels,
+        # so a fresh IDM's outputs differ between samples by ~1% of their common offset and
+        # all round to one code; the straight-through gradient then grows the offset, not
+        # the differences, and FSQ stays collapsed (seen on the sprite world in the tests).
+        # A per-sample LayerNorm does not help: it keeps the offset. Eval uses running stats.
+        self.norm = nn.BatchNorm1d(dim, affine=False)
         # levels of 2 only work with the library's symmetric variant
         self.fsq = FSQ(
             levels=list(levels), dim=dim, preserve_symmetry=any(lv == 2 for lv in levels)
@@ -142,7 +148,7 @@ class FSQBottleneck(nn.Module):
         self.code_heads = 1
 
     def forward(self, pre: Tensor) -> BottleneckOut:
-        z = rearrange(pre, "b d -> b 1 d")  # (B, 1, D): FSQ wants a sequence axis
+        z = rearrange(self.norm(pre), "b d -> b 1 d")  # (B, 1, D): FSQ wants a sequence axis
         out, indices = self.fsq(z)  # (B, 1, D), (B, 1)
         latent = rearrange(out, "b 1 d -> b d")  # (B, D)
         return BottleneckOut(latent=latent, codes=indices.long(), loss=pre.new_zeros(()))

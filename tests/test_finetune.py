@@ -1,0 +1,397 @@
+"""Stage 3 (`lapo finetune`, Accelerate) and the Agent it writes.
+
+Data are real H.264 shards from tests.datagen (a square moved by 5 actions, episodes
+ending mid-clip). The LAM and policy runs are debug-size models written in exactly the
+format stage 1 / stage 2 export (model.json / policy.json + safetensors); the slow test at
+the end makes them with the real `lapo pretrain` and `lapo train-policy` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from lapo.agent import AgentError, load_agent, policy_latent
+from lapo.checkpoint import CheckpointError, export_model, read_model_meta
+from lapo.config import (
+    ConfigError,
+    FinetuneConfig,
+    PolicyConfig,
+    PretrainConfig,
+    load_config,
+    to_dict,
+)
+from lapo.finetune import DecoderFit, Phase, Rows, finetune, run_phase
+from lapo.labelled import load_labelled
+from lapo.models import LatentActionModel, LatentPolicy
+from lapo.policy import KIND, NAME, lam_info, policy_extra
+from tests.datagen import NUM_ACTIONS, make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "finetune" / "debug.yaml"
+LAM_DEBUG = ROOT / "configs" / "lam" / "debug.yaml"
+LAPO = [sys.executable, "-m", "lapo.cli"]
+K = 2
+BUDGET = 60
+
+
+def debug_cfg(*overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, DEBUG, list(overrides))
+
+
+def write_lam(run: Path, *overrides: str) -> Path:
+    """An untrained debug LAM exported as `lapo pretrain` does (RUN/model.{json,safetensors})."""
+    torch.manual_seed(0)
+    cfg = load_config(PretrainConfig, LAM_DEBUG, [f"data.context={K}", *overrides])
+    kwargs = {"in_channels": 3, "num_actions": 0, "action_dim": 0, "context": K}
+    lam = LatentActionModel(cfg.model, **kwargs, sync_codebook=False)
+    export_model(run, lam, kind="lam", config=to_dict(cfg), extra=kwargs)
+    return run
+
+
+def write_policy(run: Path, lam_run: Path, target: str = "continuous") -> Path:
+    """A debug latent policy for `lam_run`, exported as `lapo train-policy` does."""
+    from lapo.lam import load_lam
+
+    torch.manual_seed(1)
+    cfg = load_config(
+        PolicyConfig, None, {"policy": {"impala_scale": 1, "hidden": 32, "target": target}}
+    )
+    lam = load_lam(lam_run)
+    policy = LatentPolicy.for_lam(cfg.policy, lam)
+    info = lam_info(lam_run, read_model_meta(lam_run, kind="lam"))
+    export_model(
+        run, policy, kind=KIND, config=to_dict(cfg), extra=policy_extra(policy, info), name=NAME
+    )
+    return run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(
+        tmp_path_factory.mktemp("ft-data"), shards=4, clips_per_shard=3, clip_frames=16
+    ).path
+
+
+@pytest.fixture(scope="module")
+def lam_run(tmp_path_factory) -> Path:
+    return write_lam(tmp_path_factory.mktemp("ft-lam") / "lam")
+
+
+@pytest.fixture(scope="module")
+def policy_run(tmp_path_factory, lam_run) -> Path:
+    return write_policy(tmp_path_factory.mktemp("ft-policy") / "policy", lam_run, target="codes")
+
+
+# --------------------------------------------------------------------------- the loop learns
+
+
+def _toy(n: int, informative: bool, seed: int) -> Rows:
+    g = torch.Generator().manual_seed(seed)
+    actions = torch.randint(0, NUM_ACTIONS, (n,), generator=g)
+    if informative:  # the latent says the action: a one-hot plus noise, padded to 16
+        latent = F.pad(F.one_hot(actions, NUM_ACTIONS).float(), (0, 11))
+    else:
+        latent = torch.zeros(n, 16)
+    return Rows(latent=latent + 0.1 * torch.randn(n, 16, generator=g), actions=actions)
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_decoder_fit_learns_latents_that_carry_the_action_and_only_those(informative, tmp_path):
+    from lapo.models import ActionDecoder
+
+    cfg = FinetuneConfig(epochs=15, batch_size=32, lr=3e-3, progress=False)
+    torch.manual_seed(0)
+    decoder = ActionDecoder(16, num_actions=NUM_ACTIONS, hidden=32)
+    train, val = _toy(400, informative, 0), _toy(300, informative, 1)
+    phase = Phase("decoder", lambda: DecoderFit(decoder), train, val, cfg.epochs, cfg.lr, "label")
+    last = run_phase(Accelerator(cpu=True), phase, cfg, tmp_path, discrete=True)
+    majority = torch.bincount(val.tensors["actions"]).max().item() / 300
+    assert majority < 0.4
+    if informative:
+        assert last["label_accuracy"] > 0.95
+        assert last["train_loss"] < 0.2
+    else:  # nothing to learn: held-out accuracy stays near the majority rate
+        assert last["label_accuracy"] < majority + 0.1
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(cfg.epochs))
+
+
+@pytest.mark.parametrize("bottleneck", ["vq", "fsq", "continuous"])
+@pytest.mark.parametrize("target", ["continuous", "codes"])
+def test_policy_latent_is_the_policys_choice_and_passes_gradients(bottleneck, target):
+    if target == "codes" and bottleneck == "continuous":
+        pytest.skip("a continuous bottleneck has no codes")
+    from lapo.config import ModelConfig, PolicyModelConfig
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(image_size=16, impala_scale=1, embed_dim=16, latent_dim=8, bottleneck=bottleneck,
+                       vq_codebook_size=4, vq_heads=2, fsq_levels=[3, 3], fdm="latent")  # fmt: skip
+    lam = LatentActionModel(mcfg, context=K, sync_codebook=False).eval().requires_grad_(False)
+    policy = LatentPolicy.for_lam(PolicyModelConfig(impala_scale=1, hidden=16, target=target), lam)
+    obs = torch.randint(0, 256, (5, K, 3, 16, 16), dtype=torch.uint8)
+    z = policy_latent(policy, lam, obs)  # (5, 8)
+    with torch.no_grad():
+        assert torch.allclose(z, policy.predict_latent(obs, lam.bottleneck), atol=1e-5)
+    z.pow(2).sum().backward()
+    grads = [p.grad for p in policy.head.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _check_agent(run: Path, data: Path, metrics: dict, method: str, can_act: bool) -> None:
+    agent = load_agent(run)
+    assert agent.method == method and agent.context == K
+    assert agent.action_space == {"type": "discrete", "n": NUM_ACTIONS}
+    split = load_labelled(data, BUDGET, context=K, seed=0, val_fraction=0.2, val_max=200)
+    frames = split.val.frames[split.val.index]  # (N, k+1, 3, H, W)
+    if method == "bc":
+        with pytest.raises(AgentError, match="cannot label"):
+            agent.label(frames[:2])
+    else:
+        out = agent.label(frames)
+        assert out["action"].dtype == torch.int64 and out["action"].shape == (len(frames),)
+        assert ((out["confidence"] > 0) & (out["confidence"] <= 1)).all()
+        assert (out["latent"] is None) == (method == "idm-supervised")
+        acc = (out["action"] == split.val.actions).float().mean().item()
+        assert acc == pytest.approx(
+            metrics["label_accuracy"], abs=1e-6
+        )  # the saved agent was evaluated
+    if can_act:
+        act = agent.act(frames[:, :-1])
+        assert act.shape == (len(frames),) and act.min() >= 0 and act.max() < NUM_ACTIONS
+        acc = (act == split.val.actions).float().mean().item()
+        assert acc == pytest.approx(metrics["act_accuracy"], abs=1e-6)
+        assert agent.act(frames[:, :-1], greedy=False).shape == (len(frames),)
+    else:
+        with pytest.raises(AgentError, match="cannot act"):
+            agent.act(frames[:2, :-1])
+
+
+@pytest.mark.parametrize("method", ["lapo", "lapo+policy", "idm-supervised", "bc"])
+def test_each_method_writes_a_self_contained_agent(method, data, lam_run, policy_run, tmp_path):
+    run = tmp_path / "run_f"
+    lam = policy = None
+    if method.startswith("lapo"):  # private copies: deleted below, the agent must not need them
+        lam = shutil.copytree(lam_run, tmp_path / "lam")
+        policy = (
+            shutil.copytree(policy_run, tmp_path / "policy") if method == "lapo+policy" else None
+        )
+    cfg = debug_cfg(f"method={method.split('+')[0]}", f"finetune_policy={method == 'lapo+policy'}",
+                    f"label_budget={BUDGET}")  # fmt: skip
+    metrics = finetune(cfg, run, data, lam=lam, policy=policy)
+    for name in (
+        "agent.json",
+        "agent.safetensors",
+        "metrics.json",
+        "metrics.jsonl",
+        "config.yaml",
+        "selection.json",
+    ):
+        assert (run / name).is_file(), name
+    phases = {
+        "lapo": ["decoder"],
+        "lapo+policy": ["decoder", "policy"],
+        "idm-supervised": ["idm"],
+        "bc": ["bc"],
+    }
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in lines] == [p for p in phases[method] for _ in range(2)]
+    assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    sel = json.loads((run / "selection.json").read_text())
+    assert sum(len(r) for r in sel["train_rows"].values()) == BUDGET
+    assert not set(sel["train_rows"]) & set(sel["heldout_episodes"])
+    for path in (lam, policy):
+        if path is not None:
+            shutil.rmtree(path)
+    _check_agent(run, data, metrics, method.split("+")[0], can_act=method in ("lapo+policy", "bc"))
+    if method == "lapo+policy":  # label() keeps the fitted decoder; act() has its own copy
+        weights = load_file(run / "agent.safetensors")
+        assert any(k.startswith("act_decoder.") for k in weights)
+
+
+def test_continuous_actions_are_regressed(tmp_path, lam_run):
+    data = make_dataset(tmp_path / "cont", shards=3, clips_per_shard=3, actions="continuous").path
+    metrics = finetune(
+        debug_cfg("label_budget=40", "use_obs_features=true"), tmp_path / "run", data, lam=lam_run
+    )
+    assert {"label_mse", "decoder_mse"} <= set(metrics) and "label_accuracy" not in metrics
+    agent = load_agent(tmp_path / "run")
+    assert agent.decoder.obs_dim == agent.lam.cfg.embed_dim
+    out = agent.label(torch.randint(0, 256, (3, K + 1, 3, 32, 32), dtype=torch.uint8))
+    assert out["action"].shape == (3, 2) and out["action"].dtype == torch.float32
+
+
+def test_resume_after_an_interruption_gives_the_same_agent(data, lam_run, policy_run, tmp_path):
+    cfg = debug_cfg("finetune_policy=true", f"label_budget={BUDGET}", "epochs=2", "policy_epochs=3")
+    full = tmp_path / "full"
+    finetune(cfg, full, data, lam=lam_run, policy=policy_run)
+    with pytest.raises(CheckpointError, match="already holds"):
+        finetune(cfg, full, data, lam=lam_run, policy=policy_run)
+    # as if killed during the policy phase's last epoch: its checkpoint and the outputs are missing
+    cut = shutil.copytree(full, tmp_path / "cut")
+    shutil.rmtree(cut / "checkpoints" / "policy" / "epoch-0002")
+    for name in ("agent.safetensors", "agent.json", "metrics.json"):
+        (cut / name).unlink()
+    with pytest.raises(ConfigError, match="label_budget"):
+        finetune(debug_cfg("finetune_policy=true", "label_budget=50", "epochs=2", "policy_epochs=3"),
+                 cut, data, lam=lam_run, policy=policy_run, resume=True)  # fmt: skip
+    finetune(cfg, cut, data, lam=lam_run, policy=policy_run, resume=True)
+    a, b = load_file(full / "agent.safetensors"), load_file(cut / "agent.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="no finetune run"):
+        finetune(cfg, tmp_path / "empty", data, lam=lam_run, policy=policy_run, resume=True)
+
+
+def test_settings_are_checked_before_any_work(data, lam_run, tmp_path):
+    for path in sorted((ROOT / "configs" / "finetune").glob("*.yaml")):
+        load_config(FinetuneConfig, path)  # every recipe parses against the typed config
+    with pytest.raises(ConfigError, match="needs --lam"):
+        finetune(debug_cfg(), tmp_path / "a", data)
+    with pytest.raises(ConfigError, match="needs --policy"):
+        finetune(debug_cfg("finetune_policy=true"), tmp_path / "b", data, lam=lam_run)
+    with pytest.raises(ConfigError, match="differs from the LAM"):
+        finetune(debug_cfg("context=3"), tmp_path / "c", data, lam=lam_run)
+    with pytest.raises(ConfigError, match="only applies to method lapo"):
+        debug_cfg("method=bc", "finetune_policy=true")
+    other = write_lam(tmp_path / "other_lam", "model.latent_dim=8")
+    with pytest.raises(ConfigError, match="cloned from the LAM"):
+        finetune(
+            debug_cfg(),
+            tmp_path / "d",
+            data,
+            lam=other,
+            policy=write_policy(tmp_path / "p", lam_run),
+        )
+    assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_command_line_with_flags_over_config(data, tmp_path):
+    run = tmp_path / "bc"
+    cmd = LAPO + ["finetune", "--method", "bc", "--labeled", str(data), "--label-budget", "30", "--out", str(run),
+                  "--config", str(DEBUG), "--set", "epochs=1", "--mixed-precision", "bf16"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "act_accuracy" in res.stdout
+    cfg = load_config(FinetuneConfig, run / "config.yaml")
+    assert (cfg.method, cfg.label_budget, cfg.epochs, cfg.mixed_precision) == ("bc", 30, 1, "bf16")
+    assert load_agent(run).method == "bc"
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _cpu_env() -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))
+    }
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(data, lam_run, policy_run, tmp_path):
+    run = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29731"]  # fmt: skip
+    args = ["-m", "lapo.cli", "finetune", "--lam", str(lam_run), "--policy", str(policy_run), "--finetune-policy",
+            "--labeled", str(data), "--label-budget", str(BUDGET), "--out", str(run), "--config", str(DEBUG)]  # fmt: skip
+    res = subprocess.run(launch + args, capture_output=True, text=True, timeout=600, env=_cpu_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    # each epoch is split over the two ranks: half the optimiser steps of one process
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:2] == [2, 4]  # ceil(60 / (16 * 2)) = 2 steps per epoch
+    _check_agent(run, data, metrics, "lapo", can_act=True)
+
+
+@pytest.mark.slow
+def test_slurm_script_launches_finetune(data, tmp_path):
+    """slurm/finetune.sbatch run as a batch job would: srun and scontrol are shims that run locally."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n'
+    )
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    run = tmp_path / "slurm_run"
+    env = {**_cpu_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAPO_CPU_PROCS": "2",
+           "LAPO_VENV": str(Path(sys.executable).parent.parent), "SLURM_JOB_ID": "4242"}  # fmt: skip
+    args = [
+        "--method",
+        "bc",
+        "--labeled",
+        str(data),
+        "--label-budget",
+        "40",
+        "--out",
+        str(run),
+        "--config",
+        str(DEBUG),
+    ]
+    res = subprocess.run(["bash", str(ROOT / "slurm" / "finetune.sbatch"), *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["num_processes"] == 2
+    assert load_agent(run).method == "bc"
+
+
+@pytest.mark.slow
+def test_real_stage_1_and_2_runs_feed_finetune_and_label(data, tmp_path):
+    """The whole chain with the real trainers: pretrain -> train-policy -> finetune -> label."""
+    from lapo.label import label_dataset
+    from lapo.lam import pretrain
+    from lapo.policy import load_policy_config, train_policy
+    from lapo.shards import read_manifest
+
+    lam = tmp_path / "lam"
+    overrides = [
+        f"data.path={data}",
+        f"data.context={K}",
+        "trainer.max_steps=2",
+        "trainer.loggers=[]",
+    ]
+    pretrain(load_config(PretrainConfig, LAM_DEBUG, overrides), lam)
+    policy = tmp_path / "policy"
+    pcfg = load_policy_config(ROOT / "configs" / "policy" / "debug.yaml",
+                              [f"lam={lam}", f"data.path={data}", "trainer.loggers=[]"])  # fmt: skip
+    train_policy(pcfg, policy)
+    run = tmp_path / "run_f"
+    cmd = LAPO + ["finetune", "--lam", str(lam), "--policy", str(policy), "--finetune-policy",
+                  "--labeled", str(data), "--label-budget", str(BUDGET), "--out", str(run), "--config", str(DEBUG)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_cpu_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    _check_agent(run, data, metrics, "lapo", can_act=True)
+    shutil.rmtree(lam)  # RUN_F is self-contained
+    shutil.rmtree(policy)
+    manifest = label_dataset(run, data, tmp_path / "labelled", device="cpu", progress=False)
+    assert manifest["action_space"] == {"type": "discrete", "n": NUM_ACTIONS}
+    assert manifest["num_samples"] == read_manifest(data)["num_samples"]
+
+
+@pytest.mark.slow
+def test_idm_supervised_learns_the_actions_of_held_out_episodes(tmp_path):
+    """The square moves by the action: an IDM trained on 200 labels must read it off new episodes."""
+    data = make_dataset(tmp_path / "data", shards=6, clips_per_shard=4, clip_frames=16).path
+    cfg = debug_cfg("method=idm-supervised", "label_budget=200", "epochs=40", "lr=3e-3")
+    metrics = finetune(cfg, tmp_path / "run", data)
+    assert metrics["majority_baseline"] < 0.4
+    assert metrics["label_accuracy"] > 0.7
