@@ -2,14 +2,16 @@
 
 An `Agent` bundles the parts one method needs, in eval mode, as a plain nn.Module:
 
-| method           | lam (LatentActionModel)        | decoder input            | policy                 |
-| ---------------- | ------------------------------ | ------------------------ | ---------------------- |
+| method           | lam (LatentActionModel)        | decoder input             | policy                  |
+| ---------------- | ------------------------------ | ------------------------- | ----------------------- |
 | `lapo`           | pretrained, frozen             | latent z[t] (+ obs feats) | latent policy, optional |
-| `idm-supervised` | IDM trained on the labels only | the IDM's output (pre)    | none                   |
-| `bc`             | none                           | none                     | outputs true actions   |
+| `idm-supervised` | IDM trained on the labels only | the IDM's output (pre)    | none                    |
+| `bc`             | none                           | none                      | outputs true actions    |
 
 `label(window)` answers "which action led o[t] to o[t+1]" (IDM + decoder);
-`act(context)` answers "which action now" (policy, then decoder for lapo).
+`act(context)` answers "which action now" (policy, then a decoder for lapo). When the
+policy was fine-tuned end to end, `act` uses its own copy of the decoder
+(`act_decoder`) so that fine-tuning for acting never changes how `label` decodes.
 
 Observation features (``use_obs_features``) are the frozen IDM's features of the
 window o[t-k+1..t] with o[t] repeated as the next frame: the IDM's view of the
@@ -17,8 +19,9 @@ observation without the change, which `act` can compute from context alone, so
 labelling and acting feed the decoder the same kind of input.
 
 On disk (RUN_F): ``agent.safetensors`` (every weight, prefixed ``lam.``,
-``decoder.``, ``policy.``) and ``agent.json`` (method, action space, context,
-the configs and constructor arguments of each part). No pickle anywhere.
+``decoder.``, ``act_decoder.``, ``policy.``) and ``agent.json`` (method, action
+space, context, frame gap, the configs and constructor arguments of each part,
+provenance and final metrics under ``info``). No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -159,9 +162,10 @@ class Agent(nn.Module):
                 "lapo/agent.py: a bc run has no IDM, so it cannot label transitions; "
                 "use a run of method lapo or idm-supervised"
             )
+        if self.method == "idm-supervised":  # the decoder reads the IDM's output; no bottleneck
+            _, pre = self.lam.idm(self.lam.prepare(window))  # (B, D)
+            return self.decoder(pre), None  # (B, A)
         enc = self.lam.encode(window)
-        if self.method == "idm-supervised":
-            return self.decoder(enc["pre"]), None  # (B, A)
         feats = obs_features(self.lam, window[:, : self.context]) if self.use_obs_features else None
         return self.decoder(enc["latent"], feats), enc["latent"]  # (B, A), (B, D)
 

@@ -14,8 +14,12 @@ Methods (``--method``):
   the N labels only (``--config``/``--set model.*`` shape it; no --lam).
 - ``bc``: a policy network cloning the true actions from context frames (no --lam).
 
-The loop is plain Accelerate, so ``accelerate launch --num_processes 2 -m lapo.cli
-finetune ...`` runs on CPUs (gloo) or GPUs. Each epoch ends with an evaluation on
+The loop is plain Accelerate: ``accelerate launch --multi_gpu --num_processes N -m
+lapo.cli finetune ...`` (or ``torchrun --nproc_per_node N -m lapo.cli finetune ...``)
+runs N processes on GPUs (NCCL) or, on a machine without CUDA, on CPUs (gloo).
+Accelerate 1.x's ``accelerate launch --cpu`` starts a single process whatever
+``--num_processes`` says (it needs mpirun for more), hence ``--multi_gpu`` on CPUs too;
+slurm/finetune.sbatch does this for you. Each epoch ends with an evaluation on
 held-out labelled episodes (never trained on; see lapo.labelled), a line in
 RUN_F/metrics.jsonl and a checkpoint RUN_F/checkpoints/<phase>/epoch-XXXX;
 ``--resume`` continues from the newest. The result is RUN_F/agent.safetensors +
@@ -30,6 +34,7 @@ import copy
 import json
 import math
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -53,7 +58,13 @@ from lapo.config import (
     save_config,
     to_dict,
 )
-from lapo.labelled import LabelledWindows, load_labelled
+from lapo.labelled import (
+    LabelledDataError,
+    LabelledWindows,
+    load_selection,
+    scan_labelled,
+    select_budget,
+)
 from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy, prepare_frames
 
 load_finetuned = load_agent  # the name docs/INTERFACES.md gives the loader of RUN_F
@@ -486,13 +497,13 @@ def finetune(
     sources = {"labeled": str(Path(labeled).resolve()), "lam": lam and str(Path(lam).resolve()),
                "policy": policy and str(Path(policy).resolve())}  # fmt: skip
     k, gap = window_shape(cfg, lam)
+    # select before writing anything: a budget the data cannot meet leaves no run behind
+    index = scan_labelled(labeled, context=k, frame_gap=gap)
+    sel = select_budget(index, cfg.label_budget, cfg.seed, cfg.val_fraction, val_max=cfg.val_max)
     _prepare_run(acc, cfg, run_dir, sources, resume)
     set_seed(cfg.seed)  # same initial weights on every rank
     t0 = time.time()
-    split = load_labelled(
-        labeled, cfg.label_budget, context=k, frame_gap=gap, seed=cfg.seed, val_fraction=cfg.val_fraction,
-        val_max=cfg.val_max, progress=cfg.progress and acc.is_local_main_process,
-    )  # fmt: skip
+    split = load_selection(index, sel, progress=cfg.progress and acc.is_local_main_process)
     if acc.is_main_process:
         atomic_write_text(run_dir / "selection.json", json.dumps(split.selection.summary()) + "\n")
     acc.print(f"lapo finetune: {cfg.method}: {len(split.train)} labelled transitions for training, "
@@ -530,7 +541,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Stage 3 (Accelerate): fit a decoder from latent to true actions on a budget of "
         "labelled transitions (and fine-tune the policy), or train a baseline. Writes RUN_F/config.yaml, "
         "selection.json, metrics.jsonl, checkpoints/, agent.safetensors + agent.json, metrics.json. "
-        "Multi-process: accelerate launch --num_processes N -m lapo.cli finetune ...",
+        "Several processes (GPUs, or CPUs with gloo): accelerate launch --multi_gpu --num_processes N "
+        "-m lapo.cli finetune ...",
     )
     p.add_argument("--lam", help="stage-1 run directory (RUN); required for --method lapo")
     p.add_argument(
@@ -574,5 +586,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    finetune(cfg, args.out, args.labeled, lam=args.lam, policy=args.policy, resume=args.resume)
+    try:
+        finetune(cfg, args.out, args.labeled, lam=args.lam, policy=args.policy, resume=args.resume)
+    except LabelledDataError as e:  # e.g. a budget larger than the labels: one line, no traceback
+        print(f"lapo finetune: error: {e}", file=sys.stderr)
+        return 2
     return 0

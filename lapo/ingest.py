@@ -31,9 +31,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lapo import __version__
 from lapo.shards import (
     MIN_CLIP_FRAMES,
+    atomic_write_bytes,
     merge_action_spaces,
     sanitize_stem,
     shard_name,
@@ -132,6 +135,39 @@ def _probe(job: tuple[str, str]) -> dict:
     return {"rel": rel, **info}
 
 
+def check_action_files(src: Path, rels: list[str]) -> None:
+    """Fail before any work when the actions files mix discrete and continuous, or widths.
+
+    Only headers are read. A file that does not load is not judged here: its video is
+    skipped later, with the reason.
+    """
+    space, first = None, None
+    for rel in rels:
+        path = actions_path(src, rel)
+        if not path.is_file():
+            continue
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception:
+            continue
+        if arr.ndim not in (1, 2):
+            continue
+        if arr.dtype.kind in "biu":
+            kind = {"type": "discrete", "n": 1}
+        elif arr.dtype.kind == "f":
+            kind = {"type": "continuous", "dim": int(arr.shape[1]) if arr.ndim == 2 else 1}
+        else:
+            continue
+        try:
+            space = merge_action_spaces(space, kind)
+        except ValueError as e:
+            raise IngestError(
+                f"{path.name} and {first}: the actions files of this folder disagree ({e}); "
+                "one folder must hold one kind of action"
+            ) from None
+        first = first or path.name
+
+
 # --------------------------------------------------------------------------- plan
 
 
@@ -197,9 +233,7 @@ class _Mapper:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _lock(work: Path):
@@ -238,6 +272,7 @@ def ingest(
     rels = find_videos(src)
     if not rels:
         raise IngestError(f"{src}: no videos ({', '.join(VIDEO_EXTS)}) found")
+    check_action_files(src, rels)  # at start-up, not after every video has been encoded
     work = out / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     lock = _lock(work)

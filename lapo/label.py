@@ -60,7 +60,7 @@ from lapo.shards import (
     write_shard,
 )
 from lapo.video import VideoDecodeError, decode_video_bytes
-from lapo.windows import BadDataWarning
+from lapo.windows import BadDataWarning, DatasetError
 
 LAST_ROW_DOC = (
     "row t of actions.npy is the action of o[t] -> o[t+1], predicted from a window that never "
@@ -469,6 +469,8 @@ def label_dataset(
             f"lapo label: {data}: {len(lost)} shard(s) listed in manifest.json do not exist "
             f"(first: {data / lost[0]})"
         )
+    if not any(int(e["samples"]) for e in src["shards"]):
+        raise DatasetError(f"lapo label: {data}: manifest.json lists no clips (empty dataset)")
     rank, world, local = dist_env(rank, world_size)
     out.mkdir(parents=True, exist_ok=True)
     job = LabelJob(str(model), batch_size, pick_device(device, local), 0)

@@ -424,6 +424,16 @@ class LabelledSplit:
     image_shape: tuple[int, int]
 
 
+def load_selection(
+    index: LabelledIndex, sel: Selection, *, progress: bool = False
+) -> LabelledSplit:
+    """The windows of a selection, training budget and held-out split, in memory."""
+    train = load_windows(index, sel.train, desc="labelled train", progress=progress)
+    val = load_windows(index, sel.val, desc="labelled held-out", progress=progress)
+    shape = (int(index.manifest["height"]), int(index.manifest["width"]))
+    return LabelledSplit(train, val, sel, index.action_space, shape)
+
+
 def load_labelled(
     path: str | Path,
     budget: int,
@@ -438,7 +448,4 @@ def load_labelled(
     """Scan, select and load: the training budget and the held-out windows, in memory."""
     index = scan_labelled(path, context=context, frame_gap=frame_gap)
     sel = select_budget(index, budget, seed, val_fraction, val_max=val_max)
-    train = load_windows(index, sel.train, desc="labelled train", progress=progress)
-    val = load_windows(index, sel.val, desc="labelled held-out", progress=progress)
-    shape = (int(index.manifest["height"]), int(index.manifest["width"]))
-    return LabelledSplit(train, val, sel, index.action_space, shape)
+    return load_selection(index, sel, progress=progress)

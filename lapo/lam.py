@@ -81,12 +81,17 @@ class LAMModule(StageModule):
         if not self.check_loss(loss, batch, batch_idx):
             return None  # skipped: no backward, no update (nan_policy=skip)
         b = frames.shape[0]
-        self.log_dict(
-            {f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=b
-        )
-        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=b)
-        if "psnr" in logs:
-            self.log("psnr", logs["psnr"], prog_bar=True, logger=False, batch_size=b)
+        if self.should_log():
+            self.log_dict(
+                {f"train/{k}": v for k, v in logs.items()},
+                on_step=True,
+                on_epoch=False,
+                batch_size=b,
+            )
+        if self.trainer_cfg.progress:
+            self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=b)
+            if "psnr" in logs:
+                self.log("psnr", logs["psnr"], prog_bar=True, logger=False, batch_size=b)
         if pred_next is not None and self.global_step % self.trainer_cfg.image_every_n_steps == 0:
             self.log_strip(frames, pred_next, "train")
         return loss

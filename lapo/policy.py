@@ -141,6 +141,7 @@ class PolicyModule(StageModule):
         self.lam = lam.requires_grad_(False).eval()
         self.policy = LatentPolicy.for_lam(cfg.policy, lam)
         self.lam_info = lam_info
+        self._val_sums: Tensor | None = None  # per val pass: metric sums and window count
         # Frozen and read from the same file on every rank: DDP must neither track the LAM's
         # parameters nor broadcast its buffers (VQ codebooks) before every forward.
         names = [n for n, _ in lam.named_parameters()] + [n for n, _ in lam.named_buffers()]

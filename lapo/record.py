@@ -44,6 +44,7 @@ from tqdm import tqdm
 from lapo import __version__
 from lapo.envs import POLICIES, Env, EnvError, episode_seeds, make_env, make_policy
 from lapo.shards import (
+    atomic_write_bytes,
     clip_key,
     clip_sample,
     iter_tar_samples,
@@ -223,9 +224,8 @@ def _check_args(args: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob("*.tmp"):  # a killed run's partial shard or manifest; redone below
         tmp.unlink()
-    tmp = file.with_name(file.name + ".tmp")  # tmp + rename: a kill never leaves half a file
-    tmp.write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
-    tmp.replace(file)
+    # whole or not at all: a kill or a full disk never leaves half a settings file
+    atomic_write_bytes(file, (json.dumps(args, indent=2, sort_keys=True) + "\n").encode())
 
 
 def record_dataset(

@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULT_COLUMNS = [
     ("success rate", "success_rate"),
     ("mean return", "return_mean"),
-    ("held-out action accuracy", "decoder_accuracy"),
+    ("policy action accuracy (held-out)", "policy_accuracy"),
+    ("pseudo-label accuracy (IDM + decoder)", "decoder_accuracy"),
 ]
 
 
@@ -53,6 +54,14 @@ def results_table(out: Path) -> tuple[list[str], list[list[str]]]:
             _fmt(lapo_m.get("random_success_rate")),
             _fmt(lapo_m.get("random_return_mean")),
             "n/a",
+            "n/a",
+        ],
+        [
+            "majority action (held-out)",
+            "n/a",
+            "n/a",
+            _fmt(lapo_m.get("decoder_majority_baseline")),
+            _fmt(lapo_m.get("decoder_majority_baseline")),
         ],
     ]
     return header, rows
@@ -132,9 +141,15 @@ def plot_curves(out: Path, dest: Path) -> Path | None:
     return dest
 
 
+def _step_of(p: Path) -> tuple[int, str]:
+    digits = "".join(ch for ch in p.stem if ch.isdigit())
+    return (int(digits) if digits else -1, p.name)
+
+
 def _find(out: Path, patterns: list[str]) -> Path | None:
+    """The newest file (highest step number in its name) matching the first pattern that hits."""
     for pat in patterns:
-        hits = sorted(out.glob(pat))
+        hits = sorted(out.glob(pat), key=_step_of)
         if hits:
             return hits[-1]
     return None
@@ -171,7 +186,7 @@ def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: s
     assets = out / "report_assets"
     assets.mkdir(exist_ok=True)
     curves = plot_curves(out, assets / "training_curves.png")
-    wm_strip = _find(out, ["lam/images/*.png"])
+    wm_strip = _find(out, ["lam/images/val-*.png", "lam/images/*.png"])
     latent_2d = _find(out, ["eval/*latent*.png"])
     budget = _find(out, ["eval/*budget*.png"])
     rollout = _find(out, ["eval/*rollout*.gif", "eval/*rollout*.png"])

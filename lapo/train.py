@@ -113,10 +113,18 @@ class StageModule(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(
                 self.parameters(), clip if clip > 0 else float("inf")
             )
-        if self.global_step % self.trainer_cfg.log_every_n_steps == 0:
+        if self.should_log():
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
             # both parameter groups share one schedule: the first group's lr says it all
             self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def should_log(self) -> bool:
+        """True on the steps whose logged values reach the loggers.
+
+        Mirrors Lightning's own rule (its batch counter + 1, during the step): values
+        logged on other steps are dropped, so skipping them saves the logging work.
+        """
+        return (self.global_step + 1) % self.trainer_cfg.log_every_n_steps == 0
 
     def check_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> bool:
         """True when `loss` is finite on every rank; otherwise skip (count) or raise per nan_policy."""
@@ -271,7 +279,8 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, hw: Hardware, stop: Gracefu
         plugins=plugins,
         default_root_dir=run_dir,
         enable_progress_bar=cfg.progress,
-        deterministic=cfg.deterministic,
+        # "warn": deterministic kernels where torch has them, a warning where it has not
+        deterministic="warn" if cfg.deterministic else None,
         # the loader splits shards by rank itself; a DistributedSampler would not apply
         use_distributed_sampler=False,
         benchmark=hw.accelerator != "cpu" and not cfg.deterministic,
@@ -287,8 +296,6 @@ def prepare_run(cfg: Any, run_dir: str | Path, *, resume: bool) -> Path | None:
     run_dir = Path(run_dir)
     ckpt = resume_checkpoint(run_dir) if resume else None
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         save_config(cfg, run_dir / "config.yaml")

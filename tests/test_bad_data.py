@@ -331,6 +331,17 @@ def test_label_skips_bad_clips_and_writes_a_valid_dataset(base, tmp_path):
     assert read_manifest(out) == manifest
 
 
+def test_label_checks_the_whole_dataset_before_any_work(base, tmp_path):
+    """A listed shard that is missing, or no clip at all: an error before a model is loaded."""
+    d = damaged(base, tmp_path, lambda d: (d / "shard-000001.tar").unlink())
+    with pytest.raises(FileNotFoundError, match=r"1 shard\(s\) listed .*shard-000001.tar"):
+        label_dataset(tmp_path / "no-run", d, tmp_path / "out", device="cpu", progress=False)
+    empty = damaged(base, tmp_path / "e", edit_manifest(lambda m: m.update(shards=[])))
+    with pytest.raises(DatasetError, match="empty dataset"):
+        label_dataset(tmp_path / "no-run", empty, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -346,6 +357,8 @@ def test_commands_name_a_missing_dataset_in_one_line(tmp_path, capsys):
                                        "--data", str(nowhere), "--out", str(tmp_path / "r")]),
         "finetune": lambda: lapo_main(["finetune", "--method", "bc", "--labeled", str(nowhere),
                                        "--label-budget", "4", "--out", str(tmp_path / "f")]),
+        "label": lambda: lapo_main(["label", "--model", str(tmp_path / "run"), "--data",
+                                    str(nowhere), "--out", str(tmp_path / "l")]),
         "shard_videos": lambda: shard_main([str(nowhere), str(tmp_path / "o")]),
     }  # fmt: skip
     for name, call in runs.items():
@@ -354,3 +367,56 @@ def test_commands_name_a_missing_dataset_in_one_line(tmp_path, capsys):
         assert str(nowhere) in err and "Traceback" not in err, (name, err)
     assert inspect_main([str(nowhere)]) == 1
     assert "no manifest.json" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- source videos
+
+
+def test_shard_videos_skips_and_reports_each_bad_source_video(tmp_path):
+    """Faults in a video folder not already in tests/test_shard_videos.py (garbage bytes,
+    actions of the wrong length, non-video files are)."""
+    from lapo.ingest import IngestOptions, ingest
+    from tests.test_shard_videos import write_video
+
+    src = tmp_path / "src"
+    for name in ("good", "nan_actions", "text_actions", "wide_actions", "junk_actions"):
+        write_video(src / f"{name}.mp4", 20, 32, 32, 15)
+    write_video(src / "one_frame.mp4", 1, 32, 32, 15)
+    write_video(src / "truncated.mp4", 40, 32, 32, 15)
+    cut = src / "truncated.mp4"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (src / "zero_length.mp4").write_bytes(b"")
+    (src / "png.mp4").write_bytes(PNG)
+    rows = np.arange(20, dtype=np.float32)[:, None].repeat(2, 1)  # continuous, D = 2
+    np.save(src / "good.actions.npy", rows)
+    np.save(src / "nan_actions.actions.npy", np.where(np.arange(20)[:, None] == 7, np.nan, rows))
+    np.save(src / "text_actions.actions.npy", np.array(["left"] * 20))
+    np.save(src / "wide_actions.actions.npy", np.zeros((20, 2, 2), np.float32))
+    (src / "junk_actions.actions.npy").write_bytes(b"junk")
+    out = tmp_path / "out"
+    summary = ingest(src, out, IngestOptions(clip_frames=8, size=16), workers=1, progress=False,
+                     log=lambda s: None)  # fmt: skip
+    reasons = {s["video"]: s["reason"] for s in summary["skipped"]}
+    assert set(reasons) == {f"{n}.mp4" for n in ("nan_actions", "text_actions", "wide_actions",
+                            "junk_actions", "one_frame", "truncated", "zero_length", "png")}  # fmt: skip
+    assert "NaN" in reasons["nan_actions.mp4"] and "dtype" in reasons["text_actions.mp4"]
+    assert "too short" in reasons["one_frame.mp4"]
+    m = read_manifest(out)
+    assert m["action_space"] == {"type": "continuous", "dim": 2} and m["num_samples"] == 3
+    assert {s["video"] for s in m["made_by"]["skipped"]} == set(reasons)
+    assert validate_dataset(out, decode=True) == []
+
+
+def test_shard_videos_with_mixed_action_kinds_stops_before_any_work(tmp_path):
+    from lapo.ingest import IngestError, IngestOptions, ingest
+    from tests.test_shard_videos import write_video
+
+    src = tmp_path / "src"
+    for name in ("a", "b"):
+        write_video(src / f"{name}.mp4", 10, 16, 16, 15)
+    np.save(src / "a.actions.npy", np.arange(10) % 3)  # discrete
+    np.save(src / "b.actions.npy", np.zeros((10, 2), np.float32))  # continuous
+    with pytest.raises(IngestError, match=r"b.actions.npy and a.actions.npy.*mixed action types"):
+        ingest(src, tmp_path / "out", IngestOptions(clip_frames=4, size=16), workers=1,
+               progress=False, log=lambda s: None)  # fmt: skip
+    assert not (tmp_path / "out").exists()

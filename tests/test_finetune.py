@@ -32,7 +32,7 @@ from lapo.config import (
     to_dict,
 )
 from lapo.finetune import DecoderFit, Phase, Rows, finetune, run_phase
-from lapo.labelled import load_labelled
+from lapo.labelled import LabelledDataError, load_labelled
 from lapo.models import LatentActionModel, LatentPolicy
 from lapo.policy import KIND, NAME, lam_info, policy_extra
 from tests.datagen import NUM_ACTIONS, make_dataset
@@ -275,7 +275,9 @@ def test_settings_are_checked_before_any_work(data, lam_run, tmp_path):
             lam=other,
             policy=write_policy(tmp_path / "p", lam_run),
         )
-    assert not any((tmp_path / x).exists() for x in "abcd")
+    with pytest.raises(LabelledDataError, match="budget 100000 exceeds"):
+        finetune(debug_cfg("method=bc", "label_budget=100000"), tmp_path / "e", data)
+    assert not any((tmp_path / x).exists() for x in "abcde")
 
 
 def test_command_line_with_flags_over_config(data, tmp_path):
@@ -320,37 +322,41 @@ def test_accelerate_launch_two_cpu_processes(data, lam_run, policy_run, tmp_path
     _check_agent(run, data, metrics, "lapo", can_act=True)
 
 
+SRUN_SHIM = """#!/bin/bash
+# srun as Slurm runs it on one node: SLURM_NTASKS tasks, each with its own ids
+while [[ "$1" == --* ]]; do shift; done
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+done
+wait
+"""
+
+
 @pytest.mark.slow
 def test_slurm_script_launches_finetune(data, tmp_path):
-    """slurm/finetune.sbatch run as a batch job would: srun and scontrol are shims that run locally."""
+    """slurm/finetune.sbatch as a 2-task CPU job: srun and scontrol are local shims."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(
-        '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n'
-    )
+    (bin_dir / "srun").write_text(SRUN_SHIM)
     (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     run = tmp_path / "slurm_run"
-    env = {**_cpu_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAPO_CPU_PROCS": "2",
-           "LAPO_VENV": str(Path(sys.executable).parent.parent), "SLURM_JOB_ID": "4242"}  # fmt: skip
-    args = [
-        "--method",
-        "bc",
-        "--labeled",
-        str(data),
-        "--label-budget",
-        "40",
-        "--out",
-        str(run),
-        "--config",
-        str(DEBUG),
-    ]
-    res = subprocess.run(["bash", str(ROOT / "slurm" / "finetune.sbatch"), *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    env = {**_cpu_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "GPUS": "0", "SLURM_NTASKS": "2",
+           "SLURM_JOB_ID": "4242", "LAPO": str(Path(sys.executable).parent / "lapo")}  # fmt: skip
+    script = ["bash", str(ROOT / "slurm" / "finetune.sbatch"), str(DEBUG), str(data), str(run)]
+    args = ["--method", "bc", "--label-budget", "40", "--set", "epochs=1"]
+    res = subprocess.run(
+        script + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["num_processes"] == 2
     assert load_agent(run).method == "bc"
+    # submitted again (a requeue), it resumes the finished run instead of refusing it
+    res = subprocess.run(
+        script + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0 and "--resume" in res.stdout, res.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ by one of four true actions, so transitions really are caused by actions.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -389,39 +388,48 @@ def test_config_validation():
         ModelConfig(ema_decay=1.0)
     defaults = ModelConfig()
     assert (defaults.impala_scale, defaults.image_size, defaults.latent_dim) == (4, 64, 128)
-    assert isinstance(LatentActionModel(dataclasses.replace(tiny_cfg()), context=1).fdm, UNetFDM)
+    assert isinstance(LatentActionModel(tiny_cfg(), context=1).fdm, UNetFDM)
 
 
 # --------------------------------------------------------------------------- DDP codebook sync
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, sync: bool | None, out_dir: str) -> None:
-    torch.manual_seed(0)
-    # built BEFORE the process group exists, as Lightning does: sync must switch on lazily
-    model = LatentActionModel(tiny_cfg(vq_dead_code_threshold=1.0), context=2, sync_codebook=sync)
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    # both models are built BEFORE the process group exists, as Lightning does: with
+    # sync_codebook=None the sync must switch itself on at the first training step
+    models = {}
+    for sync in (None, False):
+        torch.manual_seed(0)
+        models[sync] = LatentActionModel(
+            tiny_cfg(vq_dead_code_threshold=1.0), context=2, sync_codebook=sync
+        )
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    opt = torch.optim.SGD(ddp.parameters(), lr=1e-2)
     frames, _ = sprite_windows(8, seed=100 + rank)  # every rank sees different data
-    for _ in range(3):
-        loss, _, _ = ddp(frames)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.save(
-        {"codebook": model.bottleneck.codebook, "synced": model.bottleneck.synced},
-        os.path.join(out_dir, f"rank{rank}.pt"),
-    )
+    result = {}
+    for sync, model in models.items():
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=1e-2)
+        for _ in range(3):
+            loss, _, _ = ddp(frames)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        result[str(sync)] = {
+            "codebook": model.bottleneck.codebook,
+            "synced": model.bottleneck.synced,
+        }
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("sync,identical", [(None, True), (False, False)])
-def test_ddp_codebooks_stay_identical(tmp_path, sync, identical):
-    mp.spawn(
-        _ddp_worker, args=(2, str(tmp_path / "init"), sync, str(tmp_path)), nprocs=2, join=True
-    )
+@pytest.mark.slow
+def test_ddp_codebooks_stay_identical(tmp_path):
+    """Two gloo ranks, different data: auto sync keeps codebooks equal; without sync they drift."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert r0["synced"] == r1["synced"] == identical
-    assert torch.equal(r0["codebook"], r1["codebook"]) == identical
+    assert r0["None"]["synced"] and r1["None"]["synced"]
+    assert torch.equal(r0["None"]["codebook"], r1["None"]["codebook"])
+    assert not r0["False"]["synced"]
+    assert not torch.equal(r0["False"]["codebook"], r1["False"]["codebook"])  # the check can fail

@@ -200,7 +200,7 @@ def test_overfit_one_batch_continuous(lam_run, data):
     first, last = _overfit(module, frames, 150)
     assert last < first / 10, (first, last)
     # it learned each window's latent, not just their mean
-    assert last < spread / 5, (last, spread)
+    assert last < spread / 3, (last, spread)
 
 
 def test_overfit_one_batch_codes(data, lam_run):
@@ -216,7 +216,7 @@ def test_overfit_one_batch_codes(data, lam_run):
     module = _module(lam, lam_run, data, "policy.target=codes")
     codes = module.label(frames)["codes"]  # (8, heads)
     assert codes.unique().numel() >= 2, "degenerate targets: every window has the same code"
-    first, last = _overfit(module, frames, 150)
+    first, last = _overfit(module, frames, 60)
     assert last < first / 10, (first, last)
     module.eval()
     with torch.no_grad():

@@ -92,16 +92,19 @@ def _shard_files(out: Path) -> set[str]:
 
 
 def reference_run(cmd: list[str], out: Path, env: dict | None = None) -> float:
-    """Run ``cmd`` uninterrupted; return how long it wrote shards (first shard file to exit)."""
+    """Run ``cmd`` uninterrupted; return how long it wrote: first shard file to the manifest."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env or ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    first = None
+    first = last = None
     while proc.poll() is None:
+        now = time.monotonic()
         if first is None and _shard_files(out):
-            first = time.monotonic()
-        time.sleep(0.002)
+            first = now
+        if last is None and (out / "manifest.json").exists():
+            last = now
+        time.sleep(0.001)
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
-    return time.monotonic() - (first or time.monotonic())
+    return (last or time.monotonic()) - (first or time.monotonic())
 
 
 def kill_then_finish(
@@ -133,7 +136,7 @@ def kill_then_finish(
             while not _shard_files(out) - before and proc.poll() is None:
                 assert time.monotonic() < deadline, "the command wrote nothing for 3 minutes"
                 time.sleep(0.002)
-            time.sleep(rng.uniform(0.0, work_s))
+            time.sleep(rng.uniform(0.0, 1.2 * work_s))
         _kill_group(proc)
         seen.append(sorted(_shard_files(out)))
         assert_only_whole_shards(out, ref)
@@ -281,10 +284,16 @@ def assert_full_disk_left_no_half_shard(out: Path) -> None:
         assert sum(1 for _ in iter_tar_samples(p)) > 0
 
 
+def half_of(dataset: Path) -> str:
+    """A tmpfs size that holds about half the shards of ``dataset``: the disk fills mid-run."""
+    total = sum(p.stat().st_size for p in dataset.glob("shard-*.tar"))
+    return f"{max(total // 2, 16384) // 1024}k"
+
+
 def test_record_on_a_full_disk_fails_clearly_keeping_only_whole_shards(tmp_path, capsys):
     ref = tmp_path / "ref"
     record_dataset("procgen:bigfish", ref, progress=False, verbose=False, **RECORD_KW)
-    with tmpfs(tmp_path / "disk", "96k") as disk:
+    with tmpfs(tmp_path / "disk", half_of(ref)) as disk:
         out = disk / "rec"
         with pytest.raises(SystemExit) as e:
             record_main([*RECORD, "--out", str(out), "--no-progress"])
@@ -292,24 +301,26 @@ def test_record_on_a_full_disk_fails_clearly_keeping_only_whole_shards(tmp_path,
         err = capsys.readouterr().err
         assert "No space left on device" in err and str(out / "shard-") in err, err
         assert_full_disk_left_no_half_shard(out)
-        assert list(out.glob("shard-*.tar")), "the disk should hold a shard or two"
+        assert list(out.glob("shard-*.tar")), "half the disk should hold a shard or two"
         assert_only_whole_shards(out, ref)  # what was written is exactly the uninterrupted bytes
 
 
 def test_shard_videos_on_a_full_disk_fails_clearly(tmp_path, video_src, capsys):
-    with tmpfs(tmp_path / "disk", "48k") as disk:
+    args = ["--size", "64", "--clip-frames", "8", "--shard-bytes", "1", "--workers", "1",
+            "--no-progress"]  # fmt: skip
+    assert shard_main([str(video_src), str(tmp_path / "ref"), *args]) == 0
+    capsys.readouterr()
+    with tmpfs(tmp_path / "disk", half_of(tmp_path / "ref")) as disk:
         out = disk / "ds"
-        code = shard_main([str(video_src), str(out), "--size", "64", "--clip-frames", "8",
-                           "--shard-bytes", "1", "--workers", "1", "--no-progress"])  # fmt: skip
+        code = shard_main([str(video_src), str(out), *args])
         err = capsys.readouterr().err
         assert code == 2 and "No space left on device" in err and str(out) in err, err
         assert_full_disk_left_no_half_shard(out)
 
 
 def test_label_on_a_full_disk_fails_clearly(tmp_path, labelling, capsys):
-    data, run = labelling
-    size = sum(p.stat().st_size for p in data.glob("*.tar")) // 2
-    with tmpfs(tmp_path / "disk", f"{max(size, 16384) // 1024}k") as disk:
+    data, run = labelling  # labelled shards are larger than these: half of them cannot fit
+    with tmpfs(tmp_path / "disk", half_of(data)) as disk:
         out = disk / "labelled"
         argv = ["label", "--model", str(run), "--data", str(data), "--out", str(out),
                 "--device", "cpu", "--no-progress"]  # fmt: skip

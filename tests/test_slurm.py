@@ -182,3 +182,46 @@ def test_sigusr1_requeues_and_the_job_resumes(cluster, tmp_path):
     assert "--resume" in log.split("(restart 1)")[1].splitlines()[0]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == steps and metrics["finished"] is True
+
+
+def test_shard_array_and_merge(cluster, tmp_path):
+    import numpy as np
+
+    from lapo.shards import read_manifest
+    from lapo.video import encode_video
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    lines = []
+    rng = np.random.default_rng(0)
+    for i in range(5):  # five short videos with a moving bar, each with its actions
+        t = 12 + 4 * i
+        frames = np.zeros((t, 32, 48, 3), np.uint8)
+        for j in range(t):
+            frames[j, :, (3 * j) % 48] = 255
+        (src / f"v{i}.mp4").write_bytes(encode_video(frames, 15))
+        np.save(src / f"v{i}.actions.npy", rng.integers(0, 3, t).astype(np.int64))
+        lines.append(str(src / f"v{i}.mp4"))
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "dataset"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["SBATCH_EXTRA"] = f"--cpus-per-task=1 --output={tmp_path}/slurm-%x-%A_%a.out"
+    res = subprocess.run(
+        ["bash", str(ROOT / "slurm/shard.sbatch"), str(tmp_path / "list.txt"), str(out), "2",
+         "--", "--size", "32", "--clip-frames", "8"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    merge_job = re.search(r"merge (\d+)", res.stdout).group(1)
+    state = wait(merge_job, timeout=600)
+    logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert state == "COMPLETED", logs[-4000:]
+    assert "shard slice 0/2: 3 videos" in logs and "shard slice 1/2: 2 videos" in logs
+    m = read_manifest(out)
+    parts = [read_manifest(p) for p in sorted((out / ".parts").glob("part-*[0-9]"))]
+    assert m["num_samples"] == sum(p["num_samples"] for p in parts) > 0
+    assert [s["name"] for s in m["shards"]] == [
+        f"shard-{i:06d}.tar" for i in range(len(m["shards"]))
+    ]
+    assert all((out / s["name"]).is_file() for s in m["shards"])
+    assert m["action_space"] == {"type": "discrete", "n": 3} and m["height"] == 32

@@ -162,7 +162,7 @@ class LatentActionModel(nn.Module):
             logs.update(sup_logs)
 
         logs.update(codebook_stats(q.codes, self.num_codes))
-        logs["latent_std"] = latent.std(dim=0).mean()
+        logs["latent_std"] = latent.std(dim=0, correction=0).mean()
         logs["loss"] = loss
         logs = {k: v.detach().float() for k, v in logs.items()}
         return loss, logs, (pred_next.detach() if exists(pred_next) else None)

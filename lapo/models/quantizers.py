@@ -90,14 +90,17 @@ class VQBottleneck(nn.Module):
         self.vq = self._build(self.synced)
 
     def _build(self, sync: bool) -> VectorQuantize:
+        if not sync:
+            return VectorQuantize(**self._kwargs, sync_codebook=False)
         try:
-            return VectorQuantize(**self._kwargs, sync_codebook=sync)
-        except AssertionError as e:
+            return VectorQuantize(**self._kwargs, sync_codebook=True)
+        except AssertionError as e:  # the library refuses k-means init of several synced codebooks
             raise ValueError(
                 f"lapo/models/quantizers.py: cannot build a synced VQ codebook ({e}); with several "
                 "processes set model.vq_kmeans_init=false or model.vq_heads=1"
             ) from e
 
+    @torch.compiler.disable  # a module swap is no business of a compiled graph
     def _resolve_sync(self) -> None:
         """Turn on codebook all-reduce if a process group appeared after construction."""
         if self._sync_fixed or self.synced or not _distributed_world():
