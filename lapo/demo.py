@@ -237,7 +237,21 @@ class Pipeline:
 
 
 def _user_facing(argv: list[str]) -> list[str]:
-    """`lapo.cli pretrain ...` -> `lapo pretrain ...`; `data_prep.x` -> `python -m data_prep.x`."""
+    """`lapo.cli pretrain ...` -> `lapo pretrain ...`; `data_prep.x` -> `python -m data_prep.x`.
+
+    Paths inside the current directory are shown relative to it, as a user would type them.
+    """
+    cwd = Path.cwd()
+
+    def short(a: str) -> str:
+        if a.startswith("/"):
+            try:
+                return Path(a).relative_to(cwd).as_posix()
+            except ValueError:
+                return a
+        return a
+
+    argv = [short(a) for a in argv]
     if argv[0] == "lapo.cli":
         return ["lapo", *argv[1:]]
     return ["python", "-m", *argv]
@@ -278,6 +292,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.fresh and Path(args.out).exists():
-        shutil.rmtree(args.out)
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        # only ever delete what a demo wrote
+        if not (out / "commands.json").exists() and not (out / "data").exists():
+            raise SystemExit(
+                f"lapo demo: --fresh refuses to delete {out}: it is not a demo directory"
+            )
+        shutil.rmtree(out)
     return Pipeline(args).main()

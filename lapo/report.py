@@ -114,24 +114,30 @@ def _read_csv_logs(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_curves(out: Path, dest: Path) -> Path | None:
-    """Training curves of stage 1 and stage 2 from their CSV logs."""
-    panels = []
-    for run, title, prefer in (
-        ("lam", "stage 1: latent action model", ("loss", "psnr", "probe_acc")),
-        ("policy", "stage 2: latent policy", ("loss",)),
-    ):
-        s = _read_csv_logs(out / run)
-        keys = [k for k in sorted(s) if any(p in k for p in prefer) and "step" not in k]
-        if keys:
-            panels.append((title, s, keys[:4]))
+    """Training curves from the CSV logs: stage-1 losses, stage-1 PSNR vs copy, stage-2 loss."""
+    lam, pol = _read_csv_logs(out / "lam"), _read_csv_logs(out / "policy")
+    panels = [
+        ("stage 1: losses", lam, ["train/loss", "train/fdm_mse", "val/loss"], True),
+        (
+            "stage 1: world model PSNR (dB)",
+            lam,
+            ["train/psnr", "train/psnr_copy", "val/psnr"],
+            False,
+        ),
+        ("stage 2: latent policy loss", pol, ["train/loss", "val/loss"], True),
+    ]
+    panels = [(t, s, [k for k in ks if len(s.get(k, [])) > 0], log) for t, s, ks, log in panels]
+    panels = [p for p in panels if p[2]]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
-    for ax, (title, s, keys) in zip(axes[0], panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.3), squeeze=False)
+    for ax, (title, series, keys, log) in zip(axes[0], panels):
         for k in keys:
-            xs, ys = zip(*sorted(s[k]))
-            ax.plot(xs, ys, label=k)
-        ax.set_title(title)
+            xs, ys = zip(*sorted(series[k]))
+            ax.plot(xs, ys, label=k, marker="o" if len(xs) < 10 else None, markersize=3)
+        if log and all(y > 0 for k in keys for _, y in series[k]):
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -155,13 +161,14 @@ def _find(out: Path, patterns: list[str]) -> Path | None:
     return None
 
 
-def _img_html(path: Path | None, caption: str) -> str:
+def _img_html(path: Path | None, caption: str, pixel_art: bool = False) -> str:
     if path is None or not path.is_file():
         return f"<p class='missing'>{html.escape(caption)}: not produced</p>"
     mime = "image/gif" if path.suffix == ".gif" else "image/png"
     data = base64.b64encode(path.read_bytes()).decode()
     return (
-        f"<figure><img src='data:{mime};base64,{data}' alt='{html.escape(caption)}'>"
+        f"<figure><img class='{'px' if pixel_art else ''}' src='data:{mime};base64,{data}' "
+        f"alt='{html.escape(caption)}'>"
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
 
@@ -174,7 +181,7 @@ h1{font-size:1.7em;margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px sol
 table{border-collapse:collapse;margin:.8em 0} th,td{border:1px solid #ccd;padding:.35em .8em;text-align:right}
 th:first-child,td:first-child{text-align:left} thead{background:#eef1f7}
 tbody tr:first-child{font-weight:600}
-figure{margin:1em 0} img{max-width:100%;image-rendering:pixelated;border:1px solid #dde}
+figure{margin:1em 0} img{max-width:100%;border:1px solid #dde} img.px{image-rendering:pixelated;min-width:420px}
 figcaption{color:#556;font-size:.9em}
 pre{background:#f5f6f9;padding:.8em;overflow-x:auto;font-size:.85em;border-radius:4px}
 .missing{color:#a33}
@@ -232,12 +239,12 @@ def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: s
         "<h2>Training</h2>",
         _img_html(curves, "Training curves"),
         "<h2>World model</h2>",
-        _img_html(wm_strip, "o[t], predicted o[t+1], true o[t+1]"),
+        _img_html(wm_strip, "o[t], predicted o[t+1], true o[t+1]", pixel_art=True),
         "<h2>Latent actions</h2>",
         _img_html(latent_2d, "Latent actions in 2D, coloured by true action"),
         _img_html(budget, "Decoder accuracy against label budget"),
         "<h2>Rollout</h2>",
-        _img_html(rollout, "Rollout of the final policy"),
+        _img_html(rollout, "Rollout of the final policy", pixel_art=True),
         "<h2>Commands</h2>",
         f"<pre>{cmds}</pre>",
     ]
