@@ -139,6 +139,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating (plain, Lightning) pairs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. trainer.log_every_n_steps=1 (the procgen config logs every 50)",
+    )
+    p.add_argument(
         "--out", default="/tmp/lapo-bench-train-step", help="scratch run directory for the Trainer"
     )
     args = p.parse_args()

@@ -174,7 +174,7 @@ class Pipeline:
              "--out", str(lam), "--set", f"trainer.max_steps={self.steps(sc.lam_steps)}",
              "--set", f"trainer.seed={a.seed}"],
             lam / "model.safetensors",
-            lambda: _metrics_line(lam / "metrics.json", ["psnr", "psnr_copy", "probe_acc", "perplexity"]),
+            lambda: _metrics_line(lam / "metrics.json", ["val/psnr", "val/psnr_copy", "val/probe_acc", "val/probe_majority", "val/perplexity"]),
         )  # fmt: skip
         pol = self.out / "policy"
         self.run_stage(
@@ -183,7 +183,7 @@ class Pipeline:
              "--config", str(CONFIGS / "policy" / "demo.yaml"),
              "--set", f"trainer.max_steps={self.steps(sc.policy_steps)}", "--set", f"trainer.seed={a.seed}"],
             pol / "policy.safetensors",
-            lambda: _metrics_line(pol / "metrics.json", ["loss", "val_loss"]),
+            lambda: _metrics_line(pol / "metrics.json", ["train/loss", "val/loss", "val/latent_mse_baseline"]),
         )  # fmt: skip
         ft_common = ["--labeled", str(labeled), "--label-budget", str(sc.label_budget),
                      "--config", str(CONFIGS / "finetune" / "demo.yaml"),
@@ -194,14 +194,14 @@ class Pipeline:
             ["lapo.cli", "finetune", "--lam", str(lam), "--policy", str(pol), "--finetune-policy",
              "--out", str(agent), *ft_common],
             agent / "agent.json",
-            lambda: _metrics_line(agent / "metrics.json", ["decoder_accuracy", "val_accuracy"]),
+            lambda: _metrics_line(agent / "metrics.json", ["decoder_accuracy", "act_accuracy", "majority_baseline"]),
         )  # fmt: skip
         bc = self.out / "bc"
         self.run_stage(
             "finetune bc",
             ["lapo.cli", "finetune", "--method", "bc", "--out", str(bc), *ft_common],
             bc / "agent.json",
-            lambda: _metrics_line(bc / "metrics.json", ["val_accuracy"]),
+            lambda: _metrics_line(bc / "metrics.json", ["act_accuracy", "majority_baseline"]),
         )  # fmt: skip
         labelled = self.out / "data" / "heldout_labelled"
         self.run_stage(

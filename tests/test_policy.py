@@ -258,7 +258,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*LAPO, *args], capture_output=True, text=True, timeout=400, cwd=ROOT)
 
 
-@pytest.mark.slow
 def test_cli_end_to_end(lam_run, data, tmp_path):
     run = tmp_path / "policy"
     res = _cli("train-policy", "--lam", str(lam_run), "--data", str(data), "--out", str(run),
