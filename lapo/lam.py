@@ -68,8 +68,7 @@ class LAMModule(StageModule):
         self.model = LatentActionModel(cfg.model, **self.model_kwargs)
         # plain dicts only: checkpoints stay loadable with torch.load(weights_only=True)
         self.save_hyperparameters({"config": to_dict(cfg), "model_kwargs": self.model_kwargs})
-        self._val_counts: Tensor | None = None
-        self._val_probe: list[tuple[Tensor, Tensor, list[str]]] = []
+        self.on_validation_epoch_start()  # the val accumulators exist from the start
 
     # ------------------------------------------------------------------ training
 

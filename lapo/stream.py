@@ -93,9 +93,23 @@ def split_note(num_shards: int, world_size: int, num_workers: int) -> str | None
     )
 
 
-def _in_slot(samples: Iterator[dict], slots: int, slot: int) -> Iterator[dict]:
+def rank_portion(
+    num_shards: int, rank: int, world_size: int, num_workers: int
+) -> tuple[list[int], int, range]:
+    """All that a rank's workers read together: (shard ids, slots, slots kept).
+
+    The union of ``split_plan`` over the rank's workers; with fewer shards than
+    ranks the rank keeps the clips of its workers' slots ``rank * workers + w``.
+    """
+    if num_shards >= world_size:
+        return list(range(rank, num_shards, world_size)), 1, range(1)
+    first = rank * num_workers
+    return list(range(num_shards)), world_size * num_workers, range(first, first + num_workers)
+
+
+def _in_slot(samples: Iterator[dict], slots: int, keep: range) -> Iterator[dict]:
     for sample in samples:
-        if zlib.crc32(sample["__key__"].encode()) % slots == slot:
+        if zlib.crc32(sample["__key__"].encode()) % slots in keep:
             yield sample
 
 
@@ -165,58 +179,118 @@ class WindowDataset(IterableDataset):
         if stop is not None and stop <= start:
             return
         ids, slots, slot = split_plan(len(self.urls), self.rank, self.world_size, worker, workers)
-        urls = [self.urls[i] for i in ids]
+        plan = (ids, slots, range(slot, slot + 1))
         seq = np.random.SeedSequence(
             [self.cfg.seed, self.epoch, self.rank, worker, int(self.train)]
         )
         shard_seed, window_seed, shuffle_seed = (int(s) for s in seq.generate_state(3))
         row = worker % self.stats.table.shape[0]
-        idle = {"shards": 0}  # shards opened since the last window (training guard)
 
         def on_tar_error(exn: Exception) -> bool:
             self.stats.add(row, "tar_error")
             warn_bad(f"shard data ({type(exn).__name__}: {exn})")
             return True
 
-        def watch(src: Iterator[dict]) -> Iterator[dict]:
-            for item in src:
-                idle["shards"] += 1
-                if idle["shards"] > 4 * len(urls) + 16:
-                    raise DatasetError(
-                        f"rank {self.rank} worker {worker}: {idle['shards']} shards opened without one "
-                        f"usable window (all corrupt, or clips shorter than the window?): {urls[:3]} "
-                        f"... ; {self.stats.summary()}"
-                    )
-                yield item
+        def pipeline(plan: tuple[list[int], int, range], batched: bool = True) -> Iterator[dict]:
+            """Items of one pass over (shard ids, slots, slots kept); windows when not batched."""
+            ids, slots, keep = plan
+            urls = [self.urls[i] for i in ids]
+            idle = {"shards": 0}  # shards opened since the last window (training guard)
+
+            def watch(src: Iterator[dict]) -> Iterator[dict]:
+                for item in src:
+                    idle["shards"] += 1
+                    if idle["shards"] > 4 * len(urls) + 16:
+                        raise DatasetError(
+                            f"rank {self.rank} worker {worker}: {idle['shards']} shards opened without "
+                            f"one usable window (all corrupt, or clips shorter than the window?): "
+                            f"{urls[:3]} ... ; {self.stats.summary()}"
+                        )
+                    yield item
+
+            if self.train:
+                source = wds.ResampledShards(
+                    urls, seed=shard_seed, worker_seed=_zero, deterministic=True
+                )
+            else:
+                source = wds.SimpleShardList(urls)
+            stages: list = [source, watch, wds.tarfile_to_samples(handler=on_tar_error)]
+            if slots > 1:
+                stages.append(lambda src: _in_slot(src, slots, keep))
+            rng = np.random.default_rng(window_seed) if self.train else None
+            stages.append(lambda src: self._windows(src, row, rng, idle))
+            if self.train:
+                buf = self.cfg.shuffle_buffer
+                stages.append(wds.shuffle(buf, initial=buf, rng=random.Random(shuffle_seed)))
+            if batched and self.batch_size:
+                if self.ring is not None and info is not None:
+                    collate = partial(self._collate_to_ring, physical)
+                else:
+                    collate = partial(collate_windows, shared=info is not None)
+                stages.append(
+                    wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)
+                )
+            elif batched:
+                stages.append(wds.map(single_window))
+            return iter(wds.DataPipeline(*stages))
 
         if self.train:
-            source = wds.ResampledShards(
-                urls, seed=shard_seed, worker_seed=_zero, deterministic=True
-            )
+            items = pipeline(plan)
         else:
-            source = wds.SimpleShardList(urls)
-        stages: list = [source, watch, wds.tarfile_to_samples(handler=on_tar_error)]
-        if slots > 1:
-            stages.append(lambda src: _in_slot(src, slots, slot))
-        rng = np.random.default_rng(window_seed) if self.train else None
-        stages.append(lambda src: self._windows(src, row, rng, idle))
-        if self.train:
-            buf = self.cfg.shuffle_buffer
-            stages.append(wds.shuffle(buf, initial=buf, rng=random.Random(shuffle_seed)))
-        if self.batch_size:
-            if self.ring is not None and info is not None:
-                collate = partial(self._collate_to_ring, physical)
-            else:
-                collate = partial(collate_windows, shared=info is not None)
-            stages.append(
-                wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)
-            )
-        else:
-            stages.append(wds.map(single_window))
-        for item in islice(wds.DataPipeline(*stages), start, stop):
+            items = self._validation(pipeline, plan, worker, workers, stop)
+        for item in islice(items, start, stop):
             if self.batch_size:
                 self.stats.add(row, "batches")
             yield item if self.numpy_fields else as_tensors(item)
+
+    def _validation(
+        self,
+        pipeline: Callable,
+        own: tuple[list[int], int, range],
+        worker: int,
+        workers: int,
+        stop: int | None,
+    ) -> Iterator[dict]:
+        """One worker's validation items: never none for a whole rank, exactly ``stop`` if capped.
+
+        A worker reads its own part of the rank's portion. With a cap (``val_batches``),
+        it repeats that pass in the same order until it has served its ``stop`` items;
+        if its part holds no window it cycles over the rank's whole portion instead,
+        and over the whole validation set if the rank's portion is empty too (a split
+        with fewer shards than ranks, or too few clips). Uncapped, it makes one pass;
+        if the rank's whole portion is empty, its first worker serves one (partial)
+        batch from the start of the whole set. So every rank validates on at least one
+        batch, the same number on every rank when capped, and ranks that reduce
+        metrics at the end of the pass all join in.
+        """
+        n = len(self.urls)
+        rank_part = rank_portion(n, self.rank, self.world_size, workers)
+        whole = (list(range(n)), 1, range(1))
+        if stop is None:
+            served = 0
+            for item in pipeline(own):
+                served += 1
+                yield item
+            if served or worker != 0:
+                return
+            if rank_part != own and next(pipeline(rank_part, batched=False), None) is not None:
+                return  # another worker of this rank has windows
+            if whole != rank_part:
+                yield from islice(pipeline(whole), 1)
+            return
+        served = 0
+        for plan in [own] + [p for p in (rank_part, whole) if p != own]:
+            while served < stop:
+                before = served
+                for item in pipeline(plan):
+                    served += 1
+                    yield item
+                    if served == stop:
+                        return
+                if served == before:
+                    break  # no window in this pass
+            if served:
+                return  # (a pass that gave nothing after one that did: unreadable now; stop)
 
     def _collate_to_ring(self, physical: int, windows: list[dict]) -> dict:
         address = self.ring.put(physical, [w["frames"] for w in windows])

@@ -10,7 +10,13 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import zlib
 from collections import Counter
 
 import lightning.pytorch as pl
@@ -28,11 +34,14 @@ from lapo.data import (
     make_loader,
     share,
     split_plan,
+    split_train_val,
 )
 from lapo.ring import BatchRing
 from lapo.shards import iter_tar_samples
+from lapo.stream import rank_portion
 from lapo.windows import BadDataWarning
 from tests.datagen import frame_episode, frame_time, make_dataset
+from tests.test_ddp import ROOT, free_port
 
 
 def cfg_for(path, **kw) -> DataConfig:
@@ -199,6 +208,90 @@ def test_validation_covers_every_window_once_across_ranks(tmp_path, shards):
 def test_val_batches_caps_each_rank(discrete):
     cfg = cfg_for(discrete.path, val_batches=3, val_shards=0)
     assert len(list(make_loader(cfg.path, cfg, train=False))) == 3
+
+
+@pytest.mark.parametrize("shards,ranks,workers", [(8, 2, 2), (3, 2, 2), (1, 3, 2), (1, 2, 1)])
+def test_rank_portion_is_what_the_rank_workers_read_together(shards, ranks, workers):
+    for r in range(ranks):
+        union = set()
+        for w in range(workers):
+            ids, slots, slot = split_plan(shards, r, ranks, w, workers)
+            union |= {(i, v) for i in ids for v in range(60) if v % slots == slot}
+        ids, slots, keep = rank_portion(shards, r, ranks, workers)
+        assert union == {(i, v) for i in ids for v in range(60) if v % slots in keep}
+
+
+def _val_owners(ds, val_urls, ranks: int, workers: int) -> dict[str, int]:
+    """The rank that reads each validation clip in its own part, by the key-hash rule."""
+    shard_of = {int(u[-10:-4]) for u in val_urls}
+    owners = {}
+    for key, clip in ds.clips.items():
+        if clip["shard"] not in shard_of:
+            continue
+        for r, w in itertools.product(range(ranks), range(workers)):
+            _, slots, slot = split_plan(len(val_urls), r, ranks, w, workers)
+            if zlib.crc32(key.encode()) % slots == slot:
+                owners[key] = r
+    return owners
+
+
+@pytest.mark.parametrize("shards,clips,workers", [(2, 1, 2), (3, 1, 2), (2, 2, 2), (3, 1, 0)])
+@pytest.mark.parametrize("val_batches", [5, 0])
+def test_every_rank_validates_on_the_same_nonzero_number_of_batches(
+    tmp_path, shards, clips, workers, val_batches
+):
+    ds = make_dataset(tmp_path, shards=shards, clips_per_shard=clips, clip_frames=12)
+    cfg = cfg_for(tmp_path, num_workers=workers, val_shards=1, val_batches=val_batches)
+    _, val = split_train_val(cfg)
+    assert len(val.urls) == 1
+    owners = _val_owners(ds, val.urls, 2, max(workers, 1))
+    if clips == 1:  # the case that left a rank without batches: its portion is empty
+        assert set(owners.values()) != {0, 1}
+    held_out = all_windows(ds, 2, 1) & {(k, s) for k in owners for s in range(12)}
+    counts, own = [], set()
+    for rank in range(2):
+        loader = make_loader(val.urls, cfg, train=False, rank=rank, world_size=2, info=val)
+        batches = list(loader)
+        again = list(loader)  # deterministic: a second pass serves the very same batches
+        assert [b["key"] for b in again] == [b["key"] for b in batches]
+        assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(again, batches))
+        got = []
+        for b in batches:
+            assert 0 < len(b["key"]) <= cfg.batch_size
+            assert [frame_time(w[0]) for w in b["frames"].numpy()] == b["start"].tolist()
+            got += [(k, int(s)) for k, s in zip(b["key"], b["start"])]
+        assert set(got) <= held_out
+        counts.append(len(batches))
+        own |= {w for w in got if owners[w[0]] == rank}
+    if val_batches:
+        assert counts == [val_batches, val_batches]
+    else:
+        assert min(counts) >= 1
+        assert own == held_out  # each rank still reads its whole portion
+
+
+def test_validation_smaller_than_a_batch_gives_every_rank_a_partial_batch(tmp_path):
+    ds = make_dataset(tmp_path, shards=1, clips_per_shard=1, clip_frames=8)
+    windows = sorted(all_windows(ds, 2, 1))
+    assert 0 < len(windows) < 16
+    for val_batches, want in ((0, 1), (2, 2)):
+        cfg = cfg_for(tmp_path, batch_size=16, num_workers=2, val_shards=0, val_batches=val_batches)
+        for rank in range(2):
+            batches = list(make_loader(cfg.path, cfg, train=False, rank=rank, world_size=2))
+            assert len(batches) == want
+            for b in batches:
+                assert sorted(zip(b["key"], b["start"].tolist())) == windows
+
+
+def test_capped_validation_cycles_over_the_rank_portion_in_order(discrete):
+    cfg = cfg_for(discrete.path, val_shards=0, val_batches=0)
+    one_pass = collect(make_loader(cfg.path, cfg, train=False))
+    per_pass = -(-len(one_pass) // cfg.batch_size)
+    capped = DataConfig(**{**cfg.__dict__, "val_batches": 2 * per_pass + 1})
+    batches = list(make_loader(cfg.path, capped, train=False))
+    assert len(batches) == 2 * per_pass + 1
+    first = [(k, int(s)) for k, s in zip(batches[0]["key"], batches[0]["start"])]
+    assert collect(batches) == one_pass + one_pass + first
 
 
 def test_training_stream_is_a_function_of_seed_and_epoch(discrete):
@@ -483,3 +576,74 @@ def test_lightning_resumes_mid_epoch_on_the_same_batches(discrete, tmp_path):
     assert sorted(resumed.by_step) == [4]
     assert resumed.by_step[4] == whole.by_step[4]
     assert [first.by_step[i] for i in range(4)] == [whole.by_step[i] for i in range(4)]
+
+
+# Runs on every rank: validation logs with sync_dist=True, so a rank without batches would
+# leave the others waiting in the end-of-pass all-reduce.
+_DDP_WORKER = """
+import sys
+import lightning.pytorch as pl
+import torch
+from lapo.config import DataConfig
+from lapo.data import VideoDataModule
+
+class Probe(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.val_batches = 0
+    def training_step(self, batch, _):
+        return (self.w - batch["frames"].float().mean() / 255).pow(2).sum()
+    def validation_step(self, batch, _):
+        self.val_batches += 1
+        self.log("val/mean", batch["frames"].float().mean(), sync_dist=True)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+cfg = DataConfig(path=sys.argv[1], batch_size=4, num_workers=2, val_shards=1,
+                 val_batches=int(sys.argv[2]), batches_per_epoch=2, shuffle_buffer=8)
+model = Probe()
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0)
+trainer.fit(model, datamodule=VideoDataModule(cfg))
+print(f"rank {trainer.global_rank}: {model.val_batches} val batches", flush=True)
+"""
+
+
+def _only_first_val_clip(sample: dict) -> dict | None:
+    key = sample["__key__"]
+    return None if key.startswith("rec002") and key != "rec002__c00000" else sample
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("val_batches", [3, 0])
+def test_ddp_ranks_all_validate_on_a_one_clip_split(tmp_path, val_batches):
+    """Two gloo ranks, one validation shard whose only clip belongs to rank 1 by key."""
+    ds = make_dataset(tmp_path / "data", shards=3, clips_per_shard=6, mutate=_only_first_val_clip)
+    _, val = split_train_val(cfg_for(ds.path, num_workers=2, val_shards=1))
+    assert set(_val_owners(ds, val.urls, 2, 2).values()) == {1}
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={free_port()}", str(script), str(ds.path), str(val_batches),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only the launcher
+        out, _ = proc.communicate()
+        pytest.fail(f"DDP validation hung:\n{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    counts = [int(re.search(rf"rank {r}: (\d+) val batches", out).group(1)) for r in (0, 1)]
+    if val_batches:
+        assert counts == [2 * val_batches] * 2  # two validation passes (one per epoch)
+    else:
+        assert min(counts) >= 2

@@ -44,8 +44,6 @@ def _install() -> None:
 
 
 def _write_conf() -> None:
-    if CONF.is_file() and MARK not in CONF.read_text():
-        return  # a real cluster's configuration: use it as it is
     host = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 1
     mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
@@ -82,8 +80,23 @@ def _running(name: str) -> bool:
     return sh(f"pgrep -x {name}", check=False).returncode == 0
 
 
-def ensure_cluster() -> str | None:
-    """Start a localhost Slurm; return a reason to skip, or None when it is up."""
+PIDFILES = {
+    "munged": Path("/run/munge/munged.pid"),
+    "slurmctld": Path("/run/slurmctld.pid"),
+    "slurmd": Path("/run/slurmd.pid"),
+}
+
+
+def stop_daemons(names: list[str]) -> None:
+    """Stop the daemons this module started (by the pid each wrote), newest first."""
+    for name in reversed(names):
+        pidfile = PIDFILES[name]
+        if pidfile.is_file():
+            sh(f"kill {int(pidfile.read_text().split()[0])}", check=False)
+
+
+def ensure_cluster(started: list[str]) -> str | None:
+    """Start a localhost Slurm (appending what it started to `started`); return a reason to skip, or None."""
     if os.geteuid() != 0:
         return "needs root to run slurmctld/slurmd"
     have = all(shutil.which(b) for b in ("sbatch", "slurmctld", "slurmd", "munged"))
@@ -93,6 +106,9 @@ def ensure_cluster() -> str | None:
                 "Slurm is not installed (set LAPO_SLURM_TEST=1 to apt-get install slurm-wlm munge)"
             )
         _install()
+    if CONF.is_file() and MARK not in CONF.read_text():
+        # a real cluster's configuration: submit to it, never start daemons of our own
+        return None if sh("sinfo -h", check=False).returncode == 0 else "sinfo cannot reach Slurm"
     _write_conf()
     if not Path("/etc/munge/munge.key").is_file():
         sh("/usr/sbin/mungekey --create --force || create-munge-key -f")
@@ -100,10 +116,11 @@ def ensure_cluster() -> str | None:
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         sh("chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge", check=False)
         sh("runuser -u munge -- /usr/sbin/munged")
-    if not _running("slurmctld"):
-        sh("slurmctld")
-    if not _running("slurmd"):
-        sh("slurmd")
+        started.append("munged")
+    for daemon in ("slurmctld", "slurmd"):
+        if not _running(daemon):
+            sh(daemon)
+            started.append(daemon)
     deadline = time.time() + 60
     while time.time() < deadline:
         state = sh("sinfo -h -o %t", check=False).stdout.split()
@@ -117,9 +134,14 @@ def ensure_cluster() -> str | None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = ensure_cluster()
-    if reason:
-        pytest.skip(reason)
+    started: list[str] = []
+    reason = ensure_cluster(started)
+    try:
+        if reason:
+            pytest.skip(reason)
+        yield
+    finally:
+        stop_daemons(started)  # leave the machine as it was: no daemons left behind
 
 
 def submit(tmp_path: Path, data: Path, out: Path, *extra: str) -> str:
