@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
@@ -338,7 +339,10 @@ def load_agent(run_dir: str | Path, map_location: str | torch.device = "cpu") ->
     path = run_dir / WEIGHTS
     if not path.is_file():
         raise AgentError(f"{path} does not exist")
-    missing, unexpected = load_model(agent, str(path), strict=False)
+    try:
+        missing, unexpected = load_model(agent, str(path), strict=False)
+    except SafetensorError as e:  # not safetensors (e.g. a pickle renamed): never unpickled
+        raise AgentError(f"{path}: not a safetensors file ({e})") from None
     if missing or unexpected:
         raise AgentError(
             f"{path} does not match its agent.json: missing {sorted(missing)[:6]}, "

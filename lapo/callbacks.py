@@ -5,17 +5,22 @@
 - `GracefulStop`: SIGTERM / SIGUSR1 outside Slurm -> write ``last.ckpt`` and stop at
   the end of the current step. Under Slurm, Lightning's own requeue handler owns
   SIGUSR1 and we only add the ``last.ckpt`` save on SIGTERM.
+- `RNGState`: the random number generators travel in every checkpoint, so a resumed run
+  draws the same numbers (VQ dead-code restarts, bottleneck noise) as one never stopped.
 - `KeyLog`: debug record of the sample keys each rank trained on (audits the
   loader's shard splitting across ranks).
 """
 
 from __future__ import annotations
 
+import random
 import signal
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -119,6 +124,62 @@ class GracefulStop(Callback):
             and self.saved_step != trainer.global_step
         ):
             self.save(trainer)
+
+
+class RNGState(Callback):
+    """Save the torch (CPU and CUDA), numpy and Python generators with each checkpoint.
+
+    Lightning restores weights, optimiser, scheduler, loop counters and (through the
+    loader's own ``state_dict``) the data position, but not the generators. They are
+    stored as tensors and plain numbers, so checkpoints still load with
+    ``weights_only=True``, and put back just before the first training step after a
+    resume (after the loader has started, which may draw a seed of its own).
+
+    Rank zero's generators are saved and every rank gets them back: all ranks start
+    from the same ``trainer.seed`` and draw alike, so they hold the same state anyway.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "gauss": float(gauss),
+            },
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        state, self._pending = self._pending, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+        cuda = state.get("cuda")
+        if (
+            cuda is not None
+            and torch.cuda.is_available()
+            and len(cuda) == torch.cuda.device_count()
+        ):
+            torch.cuda.set_rng_state_all(cuda)
 
 
 class KeyLog(Callback):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
 EXPORT_FORMAT_VERSION = 1
@@ -83,6 +85,54 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         atomic_torch_save(checkpoint, path)
 
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # Always tensors and plain data only, whatever the caller or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+        # asks: a checkpoint from elsewhere must never run code (every lapo checkpoint qualifies).
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(refusal(path, e)) from None
+
+
+def refusal(path: str | Path, err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    # torch's message starts with advice on loading the file unsafely; keep only the reason
+    reason = [ln for ln in lines if "Unpickler error" in ln or "Unsupported" in ln]
+    first = (reason or lines or [type(err).__name__])[0]
+    return (
+        f"{path}: refused to load: it is not a checkpoint of tensors and plain data (loaded with "
+        f"torch.load(weights_only=True), which runs no code from the file): {first}"
+    )
+
+
+def safe_torch_load(path: str | Path, *, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; a file holding code is a `CheckpointError`.
+
+    `mmap` maps the tensors instead of reading them: a cheap check of a large checkpoint.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(refusal(path, e)) from None
+    except (RuntimeError, EOFError, ValueError) as e:  # torn or not a torch file at all
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete ``.NAME.*.tmp`` files that `atomic_write` left behind when its process was killed.
+
+    Call only where no other process writes into `directory` (rank zero, at start-up).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
 
 # --------------------------------------------------------------------------- run directories
 
@@ -102,18 +152,23 @@ def resume_checkpoint(run_dir: str | Path) -> Path:
             f"--resume: no checkpoint in {run_dir} (looked for checkpoints/last.ckpt and "
             "hpc_ckpt_*.ckpt); start without --resume"
         )
-    return max(found, key=lambda p: p.stat().st_mtime_ns)
+    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+    # Read it now, tensors mapped rather than loaded: a file that holds code or is torn fails
+    # here, before any data is read, and never reaches a loader that might unpickle freely
+    # (FSDP's full-checkpoint loader does).
+    safe_torch_load(newest, mmap=True)
+    return newest
 
 
 def checkpoint_step(path: str | Path) -> int:
     """Global step stored in a Lightning checkpoint (tensors and plain data only: no pickle code)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(path)
     return int(ckpt["global_step"])
 
 
 def state_dict_from_checkpoint(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
     """The weights under `prefix` of a Lightning checkpoint, with the prefix stripped."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(path)
     state = ckpt["state_dict"]
     out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not out:
@@ -183,7 +238,10 @@ def load_weights(
     path = Path(run_dir) / f"{name}.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    missing, unexpected = load_model(model, str(path), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except SafetensorError as e:  # not safetensors (e.g. a pickle renamed): never unpickled
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
     if strict and (missing or unexpected):
         raise CheckpointError(
             f"{path} does not match {type(model).__name__}: "

@@ -118,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     # imported after parsing: keeps `lapo --help` free of torch
+    from lapo.agent import AgentError
     from lapo.checkpoint import CheckpointError
     from lapo.config import ConfigError
     from lapo.labelled import LabelledDataError
     from lapo.shards import ManifestError
     from lapo.windows import DatasetError
 
-    user_errors = (ConfigError, CheckpointError, DatasetError, LabelledDataError, ManifestError)
+    user_errors = (
+        ConfigError, CheckpointError, AgentError, DatasetError, LabelledDataError, ManifestError
+    )  # fmt: skip
     try:
         status = module.run(args)
     except (*user_errors, OSError) as e:
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         # an unwritable or full --out): one line naming it, no traceback
         print(f"lapo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a NaN/inf loss under nan_policy=stop: where it happened
+        print(f"lapo {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lapo {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -116,6 +116,8 @@ class ModelConfig:
     """World model target: pixels (U-Net, LAPO) or a learned embedding with an EMA target encoder (LAOM)."""
     fdm_channels: int = 32
     """Base width of the U-Net world model (widths are this times 1, 2, 4, 8 over four halvings)."""
+    fdm_residual: bool = False
+    """Pixel world model predicts o[t+1] - o[t] on top of o[t] (starts near a copy of o[t]); false: the frame itself through a sigmoid, as LAPO does."""
     ema_decay: float = 0.995
     """Latent world model: EMA decay of the target encoder."""
     fdm_latent_loss: Literal["cosine", "mse"] = "cosine"
@@ -359,6 +361,8 @@ class FinetuneConfig:
     """DataLoader workers (the labelled set is in memory: 0 is usually fastest)."""
     keep_checkpoints: int = 2
     """Epoch checkpoints kept per phase under RUN_F/checkpoints (older ones are deleted)."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """On a NaN/inf loss or gradient: skip the step, or stop naming the phase, epoch, step and batch."""
     progress: bool = True
     """Show a progress bar (main process only)."""
     seed: int = 0
@@ -507,7 +511,11 @@ def parse_overrides(pairs: list[str] | None) -> dict:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r}: expected key=value, e.g. trainer.max_steps=100")
         key, raw = pair.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key.strip()}: {_yaml_fault(e)}") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -521,6 +529,17 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _yaml_fault(e: yaml.YAMLError) -> str:
+    """One line for a YAML error; a tag that would build an object is refused by name."""
+    if isinstance(e, yaml.constructor.ConstructorError) and "tag" in str(e.problem or ""):
+        where = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
+        return (
+            f"refused: {e.problem}{where}; configs are read with YAML's safe loader, which builds "
+            "no Python objects: use plain mappings, lists, strings, numbers and true/false"
+        )
+    return f"not valid YAML: {e}"
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping with the safe loader (never executes tags)."""
     path = Path(path)
@@ -529,7 +548,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
+        raise ConfigError(f"config file {path}: {_yaml_fault(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data

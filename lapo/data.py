@@ -179,8 +179,10 @@ def make_loader(
 
     ``paths``: a dataset directory, a brace/URL pattern or a list of shard URLs.
     ``train``: endless resampled stream cut to ``cfg.batches_per_epoch`` batches,
-    shuffled; otherwise one deterministic pass in order, capped at ``cfg.val_batches``
-    (0: the whole split). ``info`` skips reading the manifest again.
+    shuffled; otherwise one deterministic pass in order giving exactly ``cfg.val_batches``
+    batches on every rank (cycling when the rank's part is shorter), or with 0 the whole
+    split once, at least one batch per rank (``lapo.stream``). ``info`` skips reading
+    the manifest again.
     """
     info = info or dataset_info(paths)
     check_context(info, cfg)

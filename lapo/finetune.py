@@ -22,7 +22,11 @@ Accelerate 1.x's ``accelerate launch --cpu`` starts a single process whatever
 slurm/finetune.sbatch does this for you. Each epoch ends with an evaluation on
 held-out labelled episodes (never trained on; see lapo.labelled), a line in
 RUN_F/metrics.jsonl and a checkpoint RUN_F/checkpoints/<phase>/epoch-XXXX;
-``--resume`` continues from the newest. The result is RUN_F/agent.safetensors +
+``--resume`` continues from the newest. SIGTERM or SIGUSR1 saves
+``epoch-XXXX-batch-YYYYYY`` at the next step and exits cleanly; resuming from it
+replays the rest of that epoch in the same order, so the result equals an
+uninterrupted run's. A NaN/inf loss or gradient skips the step or stops the run
+(``nan_policy``); it never reaches the weights. The result is RUN_F/agent.safetensors +
 agent.json (self-contained: `lapo label --model RUN_F` needs nothing else) and
 RUN_F/metrics.json.
 """
@@ -33,7 +37,9 @@ import argparse
 import copy
 import json
 import math
+import pickle
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -49,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from lapo.agent import Agent, action_loss, load_agent, obs_features, policy_latent, save_agent
-from lapo.checkpoint import CheckpointError, atomic_write_text, read_model_meta
+from lapo.checkpoint import CheckpointError, atomic_write_text, read_model_meta, refusal
 from lapo.config import (
     ConfigError,
     FinetuneConfig,
@@ -181,6 +187,62 @@ def extract_latents(
 # --------------------------------------------------------------------------- the loop
 
 
+class Interrupted(Exception):
+    """A signal stopped the run after its state was saved; `--resume` continues it."""
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 set a flag; the loop acts on it between steps, where the state is whole.
+
+    Under Slurm the batch script traps USR1 (``--signal=B:USR1``) and requeues, and Slurm
+    then sends SIGTERM to the tasks: either way each process saves and exits cleanly.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignal:
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._previous[s] = signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread: no handlers, default behaviour
+                pass
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal on another process"
+
+
+def _agree(acc: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag OR-ed over all processes (one small all-reduce): every rank acts alike."""
+    if acc.num_processes == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=acc.device)
+    return [bool(v > 0) for v in acc.reduce(t, "sum")]
+
+
+def _nonfinite(cfg: FinetuneConfig, what: str, where: str, count: int) -> int:
+    """nan_policy: raise naming where, or warn and return the new count of skipped steps."""
+    if cfg.nan_policy == "stop":
+        from lapo.train import NonFiniteLossError
+
+        raise NonFiniteLossError(f"non-finite {what} at {where}; nan_policy=stop")
+    warnings.warn(
+        f"lapo finetune: skipping a step with a non-finite {what} at {where} ({count + 1} so far)",
+        stacklevel=2,
+    )
+    return count + 1
+
+
 @dataclass
 class Phase:
     name: str  # checkpoint folder and metrics prefix: decoder, policy, idm, bc
@@ -217,9 +279,17 @@ def evaluate(acc: Accelerator, model: nn.Module, loader: DataLoader, discrete: b
 
 
 def run_phase(
-    acc: Accelerator, ph: Phase, cfg: FinetuneConfig, run_dir: Path, discrete: bool
+    acc: Accelerator,
+    ph: Phase,
+    cfg: FinetuneConfig,
+    run_dir: Path,
+    discrete: bool,
+    stop: StopSignal | None = None,
 ) -> dict:
-    """Train one phase with checkpoints and per-epoch evaluation; returns its last epoch's metrics."""
+    """Train one phase with checkpoints and per-epoch evaluation; returns its last epoch's metrics.
+
+    Raises `Interrupted` once `stop` has caught a signal and the state is saved.
+    """
     root = run_dir / "checkpoints" / ph.name
     sampler = EpochSampler(len(ph.train), cfg.seed)
     train_dl = DataLoader(ph.train, cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
@@ -228,35 +298,70 @@ def run_phase(
     opt = torch.optim.AdamW(module.parameters(), lr=ph.lr, weight_decay=cfg.weight_decay)
     model, opt, train_dl, val_dl = acc.prepare(module, opt, train_dl, val_dl)
     total = ph.epochs * len(train_dl)
-    start, step, last = 0, 0, {}
+    start, step, last, resumed = 0, 0, {}, None
     done = _complete(root)
     if done:  # only present with --resume (a fresh run refuses an existing RUN_F)
-        acc.load_state(str(done[-1]))
+        _load_state(acc, done[-1])
         last = json.loads((done[-1] / "progress.json").read_text())
-        start, step = last["epoch"] + 1, last["step"]
-        acc.print(f"lapo finetune: {ph.name}: resumed after epoch {last['epoch']} (step {step})")
+        step = last["step"]
+        if "batch" in last:  # saved mid-epoch by a signal: finish that epoch first
+            start, resumed = last["epoch"], last
+            acc.print(f"lapo finetune: {ph.name}: resumed in epoch {start} after batch "
+                      f"{last['batch']} (step {step})")  # fmt: skip
+        else:
+            start = last["epoch"] + 1
+            acc.print(
+                f"lapo finetune: {ph.name}: resumed after epoch {last['epoch']} (step {step})"
+            )
+    stop, skipped = stop or StopSignal(), 0
     for epoch in range(start, ph.epochs):
         train_dl.set_epoch(epoch)
         model.train()
-        loss_sum, n = torch.zeros((), device=acc.device), 0
+        # batches already trained in this epoch (same order: EpochSampler), their loss sum
+        first = resumed["batch"] if resumed and epoch == start else 0
+        loss_sum = torch.tensor(resumed["loss_sum"] if first else 0.0, device=acc.device)
+        n = resumed["batches"] if first else 0
         bar = tqdm(train_dl, desc=f"{ph.name} {epoch + 1}/{ph.epochs}", leave=False,
                    disable=not (cfg.progress and acc.is_local_main_process))  # fmt: skip
-        for batch in bar:
+        for i, batch in enumerate(bar):
+            if i < first:
+                continue
             lr = ph.lr * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))  # cosine to 0
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = action_loss(model(batch), batch["actions"], discrete)
-            acc.backward(loss)
-            if cfg.grad_clip > 0:
-                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            stopping, bad = _agree(acc, stop.signum is not None, not bool(torch.isfinite(loss)))
+            if stopping:  # this batch is not trained: a resumed run starts with it
+                progress = {"phase": ph.name, "epoch": epoch, "batch": i, "step": step,
+                            "loss_sum": float(loss_sum), "batches": n, "signal": stop.name}  # fmt: skip
+                _save(
+                    acc, root / f"epoch-{epoch:04d}-batch-{i:06d}", progress, cfg.keep_checkpoints
+                )
+                raise Interrupted(
+                    f"{stop.name} in phase {ph.name}, epoch {epoch}, batch {i} (step {step})"
+                )
+            where = f"phase {ph.name}, epoch {epoch}, batch {i} (step {step})"
+            if bad:
+                skipped = _nonfinite(cfg, f"loss ({loss.item()})", where, skipped)
+            else:
+                acc.backward(loss)
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                norm = acc.clip_grad_norm_(model.parameters(), clip)  # of the all-reduced grads
+                # (fp16's grad scaler skips inf gradients itself)
+                if acc.scaler is None and norm is not None and not torch.isfinite(norm):
+                    skipped = _nonfinite(cfg, f"gradient norm ({float(norm)})", where, skipped)
+                else:
+                    opt.step()
+                    loss_sum, n = loss_sum + loss.detach(), n + 1
             opt.zero_grad(set_to_none=True)
-            loss_sum, n, step = loss_sum + loss.detach(), n + 1, step + 1
+            step += 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
         train_loss = acc.reduce(loss_sum / max(n, 1), "mean").item()
         val = evaluate(acc, model, val_dl, discrete)
         last = {"phase": ph.name, "epoch": epoch, "step": step, "train_loss": train_loss, "lr": lr,
                 **{f"{ph.metric}_{k}": v for k, v in val.items()}, "time": time.time()}  # fmt: skip
+        if skipped:
+            last["nonfinite_steps"] = skipped
         _save(acc, root / f"epoch-{epoch:04d}", last, cfg.keep_checkpoints)
         if acc.is_main_process:
             with open(run_dir / "metrics.jsonl", "a") as f:
@@ -265,19 +370,35 @@ def run_phase(
             f"{k} {v:.4f}" for k, v in last.items() if k.startswith(ph.metric) or k == "train_loss"
         )
         acc.print(f"{ph.name} epoch {epoch + 1}/{ph.epochs}: {shown}")
+        if _agree(acc, stop.signum is not None)[0]:  # saved just now: stop without another save
+            raise Interrupted(f"{stop.name} after phase {ph.name}, epoch {epoch} (step {step})")
     acc.wait_for_everyone()
     acc.free_memory()  # the next phase prepares its own model and optimiser
     return last
 
 
 def _save(acc: Accelerator, path: Path, progress: dict, keep: int) -> None:
+    # progress.json marks a checkpoint complete: it is removed before anything in the folder
+    # is (over)written or deleted, so a kill -9 at any point leaves no complete-looking torn one
+    if acc.is_main_process:
+        (path / "progress.json").unlink(missing_ok=True)
+    acc.wait_for_everyone()
     acc.save_state(str(path))
     acc.wait_for_everyone()
     if acc.is_main_process:
         atomic_write_text(path / "progress.json", json.dumps(progress) + "\n")  # marks it complete
         for old in _complete(path.parent)[:-keep]:
+            (old / "progress.json").unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
+
+
+def _load_state(acc: Accelerator, path: Path) -> None:
+    """Accelerate's load_state (safetensors weights; torch.load(weights_only=True) for the rest)."""
+    try:
+        acc.load_state(str(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(refusal(path, e)) from None
 
 
 # --------------------------------------------------------------------------- building a method
@@ -422,7 +543,8 @@ def final_metrics(
 # --------------------------------------------------------------------------- the run
 
 
-RESUME_FREE = ("progress", "num_workers", "keep_checkpoints", "mixed_precision", "eval_batch_size")
+RESUME_FREE = ("progress", "num_workers", "keep_checkpoints", "mixed_precision", "eval_batch_size",
+               "nan_policy")  # fmt: skip
 
 
 def _prepare_run(
@@ -510,9 +632,17 @@ def finetune(
               f"{len(split.val)} held out in {len(split.selection.heldout_episodes)} episodes")  # fmt: skip
     plan = make_plan(cfg, split, lam and str(lam), policy and str(policy), acc.device)
     discrete = split.action_space["type"] == "discrete"
-    phases = {ph.name: run_phase(acc, ph, cfg, run_dir, discrete) for ph in plan.phases}
+    try:
+        with StopSignal() as stop:
+            phases = {
+                ph.name: run_phase(acc, ph, cfg, run_dir, discrete, stop) for ph in plan.phases
+            }
+    except Interrupted as e:
+        acc.wait_for_everyone()
+        acc.print(f"lapo finetune: stopped early by {e}; state saved, resume with --resume")
+        return {"method": cfg.method, "finished": False, "stopped": str(e)}
     agent = plan.agent.to(acc.device)
-    metrics = {"method": cfg.method, **final_metrics(acc, agent, split.val, cfg), "phases": phases,
+    metrics = {"method": cfg.method, "finished": True, **final_metrics(acc, agent, split.val, cfg), "phases": phases,
                "selection": split.selection.info, "seconds": time.time() - t0,
                "num_processes": acc.num_processes}  # fmt: skip
     if acc.is_main_process:

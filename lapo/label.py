@@ -78,6 +78,7 @@ class LabelJob:
     batch_size: int
     device: str
     threads: int
+    frame_size: tuple[int, int] | None = None  # (H, W) of the dataset; other clips are skipped
 
 
 # --------------------------------------------------------------------------- windows
@@ -198,7 +199,15 @@ def _readable(src: str | Path) -> tuple[list[dict], list[dict]]:
     return samples, metas
 
 
-def label_shard(agent, src: str | Path, dst: str | Path, *, batch_size: int, device: str) -> dict:
+def label_shard(
+    agent,
+    src: str | Path,
+    dst: str | Path,
+    *,
+    batch_size: int,
+    device: str,
+    frame_size: tuple[int, int] | None = None,
+) -> dict:
     """Label every clip of shard `src` into shard `dst` (atomic); return write_shard's entry.
 
     Each clip is extended with the (k-1)*g frames before it and the g after it from
@@ -218,9 +227,11 @@ def label_shard(agent, src: str | Path, dst: str | Path, *, batch_size: int, dev
         except VideoDecodeError as e:
             why = str(e)
         else:
-            if len(frames) == int(metas[j]["num_frames"]):
+            size = tuple(frames.shape[-2:])  # (H, W)
+            if len(frames) == int(metas[j]["num_frames"]) and size == (frame_size or size):
                 return frames
-            why = f"decodes to {len(frames)} frames, its json says {metas[j]['num_frames']}"
+            why = f"decodes to {len(frames)} frames of {size}; json says {metas[j]['num_frames']}"
+            why += f" frames, the manifest {frame_size}" if frame_size else " frames"
         bad.add(j)
         _skip(src, f"clip {samples[j]['__key__']}", why)
         return None
@@ -351,18 +362,22 @@ def _init_worker(job: LabelJob) -> None:
 
 def _work(paths: tuple[str, str]) -> dict:
     job = _WORKER["job"]
-    return label_shard(_WORKER["agent"], *paths, batch_size=job.batch_size, device=job.device)
+    return label_shard(_WORKER["agent"], *paths, batch_size=job.batch_size, device=job.device,
+                       frame_size=job.frame_size)  # fmt: skip
 
 
 def shard_complete(path: Path, expected_samples: int) -> bool:
-    """An output shard counts as done when it exists, reads through, and holds at most the
-    expected clip count (fewer: input clips that could not be read were left out)."""
+    """An output shard counts as done when it exists and reads through: writes are atomic, so
+    one under its final name is whole. Its clip count may differ from `expected_samples`
+    (the input manifest's): unreadable clips are left out, and a manifest may miscount."""
     if not path.is_file():
         return False
     try:
-        return sum(1 for _ in _tar_keys(path)) <= expected_samples
+        for _ in _tar_keys(path):  # every header is read: a damaged file raises
+            pass
     except Exception:  # truncated or foreign file: label it again
         return False
+    return True
 
 
 def _tar_keys(path: Path):
@@ -412,7 +427,7 @@ def merge(data: str | Path, out: str | Path, *, made_by: dict, action_space: dic
         # same clips as the input: samples and frames carry over, bytes are the new file's
         entry = {**e, "bytes": path.stat().st_size}
         kept = sum(1 for _ in _tar_keys(path))
-        if kept < int(e["samples"]):  # unreadable input clips were left out (and warned about)
+        if kept != int(e["samples"]):  # unreadable clips left out (warned), or a miscount
             frames = sum(int(json.loads(s["json"])["num_frames"]) for s in iter_tar_samples(path))
             entry.update(samples=kept, frames=frames)
         entries.append(entry)
@@ -421,7 +436,7 @@ def merge(data: str | Path, out: str | Path, *, made_by: dict, action_space: dic
             f"lapo label: {out} lacks {len(missing)} of {len(src['shards'])} labelled shards "
             f"(first: {missing[0]}); run the missing ranks, then `lapo label --merge`"
         )
-    skipped = sum(int(e["samples"]) for e in src["shards"]) - sum(e["samples"] for e in entries)
+    skipped = sum(max(int(e["samples"]) - k["samples"], 0) for e, k in zip(src["shards"], entries))
     return write_manifest(
         out, entries, height=src["height"], width=src["width"], fps=src["fps"],
         action_space=action_space, made_by={**made_by, "skipped_clips": skipped},
@@ -473,7 +488,8 @@ def label_dataset(
         raise DatasetError(f"lapo label: {data}: manifest.json lists no clips (empty dataset)")
     rank, world, local = dist_env(rank, world_size)
     out.mkdir(parents=True, exist_ok=True)
-    job = LabelJob(str(model), batch_size, pick_device(device, local), 0)
+    size = (int(src["height"]), int(src["width"]))
+    job = LabelJob(str(model), batch_size, pick_device(device, local), 0, size)
     in_process = workers <= 1 and not merge_only
     agent = _load(job if in_process else LabelJob(str(model), batch_size, "cpu", 0))
     space = agent.action_space
@@ -488,7 +504,10 @@ def label_dataset(
     frames = 0
     if in_process:
         for p in paths:
-            frames += label_shard(agent, *p, batch_size=batch_size, device=job.device)["frames"]
+            entry = label_shard(
+                agent, *p, batch_size=batch_size, device=job.device, frame_size=size
+            )
+            frames += entry["frames"]
             bar.update(1)
             bar.set_postfix(frames=frames)
     else:

@@ -16,6 +16,17 @@ Training is an endless resampled stream cut to exactly ``batches_per_epoch``
 batches per rank, shared out over the workers, so no DDP rank waits on another.
 Epoch e of rank r, worker w is a pure function of (seed, e, r, w); the loader's
 ``state_dict`` (epoch, batches served) resumes mid-epoch exactly.
+
+Validation is one deterministic, finite pass in shard order, and no rank is left
+without batches (a rank that has none never joins the all-reduce of metrics
+logged with ``sync_dist``, and the others wait for it). With ``val_batches`` > 0
+every rank yields exactly that many: each worker repeats its part of the rank's
+portion in the same order until it has served its share, cycling over the rank's
+whole portion if its own part is empty, or over the whole validation set if the
+rank's portion is empty too (fewer shards than ranks, or too few clips). With
+``val_batches`` = 0 each rank reads its portion once, and a rank whose portion is
+empty gets the first (possibly partial) batch of the whole set. Last batches are
+partial, so a validation set smaller than one batch still gives every rank one.
 """
 
 from __future__ import annotations
@@ -123,7 +134,8 @@ class WindowDataset(IterableDataset):
     integer yields batches (frames uint8 (B, k+1, 3, H, W), actions (B,) or
     (B, D), has_action (B,), key list, start (B,)). Training yields exactly
     ``batches_per_epoch`` items per rank (batches, or windows when unbatched);
-    validation ends with the data or at ``val_batches`` (0: no cap).
+    validation exactly ``val_batches`` (repeating data if it has fewer), or with
+    ``val_batches`` 0 one pass, at least one item per rank (see the module docstring).
     """
 
     def __init__(
@@ -222,13 +234,9 @@ class WindowDataset(IterableDataset):
             if self.train:
                 buf = self.cfg.shuffle_buffer
                 stages.append(wds.shuffle(buf, initial=buf, rng=random.Random(shuffle_seed)))
-            if batched and self.batch_size:
-                if self.ring is not None and info is not None:
-                    collate = partial(self._collate_to_ring, physical)
-                else:
-                    collate = partial(collate_windows, shared=info is not None)
+            if batched and self.batch_size:  # lists of windows, collated once past the skip
                 stages.append(
-                    wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)
+                    wds.batched(self.batch_size, collation_fn=list, partial=not self.train)
                 )
             elif batched:
                 stages.append(wds.map(single_window))
@@ -238,8 +246,15 @@ class WindowDataset(IterableDataset):
             items = pipeline(plan)
         else:
             items = self._validation(pipeline, plan, worker, workers, stop)
+        if self.ring is not None and info is not None:
+            collate = partial(self._collate_to_ring, physical)
+        else:
+            collate = partial(collate_windows, shared=info is not None)
+        # Collating only what is served keeps the batches skipped on resume out of the ring,
+        # whose slots only the main process frees (a skipped batch would hold one forever).
         for item in islice(items, start, stop):
             if self.batch_size:
+                item = collate(item)
                 self.stats.add(row, "batches")
             yield item if self.numpy_fields else as_tensors(item)
 
@@ -251,18 +266,8 @@ class WindowDataset(IterableDataset):
         workers: int,
         stop: int | None,
     ) -> Iterator[dict]:
-        """One worker's validation items: never none for a whole rank, exactly ``stop`` if capped.
-
-        A worker reads its own part of the rank's portion. With a cap (``val_batches``),
-        it repeats that pass in the same order until it has served its ``stop`` items;
-        if its part holds no window it cycles over the rank's whole portion instead,
-        and over the whole validation set if the rank's portion is empty too (a split
-        with fewer shards than ranks, or too few clips). Uncapped, it makes one pass;
-        if the rank's whole portion is empty, its first worker serves one (partial)
-        batch from the start of the whole set. So every rank validates on at least one
-        batch, the same number on every rank when capped, and ranks that reduce
-        metrics at the end of the pass all join in.
-        """
+        """One worker's validation items: ``stop`` of them, cycling (the module docstring
+        says from what), or with no cap one pass, plus one batch where the rank has none."""
         n = len(self.urls)
         rank_part = rank_portion(n, self.rank, self.world_size, workers)
         whole = (list(range(n)), 1, range(1))

@@ -9,7 +9,10 @@ this file turns a `TrainerConfig` into a Trainer and runs it:
 - checkpoints: ``RUN/checkpoints/step-XXXXXXX.ckpt`` every ``ckpt_every_n_steps`` and
   ``last.ckpt``, all written atomically; ``--resume`` restores the newest one.
 - logs: TensorBoard + CSV under ``RUN/logs`` (W&B when installed and asked for).
-- safety: NaN/inf losses are skipped (and counted) or stop the run naming the step.
+- safety: NaN/inf losses (and NaN/inf gradients) are skipped (and counted) or stop the run
+  naming the step, so a non-finite value never reaches the weights or a checkpoint;
+  resumed runs restore the RNG too (`RNGState`), and checkpoints load with
+  ``weights_only=True`` only.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import signal
 import warnings
 from dataclasses import dataclass
@@ -34,9 +38,21 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from lapo.callbacks import GracefulStop, KeyLog, StepProgressBar
-from lapo.checkpoint import AtomicCheckpointIO, atomic_write_text, resume_checkpoint
-from lapo.config import OptimConfig, TrainerConfig, load_config, parse_overrides, save_config
+from lapo.callbacks import GracefulStop, KeyLog, RNGState, StepProgressBar
+from lapo.checkpoint import (
+    AtomicCheckpointIO,
+    atomic_write_text,
+    remove_stale_temporaries,
+    resume_checkpoint,
+)
+from lapo.config import (
+    ConfigError,
+    OptimConfig,
+    TrainerConfig,
+    load_config,
+    parse_overrides,
+    save_config,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,6 +93,7 @@ class StageModule(L.LightningModule):
         self.trainer_cfg = trainer_cfg
         self.compile_enabled = False  # set by `fit` once the hardware is known
         self.nonfinite_steps = 0
+        self._where: str | None = None  # step, batch and keys of the batch being trained on
 
     def configure_model(self) -> None:
         if not self.compile_enabled:
@@ -113,6 +130,14 @@ class StageModule(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(
                 self.parameters(), clip if clip > 0 else float("inf")
             )
+        if not torch.isfinite(norm) and self.trainer.precision != "16-mixed":
+            # A finite loss can still give inf/NaN gradients; AdamW would spread them into every
+            # weight. (16-mixed is exempt: its grad scaler skips such steps by design.) The
+            # norm is of the all-reduced gradients, so every rank takes the same decision.
+            self.nonfinite_event(f"gradient norm {float(norm)}")
+            for p in self.parameters():
+                p.grad = None  # the optimiser skips parameters without a gradient
+            return
         if self.should_log():
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
             # both parameter groups share one schedule: the first group's lr says it all
@@ -128,24 +153,30 @@ class StageModule(L.LightningModule):
 
     def check_loss(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> bool:
         """True when `loss` is finite on every rank; otherwise skip (count) or raise per nan_policy."""
+        keys = batch.get("key") if isinstance(batch, dict) else None
+        keys = list(dict.fromkeys(keys))[:4] if keys else None  # windows of one clip share a key
+        self._where = f"step {self.global_step}, batch {batch_idx}" + (
+            f", keys {keys}" if keys else ""
+        )
         finite = bool(torch.isfinite(loss).all())
         if self.trainer.world_size > 1:  # all ranks must skip together or DDP's all-reduce hangs
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return True
-        keys = batch.get("key") if isinstance(batch, dict) else None
-        keys = list(dict.fromkeys(keys))[:4] if keys else None  # windows of one clip share a key
-        where = f"step {self.global_step}, batch {batch_idx}" + (f", keys {keys}" if keys else "")
+        self.nonfinite_event(f"loss ({loss.item()})")
+        return False
+
+    def nonfinite_event(self, what: str) -> None:
+        """A non-finite `what` at the current step: raise (nan_policy=stop) or warn and count."""
+        where = getattr(self, "_where", None) or f"step {self.global_step}"
         if self.trainer_cfg.nan_policy == "stop":
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at {where}; trainer.nan_policy=stop"
-            )
+            raise NonFiniteLossError(f"non-finite {what} at {where}; trainer.nan_policy=stop")
         self.nonfinite_steps += 1
         rank_zero_warn(
-            f"lapo: skipping a non-finite loss at {where} ({self.nonfinite_steps} so far)"
+            f"lapo: skipping a step with a non-finite {what} at {where} "
+            f"({self.nonfinite_steps} so far)"
         )
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
-        return False
 
 
 # --------------------------------------------------------------------------- the trainer side
@@ -164,8 +195,8 @@ def resolve_hardware(cfg: TrainerConfig) -> Hardware:
     if accel == "auto":
         accel = "gpu" if torch.cuda.is_available() else "cpu"
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            "trainer.accelerator=gpu but torch sees no CUDA device (use cpu or auto)"
+        raise ConfigError(
+            f"trainer.accelerator: {accel} but torch sees no CUDA device (use cpu or auto)"
         )
     precision, compile_ = cfg.precision, cfg.compile
     if accel == "cpu":
@@ -194,7 +225,7 @@ def _num_processes(cfg: TrainerConfig, hw: Hardware) -> int:
 def make_strategy(cfg: TrainerConfig, hw: Hardware) -> str | Strategy:
     if cfg.strategy == "fsdp":
         if hw.accelerator == "cpu":
-            raise RuntimeError("trainer.strategy=fsdp needs GPUs; use ddp on CPU")
+            raise ConfigError("trainer.strategy: fsdp needs GPUs; use ddp on CPU")
         # full state dicts keep checkpoints single files (atomic writes, simple resume)
         return FSDPStrategy(state_dict_type="full")
     if cfg.strategy == "auto" and _num_processes(cfg, hw) <= 1:
@@ -242,6 +273,7 @@ def make_loggers(cfg: TrainerConfig, run_dir: Path) -> list[Logger]:
 def build_trainer(cfg: TrainerConfig, run_dir: Path, hw: Hardware, stop: GracefulStop) -> L.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Any] = [
+        RNGState(),  # first: its state is taken before any other callback draws a number
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="step-{step:07d}",
@@ -287,17 +319,37 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, hw: Hardware, stop: Gracefu
     )
 
 
+def check_hardware(cfg: TrainerConfig) -> None:
+    """Settings this machine or launch cannot honour, as `ConfigError`s naming the key."""
+    hw = resolve_hardware(cfg)
+    make_strategy(cfg, hw)
+    cluster = SLURMEnvironment.detect() or "TORCHELASTIC_RUN_ID" in os.environ
+    if cfg.num_nodes > 1 and not cluster and "NODE_RANK" not in os.environ:
+        # Lightning would wait forever for the other nodes to join
+        raise ConfigError(
+            f"trainer.num_nodes: {cfg.num_nodes} nodes but this process was not started by Slurm "
+            "(srun), torchrun, or with NODE_RANK/MASTER_ADDR set; launch it with one of those, "
+            "or use num_nodes=1"
+        )
+
+
 def prepare_run(cfg: Any, run_dir: str | Path, *, resume: bool) -> Path | None:
     """Seed, create RUN, write RUN/config.yaml; return the checkpoint to resume from (or None).
 
     Call before building models (the seed must precede weight init) and before any
-    data is read, so that a missing checkpoint fails at once.
+    data is read, so that a missing or unsafe checkpoint, or settings the hardware
+    cannot run, fail at once.
     """
     run_dir = Path(run_dir)
     ckpt = resume_checkpoint(run_dir) if resume else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fit() resolves the hardware again and warns then
+        check_hardware(cfg.trainer)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
+        for d in (run_dir, run_dir / "checkpoints"):  # left by a process killed mid-write
+            remove_stale_temporaries(d)
         save_config(cfg, run_dir / "config.yaml")
     return ckpt
 
@@ -342,7 +394,8 @@ def fit(
             for message in EXPECTED_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             ckpt = str(ckpt_path) if ckpt_path else None
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            # weights_only=True: resuming never unpickles code (AtomicCheckpointIO insists too)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     except SIGTERMException:
         rank_zero_info(
             f"lapo: stopped by SIGTERM at step {trainer.global_step}; resume with --resume"

@@ -308,27 +308,92 @@ def test_labelled_set_fails_at_start_up_naming_shard_and_clip(base, tmp_path, na
         }
 
 
-@pytest.mark.slow  # writes and runs a tiny labelling agent: ~10-30 s on 2 shared cores
-def test_label_skips_bad_clips_and_writes_a_valid_dataset(base, tmp_path):
+@pytest.fixture(scope="module")
+def agent_run(tmp_path_factory) -> Path:
+    """An untrained labelling agent at debug size (RUN_F of lapo finetune)."""
     from tests.test_label import write_agent
 
+    return write_agent(tmp_path_factory.mktemp("run"), {"type": "discrete", "n": NUM_ACTIONS})
+
+
+def label_keys(out: Path) -> set[str]:
+    return {s["__key__"] for p in sorted(out.glob("shard-*.tar")) for s in iter_tar_samples(p)}
+
+
+@pytest.mark.parametrize("name", sorted(CLIP_FAULTS))
+def test_label_survives_each_clip_fault(base, agent_run, tmp_path, name):
+    """lapo label over a corpus: a damaged clip is left out (warned), never the end of the run.
+    It does not read the input actions (it copies them to true_actions.npy), so action faults
+    leave every clip in."""
+    d = damaged(base, tmp_path, CLIP_FAULTS[name][0])
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        label_dataset(agent_run, d, out, batch_size=8, device="cpu", progress=False)
+    warned = " ".join(str(w.message) for w in caught if w.category is BadDataWarning)
+    if name in WHOLE_SHARD:
+        lost = {k for k, c in base.clips.items() if c["shard"] == 0}
+    elif name.startswith("actions_") or name in NOTHING_LOST:
+        lost = set()
+    else:
+        lost = {BAD_KEY}
+    extra = {"short__c00000"} if name == "clip_shorter_than_window" else set()
+    assert label_keys(out) == (set(base.clips) | extra) - lost
+    assert (f"clip {BAD_KEY}" in warned) == (lost == {BAD_KEY})
+    assert validate_dataset(out) == []
+
+
+def test_label_skips_bad_clips_and_writes_a_valid_dataset(base, agent_run, tmp_path):
+    bad = {
+        "rec000__c00000": "zero_length_mp4",
+        "rec000__c00002": "json_not_parsing",
+        "rec001__c00000": "frame_size_differs",
+        "rec001__c00001": "png_as_mp4",
+    }
+
     def spoil(d: Path) -> None:
-        bad = {"rec000__c00000": {"mp4": b""}, "rec000__c00002": {"json": b"{oops"}}
-        rewrite(d / SHARD0, lambda s: {**s, **bad.get(s["__key__"], {})})
-        rewrite(d / "shard-000001.tar", lambda s: {**s, "mp4": PNG} if s["__key__"] == "rec001__c00001" else s)  # fmt: skip
+        change = {"rec000__c00000": {"mp4": b""}, "rec000__c00002": {"json": b"{oops"}}
+        rewrite(d / SHARD0, lambda s: {**s, **change.get(s["__key__"], {})})
+        small = clip_sample("rec001__c00000", np.zeros((12, 16, 16, 3), np.uint8), fps=10,
+                            source="rec001", episode="e", start=0)  # fmt: skip
+        change = {"rec001__c00000": small, "rec001__c00001": {"mp4": PNG}}
+        rewrite(d / "shard-000001.tar", lambda s: {**s, **change.get(s["__key__"], {})})
 
     d = damaged(base, tmp_path, spoil)
-    run = write_agent(tmp_path / "run", {"type": "discrete", "n": NUM_ACTIONS})
     out = tmp_path / "labelled"
     with pytest.warns(BadDataWarning) as caught:
-        manifest = label_dataset(run, d, out, batch_size=8, device="cpu", progress=False)
+        manifest = label_dataset(agent_run, d, out, batch_size=8, device="cpu", progress=False)
     named = " ".join(str(w.message) for w in caught)
-    assert all(k in named for k in ("rec000__c00000", "rec000__c00002", "rec001__c00001"))
+    assert all(f"clip {k}" in named for k in bad)
     assert validate_dataset(out) == []
-    keys = {s["__key__"] for p in sorted(out.glob("shard-*.tar")) for s in iter_tar_samples(p)}
-    assert keys == set(base.clips) - {"rec000__c00000", "rec000__c00002", "rec001__c00001"}
-    assert manifest["num_samples"] == 3 and manifest["made_by"]["skipped_clips"] == 3
+    assert label_keys(out) == set(base.clips) - set(bad)
+    assert manifest["num_samples"] == 2 and manifest["made_by"]["skipped_clips"] == len(bad)
     assert read_manifest(out) == manifest
+
+
+def test_label_takes_clip_counts_from_the_shards_not_a_wrong_manifest(base, agent_run, tmp_path):
+    """Fewer and more clips than the manifest says: labelled as they are, no wait for the merge."""
+    d = damaged(base, tmp_path, short_clip)  # shard 0 holds 4 clips, its manifest entry says 3
+    edit_manifest(lambda m: m["shards"][1].update(samples=7))(d)  # shard 1 holds 3, listed as 7
+    out = tmp_path / "labelled"
+    manifest = label_dataset(agent_run, d, out, device="cpu", progress=False, merge_timeout=0)
+    assert [s["samples"] for s in manifest["shards"]] == [4, 3]
+    assert label_keys(out) == set(base.clips) | {"short__c00000"}
+    assert validate_dataset(out) == []
+
+
+def test_label_keeps_the_clips_before_a_tar_breaks_off(base, agent_run, tmp_path):
+    def cut(d: Path) -> None:
+        data = (d / SHARD0).read_bytes()
+        (d / SHARD0).write_bytes(data[: len(data) // 2])
+
+    d = damaged(base, tmp_path, cut)
+    whole = {s["__key__"] for s in iter_tar_samples(base.path / SHARD0)}
+    with pytest.warns(BadDataWarning, match=SHARD0):
+        label_dataset(agent_run, d, tmp_path / "out", device="cpu", progress=False)
+    kept = label_keys(tmp_path / "out")
+    assert {k for k in base.clips if base.clips[k]["shard"] == 1} < kept
+    assert 1 <= len(kept & whole) < len(whole) and validate_dataset(tmp_path / "out") == []
 
 
 def test_label_checks_the_whole_dataset_before_any_work(base, tmp_path):

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import zlib
@@ -309,9 +308,12 @@ def test_training_stream_is_a_function_of_seed_and_epoch(discrete):
     assert collect(loader) == epoch(0) and collect(loader) == epoch(1)
 
 
-@pytest.mark.parametrize("workers,done", [(0, 3), (2, 3), (2, 4)])
-def test_resume_mid_epoch_continues_exactly(discrete, workers, done):
-    cfg = cfg_for(discrete.path, num_workers=workers, batches_per_epoch=7)
+@pytest.mark.parametrize("workers,done,total", [(0, 3, 7), (2, 3, 7), (2, 4, 7), (2, 12, 14)])
+def test_resume_mid_epoch_continues_exactly(discrete, workers, done, total, monkeypatch):
+    # (2, 12, 14): each worker skips 6 batches, more than its ring slots (skipped batches
+    # must not take slots, or the worker waits for one: WAIT_LIMIT_S, shortened here)
+    monkeypatch.setattr(ring_module, "WAIT_LIMIT_S", 5.0)
+    cfg = cfg_for(discrete.path, num_workers=workers, batches_per_epoch=total)
     full = make_loader(cfg.path, cfg, train=True)
     full.set_epoch(2)
     want = list(full)
@@ -322,10 +324,10 @@ def test_resume_mid_epoch_continues_exactly(discrete, workers, done):
     resumed = make_loader(cfg.path, cfg, train=True)
     resumed.load_state_dict(state)
     rest = list(resumed)
-    assert len(rest) == 7 - done
+    assert len(rest) == total - done
     for a, b in zip(rest, want[done:]):
         assert a["key"] == b["key"] and torch.equal(a["frames"], b["frames"])
-    assert resumed.state_dict() == {"epoch": 2, "batches": 7}
+    assert resumed.state_dict() == {"epoch": 2, "batches": total}
 
 
 def test_an_abandoned_pass_does_not_disturb_the_next(discrete):
@@ -633,13 +635,14 @@ def test_ddp_ranks_all_validate_on_a_one_clip_split(tmp_path, val_batches):
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
     )  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only the launcher
-        out, _ = proc.communicate()
+        # SIGTERM to the launcher: it stops the ranks (SIGTERM, then SIGKILL after 30 s);
+        # they run in sessions of their own and ignore SIGTERM while Lightning runs.
+        proc.terminate()
+        out, _ = proc.communicate(timeout=120)
         pytest.fail(f"DDP validation hung:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-4000:]
     counts = [int(re.search(rf"rank {r}: (\d+) val batches", out).group(1)) for r in (0, 1)]

@@ -293,11 +293,19 @@ def test_ddp_two_cpu_ranks_with_uneven_validation(lam_run, data, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_script_trains_a_policy(lam_run, data, tmp_path):
-    from tests.test_slurm import ensure_cluster, wait
+    from tests.test_slurm import ensure_cluster, stop_daemons, wait
 
-    reason = ensure_cluster()
-    if reason:
-        pytest.skip(reason)
+    started: list[str] = []
+    try:
+        reason = ensure_cluster(started)
+        if reason:
+            pytest.skip(reason)
+        _submit_policy_job(lam_run, data, tmp_path, wait)
+    finally:
+        stop_daemons(started)  # leave no daemons behind
+
+
+def _submit_policy_job(lam_run, data, tmp_path, wait) -> None:
     out = tmp_path / "policy"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(GPUS="0", LAPO=str(ROOT / ".venv" / "bin" / "lapo"), OMP_NUM_THREADS="1")

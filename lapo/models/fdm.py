@@ -57,8 +57,10 @@ class UNetFDM(nn.Module):
         image_size: int,
         channels: int = 64,
         in_channels: int = 3,
+        residual: bool = True,
     ):
         super().__init__()
+        self.residual = residual
         if image_size % 2 ** len(UNET_MULTS):
             raise ValueError(
                 f"lapo/models/fdm.py: the U-Net world model halves the frame {len(UNET_MULTS)} times, "
@@ -94,6 +96,13 @@ class UNetFDM(nn.Module):
             nn.SiLU(),
             nn.Conv2d(c, in_channels, 3, padding=1),
         )
+        if residual:
+            # start (almost) as a copy of o[t]: the latent only has to explain the change,
+            # so it carries information from the first steps instead of after the U-Net
+            # has slowly learnt to reproduce the background. Small, not zero, so that
+            # gradients reach the IDM from the first step.
+            nn.init.normal_(self.head[-1].weight, std=1e-2)
+            nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, context: Tensor, latent: Tensor) -> Tensor:
         k, s = context.shape[1], context.shape[-1]
@@ -121,8 +130,12 @@ class UNetFDM(nn.Module):
             x = block(torch.cat([x, skips.pop()], dim=1))  # (B, w_i, S_i, S_i)
 
         x = F.silu(self.out_norm(x))  # (B, c0, S, S)
-        logits = self.head(torch.cat([x, frames], dim=1))  # (B, C, S, S)
-        return torch.sigmoid(logits)  # (B, C, S, S) in [0, 1]
+        out = self.head(torch.cat([x, frames], dim=1))  # (B, C, S, S)
+        if self.residual:
+            # unclamped, so a pixel predicted past 0 or 1 still gets a gradient back;
+            # callers clamp for display and PSNR
+            return context[:, -1] + out  # (B, C, S, S)
+        return torch.sigmoid(out)  # (B, C, S, S) in [0, 1]
 
 
 class LatentFDM(nn.Module):

@@ -58,6 +58,7 @@ class LatentActionModel(nn.Module):
                 image_size=cfg.image_size,
                 channels=cfg.fdm_channels,
                 in_channels=in_channels,
+                residual=cfg.fdm_residual,
             )
         else:
             self.fdm = LatentFDM(cfg, context=context, in_channels=in_channels)
@@ -121,7 +122,7 @@ class LatentActionModel(nn.Module):
         """context (B, k, C, H, W), latent (B, D) -> predicted o[t+1] (B, C, S, S); None in latent mode."""
         if not isinstance(self.fdm, UNetFDM):
             return None
-        return self.fdm(self.prepare(context), latent)
+        return self.fdm(self.prepare(context), latent).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ objective
 
@@ -148,6 +149,7 @@ class LatentActionModel(nn.Module):
             pred_next = self.fdm(x[:, :-1], latent)  # (B, C, S, S)
             fdm_loss = F.mse_loss(pred_next, nxt)
             logs["fdm_mse"] = fdm_loss
+            pred_next = pred_next.clamp(0.0, 1.0) if self.fdm.residual else pred_next
             logs["psnr"] = psnr(pred_next.detach(), nxt)
             logs["psnr_copy"] = psnr(x[:, -2], nxt)
         else:
