@@ -72,6 +72,13 @@ class GracefulStop(Callback):
         self.signum: int | None = None
         self.saved_step: int | None = None
         self._previous: dict[int, Any] = {}
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = None
 
     # Installed before trainer.fit so that Lightning's SIGTERM handler, registered
     # inside fit, calls ours too (it composes with handlers already present).
@@ -92,6 +99,17 @@ class GracefulStop(Callback):
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.signum = signum
+        trainer = self._trainer
+        if signum == signal.SIGTERM and trainer is not None and trainer.world_size == 1:
+            # Lightning's own SIGTERM handler ran just before this one (it composes with
+            # handlers present at fit) and would raise at the end of this step, after the
+            # step's counters moved on: a save from there, on an epoch's last batch, resumes
+            # one batch off. With one process, stop at on_train_batch_end instead, where
+            # Lightning restores exactly. (Several processes keep Lightning's way: it has
+            # already broadcast the stop to the other ranks.)
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None:
+                connector.received_sigterm = False
 
     @property
     def requested(self) -> bool:

@@ -99,7 +99,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def refusal(path: str | Path, err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     # torch's message starts with advice on loading the file unsafely; keep only the reason
-    reason = [ln for ln in lines if "Unpickler error" in ln or "Unsupported" in ln]
+    reason = [ln for ln in lines if "unpickler error" in ln.lower() or "unsupported" in ln.lower()]
     first = (reason or lines or [type(err).__name__])[0]
     return (
         f"{path}: refused to load: it is not a checkpoint of tensors and plain data (loaded with "

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from lapo.checkpoint import export_model, load_weights, read_model_meta
-from lapo.config import ModelConfig, PretrainConfig, from_dict, to_dict
+from lapo.config import ConfigError, ModelConfig, PretrainConfig, from_dict, to_dict
 from lapo.models import LatentActionModel, code_histogram, perplexity_from_counts, usage_from_counts
 from lapo.probe import fit_probe
 from lapo.train import (
@@ -250,6 +250,28 @@ def action_info(space: dict | None) -> tuple[int, int]:
     return 0, int(space["dim"])
 
 
+def check_actions(cfg: PretrainConfig, space: dict | None) -> None:
+    """Fail at start-up when the action settings cannot work with the dataset's actions."""
+    where = f"{cfg.data.path} (manifest.json)"
+    if cfg.model.sup_weight > 0 and not space:
+        raise ConfigError(
+            f"model.sup_weight: {cfg.model.sup_weight} asks for weak supervision, but {where} has "
+            "no action labels (action_space null); set model.sup_weight=0"
+        )
+    n = cfg.model.num_actions
+    if n and space and space.get("type") != "discrete":
+        raise ConfigError(
+            f"model.num_actions: {n} applies to discrete actions, but {where} has continuous "
+            f"actions of dim {space.get('dim')}; leave it 0"
+        )
+    if n and space and n < int(space["n"]):
+        raise ConfigError(
+            f"model.num_actions: {n} is fewer than the {space['n']} actions of {where} (the "
+            "weak-supervision head and the probe would meet actions out of range); leave it 0 "
+            "to read the count from the manifest"
+        )
+
+
 def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     """Train stage 1 into `run_dir`; returns the final metrics (also in RUN/metrics.json)."""
     from lapo.data import VideoDataModule  # the loader pulls in webdataset and decoders
@@ -257,6 +279,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False) 
     run_dir = Path(run_dir)
     ckpt = prepare_run(cfg, run_dir, resume=resume)
     dm = VideoDataModule(cfg.data)
+    check_actions(cfg, dm.action_space)
     num_actions, action_dim = action_info(dm.action_space)
     if cfg.model.num_actions:
         num_actions = cfg.model.num_actions

@@ -323,6 +323,9 @@ def check_hardware(cfg: TrainerConfig) -> None:
     """Settings this machine or launch cannot honour, as `ConfigError`s naming the key."""
     hw = resolve_hardware(cfg)
     make_strategy(cfg, hw)
+    gpus = torch.cuda.device_count()
+    if hw.accelerator in ("gpu", "cuda") and isinstance(cfg.devices, int) and cfg.devices > gpus:
+        raise ConfigError(f"trainer.devices: {cfg.devices} GPUs asked for, {gpus} visible")
     cluster = SLURMEnvironment.detect() or "TORCHELASTIC_RUN_ID" in os.environ
     if cfg.num_nodes > 1 and not cluster and "NODE_RANK" not in os.environ:
         # Lightning would wait forever for the other nodes to join
@@ -365,6 +368,34 @@ EXPECTED_WARNINGS = (
 )
 
 
+def own_loader_generators(datamodule: L.LightningDataModule, seed: int) -> None:
+    """Make the datamodule's loaders draw their worker seed from a generator of their own.
+
+    Every DataLoader iterator draws one number from the global torch RNG unless the loader
+    has a ``generator``. The global RNG also drives training (VQ dead-code restarts,
+    bottleneck noise), and a resumed run starts its iterators at other moments than an
+    uninterrupted one (mid-epoch, or before a validation pass it repeats), so those draws
+    would shift every later random number. The loaders' data order does not depend on this
+    seed (lapo.stream seeds its pipeline from data.seed, the epoch, rank and worker).
+    """
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+    from torch.utils.data import DataLoader
+
+    def with_generator(make: Any) -> Any:
+        def wrapped() -> Any:
+            loaders = make()
+            for dl in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+                if isinstance(dl, DataLoader) and dl.generator is None:
+                    dl.generator = torch.Generator().manual_seed(seed)
+            return loaders
+
+        return wrapped
+
+    for name in ("train_dataloader", "val_dataloader"):
+        if is_overridden(name, datamodule, L.LightningDataModule):
+            setattr(datamodule, name, with_generator(getattr(datamodule, name)))
+
+
 @dataclass
 class FitResult:
     trainer: L.Trainer
@@ -386,6 +417,7 @@ def fit(
     module.compile_enabled = hw.compile
     stop = GracefulStop(run_dir / "checkpoints" / "last.ckpt")
     trainer = build_trainer(cfg, run_dir, hw, stop)
+    own_loader_generators(datamodule, cfg.seed)
     if ckpt_path is not None:
         rank_zero_info(f"lapo: resuming from {ckpt_path}")
     stop.install()

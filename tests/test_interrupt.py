@@ -34,7 +34,7 @@ from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 LAPO = [sys.executable, "-m", "lapo.cli"]
-STEPS = 10  # stages 1 and 2: long enough that the signal lands mid-run
+STEPS = 16  # stages 1 and 2: long enough that the signal lands mid-run, with room to spare
 ATOL = 1e-5
 
 pytestmark = pytest.mark.slow
@@ -138,10 +138,12 @@ def policy_ref(lam_ref, data, tmp_path_factory) -> Path:
 def test_pretrain_sigterm_saves_exits_and_resumes_to_the_same_weights(data, lam_ref, tmp_path):
     run = tmp_path / "run"
     args = pretrain_args(data, run)
-    out = interrupt(args, run / "checkpoints" / "step-0000002.ckpt", signal.SIGTERM)
+    # step 4 ends the first epoch (debug.yaml: 4 batches per epoch): the signal lands at or
+    # just after an epoch boundary, where a save at the wrong moment resumes one batch off
+    out = interrupt(args, run / "checkpoints" / "step-0000004.ckpt", signal.SIGTERM)
     assert "stopped early" in out and "--resume" in out
     stopped_at = checkpoint_step(run / "checkpoints" / "last.ckpt")
-    assert 2 <= stopped_at < STEPS, "the signal must land mid-run"
+    assert 4 <= stopped_at < STEPS, "the signal must land mid-run"
     assert not (run / "model.safetensors").exists(), "an unfinished run must not export"
 
     out = resume(args)
