@@ -236,11 +236,13 @@ def test_resume_after_kill_is_byte_identical(tmp_path, capsys):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 60
-    while not list(out.glob("shard-*.tar")) and time.time() < deadline:
+    # a shard is finished once its sidecar is written (after the tar's rename); a kill
+    # between the two leaves a tar that the rerun rightly redoes, so wait for a sidecar
+    while not list(out.glob("_ingest/shard-*.json")) and time.time() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    partial = sorted(p.name for p in out.glob("shard-*.tar"))
+    partial = sorted(p.stem + ".tar" for p in out.glob("_ingest/shard-*.json"))
     assert 1 <= len(partial) < len(lengths) and not (out / "manifest.json").exists()
 
     capsys.readouterr()
