@@ -22,14 +22,14 @@ demo-quick: $(STAMP)
 	$(BIN)/lapo demo --quick $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check lapo data_prep tests benchmarks
+	$(BIN)/ruff check lapo data_prep tests benchmarks experiments
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check lapo data_prep tests benchmarks
+	$(BIN)/ruff check lapo data_prep tests benchmarks experiments
 	$(BIN)/ruff format --check lapo data_prep tests benchmarks
 
 format: $(STAMP)

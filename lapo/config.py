@@ -100,6 +100,8 @@ class ModelConfig:
     """VQ: EMA decay of the codebook."""
     vq_commitment: float = 0.25
     """VQ: commitment loss weight."""
+    vq_cosine: bool = False
+    """VQ: match by cosine similarity with unit-norm codes and inputs (the library's use_cosine_sim). Keeps the latent from shrinking towards zero, which the commitment loss otherwise allows when the world-model loss is small (mostly static frames)."""
     vq_kmeans_init: bool = False
     """VQ: initialise codebooks with k-means on the first batch."""
     vq_dead_code_threshold: float = 1.0
@@ -322,7 +324,7 @@ class FinetuneConfig:
     """Stage 3: decoder from latent to true actions and policy fine-tune (Accelerate)."""
 
     label_budget: int = 1000
-    """Labelled transitions used (whole episodes first, then clips; seeded)."""
+    """Labelled transitions used (whole episodes first, then clips; seeded). 0: all of them (every episode outside the held-out split)."""
     method: Literal["lapo", "idm-supervised", "bc"] = "lapo"
     """lapo: decoder on latents; idm-supervised: VPT-style IDM on the labels; bc: clone true actions."""
     finetune_policy: bool = False
@@ -373,7 +375,7 @@ class FinetuneConfig:
     """bc: the policy network's architecture (its head outputs true actions)."""
 
     def __post_init__(self) -> None:
-        _check(self.label_budget >= 1, "finetune.label_budget", "must be >= 1")
+        _check(self.label_budget >= 0, "finetune.label_budget", "must be >= 0 (0: all)")
         _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
         _check(self.policy_epochs >= 0, "finetune.policy_epochs", "must be >= 0")
         _check(self.batch_size >= 1, "finetune.batch_size", "must be >= 1")

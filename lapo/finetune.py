@@ -453,7 +453,7 @@ def make_plan(
     cfg: FinetuneConfig, split, lam_run: str | None, policy_run: str | None, device
 ) -> Plan:
     space, k = split.action_space, split.train.index.shape[1] - 1
-    info = {"labeled": split.selection.info["dataset"], "label_budget": cfg.label_budget, "lam_run": lam_run,
+    info = {"labeled": split.selection.info["dataset"], "label_budget": split.selection.info["budget"], "lam_run": lam_run,
             "policy_run": policy_run, "policy_finetuned": False, "image_shape": list(split.image_shape)}  # fmt: skip
     common = {"action_space": space, "context": k, "frame_gap": cfg.frame_gap or 1, "info": info}
     if cfg.method == "bc":
@@ -681,7 +681,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--labeled", "--labelled", dest="labeled", required=True,
                    help="labelled dataset directory (shards + manifest.json with an action space)")  # fmt: skip
     p.add_argument(
-        "--label-budget", type=int, help="labelled transitions to train on (sets label_budget)"
+        "--label-budget", type=int, help="labelled transitions to train on (sets label_budget; 0: all outside the held-out split)"
     )
     p.add_argument("--out", required=True, help="run directory RUN_F")
     p.add_argument(

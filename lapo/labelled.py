@@ -254,6 +254,8 @@ def select_budget(
 ) -> Selection:
     """Exactly `budget` training transitions plus held-out episodes (see the module docstring).
 
+    `budget` 0 takes every labelled transition outside the held-out episodes (the
+    all-labels ceiling).
     `val_max` caps the held-out transitions (seeded subset; 0: all). `context` and
     `frame_gap` are only used when `dataset` is a path.
     """
@@ -273,6 +275,8 @@ def select_budget(
     heldout = sorted(by_hash[:n_val])
     pool = sorted(by_hash[n_val:])
     available = sum(len(index.episodes[e].rows) for e in pool)
+    if budget == 0:
+        budget = available
     if budget > available:
         total = index.num_transitions
         raise LabelledDataError(

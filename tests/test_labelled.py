@@ -177,6 +177,9 @@ def test_a_budget_larger_than_the_labels_is_a_clear_error(stream):
         LabelledDataError, match=rf"budget {available + 1} exceeds the {available} labelled"
     ):
         select_budget(index, available + 1, seed=0, val_fraction=0.2)
+    every = select_budget(index, 0, seed=0, val_fraction=0.2)  # 0: all labels (the ceiling)
+    assert every.info["budget"] == every.info["train_transitions"] == available
+    assert not set(every.train) & set(every.heldout_episodes)
 
 
 def test_unlabelled_data_and_too_few_episodes_are_errors(tmp_path):

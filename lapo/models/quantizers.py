@@ -65,6 +65,7 @@ class VQBottleneck(nn.Module):
         commitment: float = 0.25,
         kmeans_init: bool = False,
         dead_code_threshold: float = 0.0,
+        cosine: bool = False,
         sync_codebook: bool | None = None,
     ):
         super().__init__()
@@ -84,6 +85,7 @@ class VQBottleneck(nn.Module):
             commitment_weight=commitment,
             kmeans_init=kmeans_init,
             threshold_ema_dead_code=dead_code_threshold,
+            use_cosine_sim=cosine,  # unit-norm codes and inputs: z cannot shrink towards 0
         )
         self._sync_fixed = sync_codebook is not None  # explicit choice: never re-resolved
         self.synced = bool(sync_codebook) if self._sync_fixed else _distributed_world()
@@ -219,6 +221,7 @@ def build_bottleneck(cfg, *, sync_codebook: bool | None = None) -> nn.Module:
             commitment=cfg.vq_commitment,
             kmeans_init=cfg.vq_kmeans_init,
             dead_code_threshold=cfg.vq_dead_code_threshold,
+            cosine=cfg.vq_cosine,
             sync_codebook=sync_codebook,
         )
     if cfg.bottleneck == "fsq":

@@ -1,0 +1,284 @@
+"""The LAPO claim, measured: how far do a few labels go after pretraining on video alone?
+
+Two experiments, each a chain of ordinary lapo commands (printed as they run, so any
+of them can be repeated by hand). Every step is skipped when its output exists, so a
+killed run resumes by running the same line again. Results go to OUT/table.md and
+OUT/results.json.
+
+procgen: record a Procgen game with the sticky random policy (train set, ~100k frames
+by default, and a separate held-out recording), pretrain stage 1 on the train set as
+unlabelled video, then decoder accuracy on the held-out recording against the label
+budget for
+  - lapo: a decoder from the frozen IDM's latent actions, fitted on N labels;
+  - idm-supervised: an IDM of the same encoder trained from scratch on the same N labels;
+  - ceiling: the supervised IDM trained on every label of the train set.
+
+babyai: record expert (BabyAI bot) demos, pretrain stage 1 and clone the latent policy
+on them as unlabelled video, then closed-loop success rate of
+  - lapo: latent policy + decoder, fine-tuned end to end on a fraction of the transitions;
+  - bc (same labels): behaviour cloning of the true actions on that fraction only;
+  - bc (all labels): behaviour cloning on every labelled transition.
+
+    python experiments/label_efficiency.py procgen --game bigfish --out runs/exp_procgen
+    python experiments/label_efficiency.py babyai --out runs/exp_babyai
+
+Defaults are sized for a 2-core CPU (about an hour each); ``--steps`` scales every
+training length, and ``--image-size 64 --impala-scale 4`` with ``--steps 10`` moves
+towards the paper's scale on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+class Chain:
+    """Runs commands in order, skipping those whose output marker exists; logs each one."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = out / "commands.txt"
+
+    def run(self, argv: list[str], marker: Path) -> None:
+        shown = " ".join(shlex.quote(str(a)) for a in argv)
+        if marker.exists():
+            print(f"[skip] {shown}", flush=True)
+            return
+        print(f"\n[run] {shown}", flush=True)
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", *map(str, argv)])
+        if proc.returncode != 0:
+            raise SystemExit(f"failed ({proc.returncode}): {shown}")
+        with self.log.open("a") as f:
+            f.write(f"{shown}  # {time.time() - t0:.0f} s\n")
+
+
+def metrics(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def steps(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
+
+
+def procgen(a: argparse.Namespace) -> dict:
+    out = Path(a.out)
+    c = Chain(out)
+    train, held = out / "data" / "train", out / "data" / "heldout"
+    rec = [
+        "data_prep.record",
+        f"procgen:{a.game}",
+        "--policy",
+        "sticky",
+        "--workers",
+        str(a.workers),
+    ]
+    c.run(
+        [*rec, "--episodes", a.episodes, "--seed", a.seed, "--out", train], train / "manifest.json"
+    )
+    c.run(
+        [*rec, "--episodes", max(10, a.episodes // 10), "--seed", a.seed + 1000, "--out", held],
+        held / "manifest.json",
+    )
+    lam = out / "lam"
+    size = ["--set", f"model.image_size={a.image_size}", f"model.impala_scale={a.impala_scale}"]
+    c.run(
+        ["lapo.cli", "pretrain", "--config", CONFIGS / "lam" / "procgen_cpu.yaml", "--data", train,
+         "--out", lam, *size, "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}",
+         f"model.bottleneck={a.bottleneck}", f"trainer.seed={a.seed}",
+         f"trainer.val_every_n_steps={steps(a.lam_steps, a.steps)}",
+         f"trainer.ckpt_every_n_steps={max(200, steps(a.lam_steps, a.steps) // 4)}"],
+        lam / "model.safetensors",
+    )  # fmt: skip
+    budgets = [int(b) for b in a.budgets.split(",")]
+    ev = out / "eval"
+    # lapo: one decoder run (the largest budget) to evaluate, plus a refit per budget
+    # scored on the same held-out windows (lapo evaluate --label-budgets)
+    dec = out / "lapo_decoder"
+    c.run(
+        ["lapo.cli", "finetune", "--lam", lam, "--labeled", train, "--label-budget", budgets[-1],
+         "--out", dec, "--config", CONFIGS / "finetune" / "lapo.yaml", "--set", f"seed={a.seed}"],
+        dec / "agent.json",
+    )  # fmt: skip
+    c.run(
+        ["lapo.cli", "evaluate", "--model", dec, "--labeled", held, "--split", "all",
+         "--label-budgets", a.budgets, "--lam", lam, "--budget-data", train,
+         "--out", ev / "lapo.json"],
+        ev / "lapo.json",
+    )  # fmt: skip
+    idm = [
+        "--config", CONFIGS / "finetune" / "idm_supervised.yaml", "--set",
+        f"model.image_size={a.image_size}", f"model.impala_scale={a.impala_scale}", f"seed={a.seed}",
+    ]  # fmt: skip
+    for b in [*budgets, 0]:
+        name = f"idm_{b}" if b else "idm_all"
+        run = out / name
+        # a step budget rather than an epoch count: small budgets get as many updates as
+        # they can use without the all-labels run costing hours on a CPU
+        epochs = max(2, min(a.idm_epochs, round(a.idm_updates * 64 / b))) if b else a.ceiling_epochs
+        c.run(
+            ["lapo.cli", "finetune", "--method", "idm-supervised", "--labeled", train,
+             "--label-budget", b, "--out", run, *idm, f"epochs={epochs}"],
+            run / "agent.json",
+        )  # fmt: skip
+        c.run(
+            ["lapo.cli", "evaluate", "--model", run, "--labeled", held, "--split", "all",
+             "--out", ev / f"{name}.json"],
+            ev / f"{name}.json",
+        )  # fmt: skip
+    lapo_rows = {r["budget"]: r for r in metrics(ev / "lapo.json")["label_budgets"]}
+    ceiling = metrics(ev / "idm_all.json")["decoder_accuracy"]
+    n_all = metrics(out / "idm_all" / "metrics.json")
+    rows = []
+    for b in budgets:
+        rows.append(
+            {"budget": b, "lapo": lapo_rows[b]["decoder_accuracy"],
+             "idm_supervised": metrics(ev / f"idm_{b}.json")["decoder_accuracy"], "ceiling": ceiling}
+        )  # fmt: skip
+    lam_m = metrics(ev / "lapo.json")
+    res = {
+        "experiment": "procgen", "game": a.game, "rows": rows, "ceiling_run": n_all,
+        "probe_accuracy": lam_m.get("probe_accuracy"),
+        "probe_majority_baseline": lam_m.get("probe_majority_baseline"),
+        "fdm_psnr": lam_m.get("fdm_psnr"), "fdm_psnr_copy_baseline": lam_m.get("fdm_psnr_copy_baseline"),
+    }  # fmt: skip
+    lines = [
+        f"Procgen {a.game}, sticky random policy; decoder accuracy on the held-out recording",
+        "",
+        "| labels | lapo | idm-supervised | ceiling (all labels) |",
+        "|---:|---:|---:|---:|",
+        *(f"| {r['budget']} | {r['lapo']:.3f} | {r['idm_supervised']:.3f} | {r['ceiling']:.3f} |" for r in rows),
+        "",
+        f"latent probe accuracy {res['probe_accuracy']} (majority {res['probe_majority_baseline']}); "
+        f"FDM PSNR {res['fdm_psnr']} dB (copy-last-frame {res['fdm_psnr_copy_baseline']} dB)",
+    ]  # fmt: skip
+    return finish(out, res, lines)
+
+
+def babyai(a: argparse.Namespace) -> dict:
+    out = Path(a.out)
+    c = Chain(out)
+    data = out / "data" / "demos"
+    c.run(
+        ["data_prep.record", a.env, "--policy", "expert", "--episodes", a.episodes, "--seed", a.seed,
+         "--out", data, "--workers", a.workers, "--episodes-per-shard", max(1, a.episodes // 8)],
+        data / "manifest.json",
+    )  # fmt: skip
+    frames = metrics(data / "manifest.json")
+    transitions = int(frames["num_frames"]) - int(frames["num_samples"])  # clips overlap by 1
+    budget = max(1, round(a.label_fraction * transitions))
+    lam, pol = out / "lam", out / "policy"
+    c.run(
+        ["lapo.cli", "pretrain", "--config", CONFIGS / "lam" / "demo.yaml", "--data", data, "--out", lam,
+         "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}", f"trainer.seed={a.seed}"],
+        lam / "model.safetensors",
+    )  # fmt: skip
+    c.run(
+        ["lapo.cli", "train-policy", "--lam", lam, "--data", data, "--out", pol,
+         "--config", CONFIGS / "policy" / "demo.yaml",
+         "--set", f"trainer.max_steps={steps(a.policy_steps, a.steps)}", f"trainer.seed={a.seed}"],
+        pol / "policy.safetensors",
+    )  # fmt: skip
+    ft = ["--labeled", data, "--config", CONFIGS / "finetune" / "demo.yaml"]
+    runs = {
+        "lapo": (["--lam", lam, "--policy", pol, "--finetune-policy", "--label-budget", budget],
+                 a.epochs),
+        "bc": (["--method", "bc", "--label-budget", budget], a.epochs),
+        "bc_all": (["--method", "bc", "--label-budget", 0], a.epochs_all),
+    }  # fmt: skip
+    ev = out / "eval"
+    results = {}
+    for name, (flags, epochs) in runs.items():
+        run = out / name
+        c.run(
+            ["lapo.cli", "finetune", *flags, "--out", run, *ft, "--set", f"epochs={epochs}",
+             f"seed={a.seed}"],
+            run / "agent.json",
+        )  # fmt: skip
+        c.run(
+            ["lapo.cli", "evaluate", "--model", run, "--env", a.env, "--episodes", a.eval_episodes,
+             "--out", ev / f"{name}.json"],
+            ev / f"{name}.json",
+        )  # fmt: skip
+        m = metrics(ev / f"{name}.json")
+        labels = metrics(run / "selection.json")["train_transitions"]
+        results[name] = {"labels": labels, "success_rate": m["success_rate"],
+                         "return_mean": m["return_mean"], "random_success_rate": m["random_success_rate"]}  # fmt: skip
+    res = {"experiment": "babyai", "env": a.env, "transitions": transitions, "results": results}
+    ratio = results["lapo"]["success_rate"] / max(results["bc_all"]["success_rate"], 1e-9)
+    lines = [
+        f"{a.env}, {a.episodes} expert episodes ({transitions} transitions); "
+        f"success rate over {a.eval_episodes} seeded episodes",
+        "",
+        "| agent | labelled transitions | success rate | mean return |",
+        "|---|---:|---:|---:|",
+        *(f"| {n} | {r['labels']} | {r['success_rate']:.3f} | {r['return_mean']:.3f} |" for n, r in results.items()),
+        f"| random | 0 | {results['lapo']['random_success_rate']:.3f} | |",
+        "",
+        f"lapo / bc (all labels) success: {ratio:.2f}",
+    ]  # fmt: skip
+    return finish(out, res, lines)
+
+
+def finish(out: Path, res: dict, lines: list[str]) -> dict:
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="experiment", required=True)
+    pg = sub.add_parser("procgen", help="decoder accuracy against label budget on a Procgen game")
+    pg.add_argument("--game", default="bigfish")
+    pg.add_argument(
+        "--episodes", type=int, default=900, help="train episodes (bigfish: ~110 frames each)"
+    )
+    pg.add_argument("--budgets", default="100,300,1000,3000")
+    pg.add_argument("--lam-steps", type=int, default=3000)
+    pg.add_argument("--bottleneck", default="vq", choices=["vq", "fsq", "continuous"])
+    pg.add_argument(
+        "--image-size", type=int, default=32, help="frames are resized to this for the models"
+    )
+    pg.add_argument("--impala-scale", type=int, default=1)
+    pg.add_argument("--idm-epochs", type=int, default=60, help="most epochs for a small budget")
+    pg.add_argument(
+        "--idm-updates", type=int, default=1500, help="optimiser steps aimed at per budget"
+    )
+    pg.add_argument("--ceiling-epochs", type=int, default=3)
+    pg.set_defaults(func=procgen)
+    bb = sub.add_parser("babyai", help="closed-loop success with a fraction of labels on BabyAI")
+    bb.add_argument("--env", default="babyai:BabyAI-GoToLocal-v0")
+    bb.add_argument("--episodes", type=int, default=2000)
+    bb.add_argument("--label-fraction", type=float, default=0.02)
+    bb.add_argument("--lam-steps", type=int, default=2000)
+    bb.add_argument("--policy-steps", type=int, default=1500)
+    bb.add_argument("--epochs", type=int, default=30, help="fine-tune epochs on the small budget")
+    bb.add_argument("--epochs-all", type=int, default=10, help="bc epochs on all labels")
+    bb.add_argument("--eval-episodes", type=int, default=100)
+    bb.set_defaults(func=babyai)
+    for s in (pg, bb):
+        s.add_argument("--out", required=True)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--steps", type=float, default=1.0, help="scale every training length")
+        s.add_argument("--workers", type=int, default=2)
+    a = p.parse_args(argv)
+    a.func(a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
