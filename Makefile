@@ -30,10 +30,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lapo data_prep tests benchmarks experiments
-	$(BIN)/ruff format --check lapo data_prep tests benchmarks
+	$(BIN)/ruff format --check lapo data_prep tests benchmarks experiments
 
 format: $(STAMP)
-	$(BIN)/ruff format lapo data_prep tests benchmarks
+	$(BIN)/ruff format lapo data_prep tests benchmarks experiments
 	$(BIN)/ruff check --fix lapo data_prep tests benchmarks
 
 bench: $(STAMP)

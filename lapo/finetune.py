@@ -681,7 +681,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--labeled", "--labelled", dest="labeled", required=True,
                    help="labelled dataset directory (shards + manifest.json with an action space)")  # fmt: skip
     p.add_argument(
-        "--label-budget", type=int, help="labelled transitions to train on (sets label_budget; 0: all outside the held-out split)"
+        "--label-budget",
+        type=int,
+        help="labelled transitions to train on (sets label_budget; 0: all outside the held-out split)",
     )
     p.add_argument("--out", required=True, help="run directory RUN_F")
     p.add_argument(

@@ -2,8 +2,8 @@
 
 Opt-in: runs only with ``LAPO_SLURM_TEST=1``, as root (it installs Debian's slurm-wlm and
 munge where they are missing, and starts the daemons it needs). A test suite must not depend
-on the state of a system daemon it does not own, so plain ``make test`` skips it. The cluster it configures is local: one node (this host),
-one partition, no accounting. Two CPU tasks (gloo) train the debug config; a second
+on the state of a system daemon it does not own, so plain ``make test`` skips it. The
+cluster it configures is local: one node (this host), one partition, no accounting. Two CPU tasks (gloo) train the debug config; a second
 test preempts a job with SIGUSR1 and checks that it requeues and finishes from its
 checkpoint.
 """
