@@ -32,10 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from lapo.demo import run_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -49,16 +49,12 @@ class Chain:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = out / "commands.txt"
 
-    def run(self, argv: list[str], marker: Path) -> None:
+    def run(self, argv: list, marker: Path) -> None:
         shown = " ".join(shlex.quote(str(a)) for a in argv)
-        if marker.exists():
+        t0 = time.time()
+        if not run_step(argv, marker, label=shown, banner=f"[run] {shown}"):
             print(f"[skip] {shown}", flush=True)
             return
-        print(f"\n[run] {shown}", flush=True)
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", *map(str, argv)])
-        if proc.returncode != 0:
-            raise SystemExit(f"failed ({proc.returncode}): {shown}")
         with self.log.open("a") as f:
             f.write(f"{shown}  # {time.time() - t0:.0f} s\n")
 

@@ -112,7 +112,6 @@ class Pipeline:
         self.out = Path(args.out)
         self.scale = SCALES["quick" if args.quick else "full"]
         self.commands: list[dict] = []
-        self.python = sys.executable
         self.env_kind = args.env.split(":", 1)[0]
 
     def steps(self, n: int) -> int:
@@ -120,24 +119,12 @@ class Pipeline:
 
     def run_stage(self, name: str, argv: list[str], done_marker: Path, summary) -> None:
         """Run one stage's command unless its output exists; print a one-line result."""
-        cmd = [self.python, "-m", *argv]
         shown = " ".join(shlex.quote(a) for a in _user_facing(argv))
         self.commands.append({"stage": name, "command": shown})
         t0 = time.time()
-        if done_marker.exists() and not self.args.fresh:
-            status = "reused"
-        else:
-            print(f"\n== {name}: {shown}", flush=True)
-            env = dict(os.environ)
-            env.setdefault("PYTHONWARNINGS", "ignore")
-            proc = subprocess.run(cmd, env=env)
-            if proc.returncode != 0:
-                raise SystemExit(
-                    f"lapo demo: stage {name!r} failed (exit {proc.returncode}): {shown}"
-                )
-            if not done_marker.exists():
-                raise SystemExit(f"lapo demo: stage {name!r} finished but wrote no {done_marker}")
-            status = f"{time.time() - t0:.0f}s"
+        label, banner = f"lapo demo: stage {name!r} ({shown})", f"== {name}: {shown}"
+        ran = run_step(argv, done_marker, fresh=self.args.fresh, label=label, banner=banner)
+        status = f"{time.time() - t0:.0f}s" if ran else "reused"
         self.commands[-1]["seconds"] = round(time.time() - t0, 1)
         self.commands[-1]["status"] = status
         try:
@@ -234,6 +221,27 @@ class Pipeline:
         )
         print(f"\n[demo] done in {wall / 60:.1f} min; report: {report['html']} and {report['md']}")
         return 0
+
+
+def run_step(
+    argv: list[str], marker: Path, *, fresh: bool = False, label: str = "", banner: str = ""
+) -> bool:
+    """Run ``python -m *argv`` unless `marker` exists (and not `fresh`); True if it ran.
+
+    A failure, or a run that ends without writing `marker`, exits naming `label`.
+    """
+    if marker.exists() and not fresh:
+        return False
+    if banner:
+        print(f"\n{banner}", flush=True)
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    proc = subprocess.run([sys.executable, "-m", *map(str, argv)], env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} failed (exit {proc.returncode})")
+    if not marker.exists():
+        raise SystemExit(f"{label} finished but wrote no {marker}")
+    return True
 
 
 def _user_facing(argv: list[str]) -> list[str]:
