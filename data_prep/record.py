@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         "expert: the BabyAI bot (babyai:* only)",
     )
     p.add_argument(
+        "--epsilon",
+        type=float,
+        default=0.0,
+        help="probability of replacing each action by a uniform random one (default 0); "
+        "with --policy expert this gives the varied moves a latent action model learns from",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="run seed; episode e is seeded from (seed, e)"
     )
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             a.out,
             episodes=a.episodes,
             policy=a.policy,
+            epsilon=a.epsilon,
             seed=a.seed,
             size=a.size,
             clip_frames=a.clip_frames,

@@ -120,6 +120,8 @@ class ModelConfig:
     """Base width of the U-Net world model (widths are this times 1, 2, 4, 8 over four halvings)."""
     fdm_residual: bool = False
     """Pixel world model predicts o[t+1] - o[t] on top of o[t] (starts near a copy of o[t]); false: the frame itself through a sigmoid, as LAPO does."""
+    fdm_loss_scale: Literal["none", "copy"] = "none"
+    """Pixel world model: "copy" divides the MSE by the batch's MSE of copying o[t] (no gradient), so 1.0 means no better than a copy whatever the share of pixels that move. Small moving sprites give MSEs near 1e-4, which the VQ commitment term (order 1) otherwise drowns: the IDM then serves the codebook and the latent collapses."""
     ema_decay: float = 0.995
     """Latent world model: EMA decay of the target encoder."""
     fdm_latent_loss: Literal["cosine", "mse"] = "cosine"

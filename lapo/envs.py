@@ -305,18 +305,37 @@ def episode_seeds(seed: int, episode: int) -> tuple[int, np.random.Generator]:
     return int(env_ss.generate_state(1)[0] % 2**31), np.random.default_rng(policy_ss)
 
 
-def make_policy(name: str, env: Env, rng: np.random.Generator) -> Callable[[np.ndarray], int]:
+def make_policy(
+    name: str, env: Env, rng: np.random.Generator, epsilon: float = 0.0
+) -> Callable[[np.ndarray], int]:
     """A fresh per-episode policy `frame -> action id`.
 
     random: uniform over `env.sample_actions`; sticky: a uniform action held for
     1-4 steps (uniform), which gives the longer, smoother motions a video model
     sees in human play; expert: the BabyAI bot (babyai:* only).
+
+    `epsilon` > 0 replaces each action, with that probability, by a uniform one
+    from `env.sample_actions`. For the expert this matters beyond variety: a
+    deterministic bot's next move is a function of the frame, so a world model can
+    predict o[t+1] from o[t] alone and a latent action model has nothing to learn.
+    The bot is still asked every step and is told what was really done, so it
+    replans around the detour.
     """
     if name not in POLICIES:
         raise EnvError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}")
     if name == "expert" and not env.has_expert:
         raise EnvError(f"{env.spec}: policy 'expert' needs a babyai:* level (the BabyAI bot)")
+    if not 0.0 <= epsilon <= 1.0:
+        raise EnvError(f"epsilon must be in [0, 1], got {epsilon}")
     actions = np.asarray(env.sample_actions, dtype=np.int64)
+    if epsilon > 0:
+        base = make_policy(name, env, rng)
+
+        def noisy(frame: np.ndarray) -> int:
+            action = base(frame)  # always ask: the expert tracks every step
+            return int(rng.choice(actions)) if rng.random() < epsilon else action
+
+        return noisy
     if name == "expert":
         return lambda frame: env.expert_action()
     if name == "random":

@@ -124,6 +124,7 @@ def _episode_samples(ep: Episode, eid: str, index: int, args: dict) -> list[dict
     stats = {
         "spec": args["spec"],
         "policy": args["policy"],
+        "epsilon": args.get("epsilon", 0.0),
         "seed": args["seed"],
         "episode_index": index,
         "episode_frames": t,
@@ -172,7 +173,7 @@ def _record_shard(args: dict, shard: int, out_dir: str) -> dict:
     def samples():
         for e in range(first, last):
             env_seed, rng = episode_seeds(args["seed"], e)
-            policy = make_policy(args["policy"], env, rng)
+            policy = make_policy(args["policy"], env, rng, args.get("epsilon", 0.0))
             ep = run_episode(env, policy, env_seed, args["max_episode_steps"])
             episodes.append((len(ep.frames), ep.episode_return, ep.success))
             yield from _episode_samples(ep, episode_id(env.spec, args["seed"], e), e, args)
@@ -234,6 +235,7 @@ def record_dataset(
     *,
     episodes: int,
     policy: str = "random",
+    epsilon: float = 0.0,
     seed: int = 0,
     size: int = 64,
     clip_frames: int = 64,
@@ -269,7 +271,7 @@ def record_dataset(
         raise EnvError(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
     env_kwargs = dict(env_kwargs or {})
     env = make_env(spec, size=size, seed=seed, **env_kwargs)  # fails early on a bad spec/option
-    make_policy(policy, env, np.random.default_rng(0))  # ... or a policy the env cannot run
+    make_policy(policy, env, np.random.default_rng(0), epsilon)  # ... or a policy it cannot run
     args = {
         "spec": env.spec,
         "policy": policy,
@@ -283,6 +285,8 @@ def record_dataset(
         "fps": float(fps),
         "env_kwargs": env_kwargs,
     }
+    if epsilon:  # only when set, so recordings made before the option still resume
+        args["epsilon"] = float(epsilon)
     out = Path(out_dir)
     _check_args(args, out)
     num_shards = -(-episodes // episodes_per_shard)

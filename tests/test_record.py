@@ -223,3 +223,30 @@ def test_cli_records_and_rejects_unknown_env(tmp_path, capsys):
         record_cli(["procgen:pong", "--out", str(tmp_path / "x")])
     assert e.value.code == 2
     assert "bigfish" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_epsilon_expert_detours_replay_and_still_succeed(tmp_path):
+    """--epsilon swaps some expert moves for random ones; the bot replans and still wins."""
+    kw = dict(episodes=6, policy="expert", seed=1, clip_frames=64, episodes_per_shard=6)
+    spec = "babyai:BabyAI-GoToObj-v0"
+    plain = read_episodes_of(record(spec, tmp_path / "plain", **kw), tmp_path / "plain")
+    result = record(spec, tmp_path / "noisy", epsilon=0.4, **kw)
+    noisy = read_episodes_of(result, tmp_path / "noisy")
+    assert result["summary"]["success_rate"] == 1.0
+    assert json.loads((tmp_path / "noisy" / "record_args.json").read_text())["epsilon"] == 0.4
+    assert "epsilon" not in json.loads((tmp_path / "plain" / "record_args.json").read_text())
+    # same levels (seeds), other moves: the detours make episodes longer on the whole
+    assert sum(len(e["actions"]) for e in noisy.values()) > sum(
+        len(e["actions"]) for e in plain.values()
+    )
+    for ep in noisy.values():
+        assert ep["meta"]["epsilon"] == 0.4
+        frames, total, done = replay(spec, 1, ep)
+        assert done and total > 0
+    with pytest.raises(ValueError, match="epsilon"):
+        record(spec, tmp_path / "bad", epsilon=1.5, **kw)
+
+
+def read_episodes_of(result: dict, out: Path) -> dict:
+    assert result["summary"]["episodes"] == 6
+    return read_episodes(out)

@@ -147,8 +147,12 @@ class LatentActionModel(nn.Module):
         pred_next = None
         if isinstance(self.fdm, UNetFDM):
             pred_next = self.fdm(x[:, :-1], latent)  # (B, C, S, S)
-            fdm_loss = F.mse_loss(pred_next, nxt)
-            logs["fdm_mse"] = fdm_loss
+            fdm_mse = F.mse_loss(pred_next, nxt)
+            logs["fdm_mse"] = fdm_mse
+            fdm_loss = fdm_mse
+            if self.cfg.fdm_loss_scale == "copy":  # 1.0 == as good as copying o[t]
+                copy_mse = F.mse_loss(x[:, -2], nxt).detach()
+                fdm_loss = fdm_mse / copy_mse.clamp_min(1e-5)  # a still batch: bounded
             pred_next = pred_next.clamp(0.0, 1.0) if self.fdm.residual else pred_next
             logs["psnr"] = psnr(pred_next.detach(), nxt)
             logs["psnr_copy"] = psnr(x[:, -2], nxt)
