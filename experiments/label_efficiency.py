@@ -13,7 +13,7 @@ budget for
   - idm-supervised: an IDM of the same encoder trained from scratch on the same N labels;
   - ceiling: the supervised IDM trained on every label of the train set.
 
-babyai: record expert (BabyAI bot) demos, pretrain stage 1 and clone the latent policy
+babyai: record expert (BabyAI bot) demos with random detours, pretrain stage 1 and clone the latent policy
 on them as unlabelled video, then closed-loop success rate of
   - lapo: latent policy + decoder, fine-tuned end to end on a fraction of the transitions;
   - bc (same labels): behaviour cloning of the true actions on that fraction only;
@@ -93,7 +93,7 @@ def procgen(a: argparse.Namespace) -> dict:
          "--out", lam, *size, "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}",
          f"model.bottleneck={a.bottleneck}", f"trainer.seed={a.seed}",
          f"trainer.val_every_n_steps={steps(a.lam_steps, a.steps)}",
-         f"trainer.ckpt_every_n_steps={max(200, steps(a.lam_steps, a.steps) // 4)}"],
+         f"trainer.ckpt_every_n_steps={max(200, steps(a.lam_steps, a.steps) // 4)}", *a.lam_set],
         lam / "model.safetensors",
     )  # fmt: skip
     budgets = [int(b) for b in a.budgets.split(",")]
@@ -167,7 +167,8 @@ def babyai(a: argparse.Namespace) -> dict:
     data = out / "data" / "demos"
     c.run(
         ["data_prep.record", a.env, "--policy", "expert", "--episodes", a.episodes, "--seed", a.seed,
-         "--out", data, "--workers", a.workers, "--episodes-per-shard", max(1, a.episodes // 8)],
+         "--out", data, "--workers", a.workers, "--episodes-per-shard", max(1, a.episodes // 8),
+         "--epsilon", a.epsilon],
         data / "manifest.json",
     )  # fmt: skip
     frames = metrics(data / "manifest.json")
@@ -176,7 +177,8 @@ def babyai(a: argparse.Namespace) -> dict:
     lam, pol = out / "lam", out / "policy"
     c.run(
         ["lapo.cli", "pretrain", "--config", CONFIGS / "lam" / "demo.yaml", "--data", data, "--out", lam,
-         "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}", f"trainer.seed={a.seed}"],
+         "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}", f"trainer.seed={a.seed}",
+         *a.lam_set],
         lam / "model.safetensors",
     )  # fmt: skip
     c.run(
@@ -257,7 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     pg.add_argument("--ceiling-epochs", type=int, default=3)
     pg.set_defaults(func=procgen)
     bb = sub.add_parser("babyai", help="closed-loop success with a fraction of labels on BabyAI")
-    bb.add_argument("--env", default="babyai:BabyAI-GoToLocal-v0")
+    bb.add_argument(
+        "--env",
+        default="babyai:BabyAI-GoToObj-v0",
+        help="a babyai level whose goal is in the picture (GoToLocal's is only in the text)",
+    )
+    bb.add_argument(
+        "--epsilon",
+        type=float,
+        default=0.25,
+        help="chance of a random move in the recorded demos (a deterministic expert gives "
+        "stage 1 nothing to learn; see lapo demo --help)",
+    )
     bb.add_argument("--episodes", type=int, default=2000)
     bb.add_argument("--label-fraction", type=float, default=0.02)
     bb.add_argument("--lam-steps", type=int, default=2000)
@@ -271,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--steps", type=float, default=1.0, help="scale every training length")
         s.add_argument("--workers", type=int, default=2)
+        s.add_argument(
+            "--lam-set",
+            nargs="*",
+            default=[],
+            metavar="KEY=VALUE",
+            help="extra stage-1 settings passed to lapo pretrain --set",
+        )
     a = p.parse_args(argv)
     a.func(a)
     return 0

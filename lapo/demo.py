@@ -49,7 +49,7 @@ SCALES = {
         train_episodes=400,
         labeled_episodes=200,
         heldout_episodes=40,
-        lam_steps=1000,
+        lam_steps=1200,
         policy_steps=600,
         label_budget=200,
         finetune_epochs=30,
@@ -88,9 +88,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--env",
-        default="babyai:BabyAI-GoToLocal-v0",
-        help="environment to record and roll out in: babyai:<id> (expert demos) or procgen:<game> "
-        "(sticky random demos, so success rates are low) (default: babyai:BabyAI-GoToLocal-v0)",
+        default="babyai:BabyAI-GoToObj-v0",
+        help="environment to record and roll out in: babyai:<id> (expert demos), minigrid:<id> or "
+        "procgen:<game> (sticky random demos, so success rates are low) "
+        "(default: babyai:BabyAI-GoToObj-v0, whose goal is in the picture; in GoToLocal it is "
+        "only in the text mission, which a pixel policy never sees)",
+    )
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="chance that a recorded move is random instead of the expert's (default 0.25 for "
+        "babyai:*, 0 otherwise). A deterministic expert's next move follows from the frame, so "
+        "the world model can predict it without the latent action, and stage 1 learns nothing",
     )
     p.add_argument(
         "--steps",
@@ -137,12 +147,15 @@ class Pipeline:
 
     def record(self, name: str, episodes: int, seed: int) -> Path:
         out = self.out / "data" / name
-        policy = "expert" if self.env_kind in ("babyai", "minigrid") else "sticky"
+        expert = self.env_kind == "babyai"  # the BabyAI bot; other envs get sticky random moves
+        eps = self.args.epsilon if self.args.epsilon is not None else (0.25 if expert else 0.0)
         argv = [
-            "data_prep.record", self.args.env, "--episodes", str(episodes), "--policy", policy,
-            "--seed", str(seed), "--out", str(out), "--workers", str(self.args.workers),
-            "--episodes-per-shard", str(max(1, episodes // 4)),
+            "data_prep.record", self.args.env, "--episodes", str(episodes),
+            "--policy", "expert" if expert else "sticky", "--seed", str(seed), "--out", str(out),
+            "--workers", str(self.args.workers), "--episodes-per-shard", str(max(1, episodes // 4)),
         ]  # fmt: skip
+        if eps:
+            argv += ["--epsilon", str(eps)]
         self.run_stage(f"record {name}", argv, out / "manifest.json", lambda: _dataset_line(out))
         return out
 
@@ -170,7 +183,7 @@ class Pipeline:
              "--config", str(CONFIGS / "policy" / "demo.yaml"),
              "--set", f"trainer.max_steps={self.steps(sc.policy_steps)}", "--set", f"trainer.seed={a.seed}"],
             pol / "policy.safetensors",
-            lambda: _metrics_line(pol / "metrics.json", ["train/loss", "val/loss", "val/latent_mse_baseline"]),
+            lambda: _metrics_line(pol / "metrics.json", ["val/latent_mse", "val/latent_mse_baseline", "val/code_acc"]),
         )  # fmt: skip
         ft_common = ["--labeled", str(labeled), "--label-budget", str(sc.label_budget),
                      "--config", str(CONFIGS / "finetune" / "demo.yaml"),

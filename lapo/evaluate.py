@@ -217,6 +217,19 @@ def _frame_size(agent) -> int:
     return int(part.image_size)
 
 
+def _env_kwargs(agent, env: str, view: str | None) -> dict:
+    """Rendering options of the labelled data the run was fitted on (BabyAI's view), if the
+    rollout env is of the same family; `view` (--env-view) overrides."""
+    kwargs = dict(agent.info.get("env_kwargs") or {})
+    if not env.startswith(("babyai:", "minigrid:")):
+        kwargs.pop("view", None)
+    if view is not None:
+        if not env.startswith(("babyai:", "minigrid:")):
+            raise ValueError(f"lapo evaluate: --env-view applies to babyai/minigrid, not {env}")
+        kwargs["view"] = view
+    return kwargs
+
+
 def _out_paths(out: str | Path) -> tuple[Path, str]:
     """--out may name the JSON file or a directory (then metrics.json inside it)."""
     out = Path(out)
@@ -234,6 +247,7 @@ def evaluate(
     episodes: int = 20,
     max_steps: int = 500,
     env_size: int | None = None,
+    env_view: str | None = None,
     greedy: bool = True,
     label_budgets: list[int] | None = None,
     lam: str | Path | None = None,
@@ -308,9 +322,10 @@ def evaluate(
                 plots["budgets"] = str(path)
     if env is not None:
         size = env_size or _frame_size(agent)
+        env_kwargs = _env_kwargs(agent, env, env_view)
         roll, mine = rollout_metrics(agent, env, episodes=episodes, seed=seed, size=size,
                                      max_steps=max_steps, greedy=greedy, device=device,
-                                     progress=progress)  # fmt: skip
+                                     progress=progress, env_kwargs=env_kwargs)  # fmt: skip
         metrics.update(roll)
         from lapo.plots import save_rollout_gif, save_rollout_strip
 
@@ -365,6 +380,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="frame size of the env (default: that of the data the run was fine-tuned on)",
     )
     p.add_argument(
+        "--env-view",
+        choices=("full", "agent"),
+        default=None,
+        help="babyai/minigrid: top-down grid or the agent's own view (default: as the labelled "
+        "data the run was fitted on was recorded)",
+    )
+    p.add_argument(
         "--sample", action="store_true", help="sample actions from the policy instead of argmax"
     )
     p.add_argument(
@@ -401,7 +423,8 @@ def parse_budgets(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     metrics = evaluate(
         args.model, args.out, labeled=args.labeled, env=args.env, episodes=args.episodes,
-        max_steps=args.max_steps, env_size=args.env_size, greedy=not args.sample,
+        max_steps=args.max_steps, env_size=args.env_size, env_view=args.env_view,
+        greedy=not args.sample,
         label_budgets=parse_budgets(args.label_budgets), lam=args.lam,
         budget_data=args.budget_data, split=args.split, max_windows=args.max_windows,
         batch_size=args.batch_size, device=args.device, seed=args.seed,

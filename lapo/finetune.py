@@ -449,12 +449,25 @@ def check_policy_run(policy_run: str | Path, lam_run: str | Path) -> None:
         )
 
 
+def _env_kwargs(dataset: str) -> dict:
+    """How lapo.record rendered the labelled data (e.g. BabyAI's view), so rollouts match it."""
+    from lapo.shards import read_manifest
+
+    try:
+        made_by = read_manifest(dataset).get("made_by") or {}
+    except (OSError, ValueError):
+        return {}
+    kwargs = made_by.get("env_kwargs") if made_by.get("tool") == "lapo.record" else None
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
+
+
 def make_plan(
     cfg: FinetuneConfig, split, lam_run: str | None, policy_run: str | None, device
 ) -> Plan:
     space, k = split.action_space, split.train.index.shape[1] - 1
     info = {"labeled": split.selection.info["dataset"], "label_budget": split.selection.info["budget"], "lam_run": lam_run,
-            "policy_run": policy_run, "policy_finetuned": False, "image_shape": list(split.image_shape)}  # fmt: skip
+            "policy_run": policy_run, "policy_finetuned": False, "image_shape": list(split.image_shape),
+            "env_kwargs": _env_kwargs(split.selection.info["dataset"])}  # fmt: skip
     common = {"action_space": space, "context": k, "frame_gap": cfg.frame_gap or 1, "info": info}
     if cfg.method == "bc":
         n = space["n"] if space["type"] == "discrete" else space["dim"]

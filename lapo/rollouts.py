@@ -26,7 +26,8 @@ from lapo.envs import episode_seeds, make_env, make_policy
 
 
 def play(spec: str, choose, *, episodes: int, seed: int, size: int, context: int,
-         max_steps: int, record: bool = False, progress: bool = True, desc: str = "rollouts") -> dict:  # fmt: skip
+         max_steps: int, record: bool = False, progress: bool = True, desc: str = "rollouts",
+         env_kwargs: dict | None = None) -> dict:  # fmt: skip
     """Run `episodes` seeded episodes in lockstep; `choose(contexts, alive, rngs, envs)` acts.
 
     contexts: uint8 (B, k, 3, H, W) of the live episodes (the k latest frames, the
@@ -34,9 +35,10 @@ def play(spec: str, choose, *, episodes: int, seed: int, size: int, context: int
     per-episode policy generators and environments. It returns B action ids. Episode i
     starts from `episode_seeds(seed, i)`, whatever the policy, so two policies
     meet the same levels. Returns per-episode returns, successes and lengths, plus
-    the frames and actions of episode 0 when `record`.
+    the frames and actions of episode 0 when `record`. `env_kwargs` go to `make_env`
+    (e.g. ``{"view": "agent"}``: render as the training data was).
     """
-    envs = [make_env(spec, size=size, seed=seed) for _ in range(episodes)]
+    envs = [make_env(spec, size=size, seed=seed, **(env_kwargs or {})) for _ in range(episodes)]
     history, rngs = [], []
     for i, env in enumerate(envs):
         env_seed, rng = episode_seeds(seed, i)
@@ -90,7 +92,8 @@ def _summary(r: dict, prefix: str = "") -> dict:
 
 
 def rollout_metrics(agent, spec: str, *, episodes: int, seed: int, size: int, max_steps: int,
-                    greedy: bool, device: str, progress: bool = True) -> tuple[dict, dict]:  # fmt: skip
+                    greedy: bool, device: str, progress: bool = True,
+                    env_kwargs: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
     """Closed-loop returns of the agent's policy and of a uniform random policy."""
     if agent.action_space["type"] != "discrete":
         raise ValueError("lapo evaluate: --env needs a discrete action space (Procgen, BabyAI)")
@@ -108,7 +111,7 @@ def rollout_metrics(agent, spec: str, *, episodes: int, seed: int, size: int, ma
         return [randoms[i](None) for i in alive.tolist()]
 
     common = dict(episodes=episodes, seed=seed, size=size, context=agent.context,
-                  max_steps=max_steps, progress=progress)  # fmt: skip
+                  max_steps=max_steps, progress=progress, env_kwargs=env_kwargs)  # fmt: skip
     mine = play(spec, agent_choose, record=True, desc="rollouts (agent)", **common)
     rand = play(spec, random_choose, desc="rollouts (random)", **common)
     metrics = {
@@ -116,6 +119,7 @@ def rollout_metrics(agent, spec: str, *, episodes: int, seed: int, size: int, ma
         "episodes": episodes,
         "max_steps": max_steps,
         "greedy": greedy,
+        "env_kwargs": dict(env_kwargs or {}),
         **_summary(mine),
         **_summary(rand, "random_"),
     }

@@ -265,6 +265,24 @@ def test_weak_supervision_continuous_actions():
     assert "sup_loss" in logs and "sup_acc" not in logs
 
 
+def test_fdm_loss_scale_copy_divides_by_the_copy_baseline():
+    """fdm_loss_scale=copy: the objective is MSE / MSE(copy o[t]); the logged MSE is unchanged."""
+    frames, _ = sprite_windows(8, seed=3)
+    torch.manual_seed(0)
+    plain = LatentActionModel(tiny_cfg(), context=2)
+    torch.manual_seed(0)
+    scaled = LatentActionModel(tiny_cfg(fdm_loss_scale="copy"), context=2)
+    plain.eval(), scaled.eval()
+    with torch.no_grad():
+        _, lp, _ = plain.loss(frames)
+        _, ls, _ = scaled.loss(frames)
+        x = scaled.prepare(frames)
+        copy_mse = F.mse_loss(x[:, -2], x[:, -1])
+    assert torch.isclose(lp["fdm_mse"], ls["fdm_mse"])
+    assert torch.isclose(ls["fdm_loss"], ls["fdm_mse"] / copy_mse, rtol=1e-4)
+    assert ls["fdm_loss"] > 10 * ls["fdm_mse"]  # the sprite moves few pixels: MSEs are small
+
+
 def held_out_probe_accuracy(latent: torch.Tensor, actions: torch.Tensor) -> float:
     """Linear probe latent -> true action, fitted on the first half, scored on the second."""
     half = latent.shape[0] // 2
