@@ -168,7 +168,7 @@ def babyai(a: argparse.Namespace) -> dict:
     c.run(
         ["data_prep.record", a.env, "--policy", "expert", "--episodes", a.episodes, "--seed", a.seed,
          "--out", data, "--workers", a.workers, "--episodes-per-shard", max(1, a.episodes // 8),
-         "--epsilon", a.epsilon],
+         "--epsilon", a.epsilon, "--view", a.view],
         data / "manifest.json",
     )  # fmt: skip
     frames = metrics(data / "manifest.json")
@@ -265,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a babyai level whose goal is in the picture (GoToLocal's is only in the text)",
     )
     bb.add_argument(
+        "--view",
+        choices=("agent", "full"),
+        default="agent",
+        help="the agent's own view (default) or the top-down grid; see lapo demo --help",
+    )
+    bb.add_argument(
         "--epsilon",
         type=float,
         default=0.25,
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     bb.add_argument("--lam-steps", type=int, default=2000)
     bb.add_argument("--policy-steps", type=int, default=1500)
     bb.add_argument("--epochs", type=int, default=30, help="fine-tune epochs on the small budget")
-    bb.add_argument("--epochs-all", type=int, default=10, help="bc epochs on all labels")
+    bb.add_argument("--epochs-all", type=int, default=5, help="bc epochs on all labels")
     bb.add_argument("--eval-episodes", type=int, default=100)
     bb.set_defaults(func=babyai)
     for s in (pg, bb):

@@ -95,6 +95,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "only in the text mission, which a pixel policy never sees)",
     )
     p.add_argument(
+        "--view",
+        choices=("agent", "full"),
+        default="agent",
+        help="babyai/minigrid: the agent's own 7x7 view, which turns with it (default), or the "
+        "top-down grid. A small CNN reads heading and goal off the agent's view far more "
+        "easily: bc on the same 1211 labels succeeded in 0.98 of GoToObj episodes with it, "
+        "0.54 with the full grid",
+    )
+    p.add_argument(
         "--epsilon",
         type=float,
         default=None,
@@ -156,6 +165,8 @@ class Pipeline:
         ]  # fmt: skip
         if eps:
             argv += ["--epsilon", str(eps)]
+        if self.env_kind in ("babyai", "minigrid"):
+            argv += ["--view", self.args.view]
         self.run_stage(f"record {name}", argv, out / "manifest.json", lambda: _dataset_line(out))
         return out
 

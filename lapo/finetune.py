@@ -54,7 +54,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from lapo.agent import Agent, action_loss, load_agent, obs_features, policy_latent, save_agent
+from lapo.agent import (
+    Agent,
+    action_loss,
+    load_agent,
+    obs_features,
+    policy_action_logits,
+    save_agent,
+)
 from lapo.checkpoint import CheckpointError, atomic_write_text, read_model_meta, refusal
 from lapo.config import (
     ConfigError,
@@ -102,12 +109,11 @@ class PolicyFit(nn.Module):
 
     def forward(self, batch: dict) -> Tensor:
         lam, context = self.frozen[0], batch["frames"][:, :-1]  # (B, k, 3, H, W)
-        latent = policy_latent(self.policy, lam, context)  # (B, D)
         feats = None
         if self.use_obs:
             with torch.no_grad():
                 feats = obs_features(lam, context)  # (B, E)
-        return self.decoder(latent, feats)  # (B, A)
+        return policy_action_logits(self.policy, lam, self.decoder, context, feats)  # (B, A)
 
 
 class IDMFit(nn.Module):

@@ -232,3 +232,36 @@ def test_pipeline_end_to_end_with_label_budgets(babyai, tmp_path):
     assert Path(m["plots"]["budgets"]).is_file()
     for key in KEYS[:7]:
         assert math.isfinite(m[key]), key
+
+
+def test_rollouts_render_as_the_labelled_data_was(tmp_path):
+    """A run fitted on agent-view BabyAI data is rolled out in the agent's view, unasked."""
+    from lapo.envs import episode_seeds, make_env
+    from lapo.finetune import _env_kwargs
+
+    data = tmp_path / "ego"
+    record_dataset(SPEC, data, episodes=2, policy="expert", clip_frames=8, episodes_per_shard=2,
+                   size=32, env_kwargs={"view": "agent"}, progress=False, verbose=False)  # fmt: skip
+    assert _env_kwargs(str(data)) == {"view": "agent"}
+    torch.manual_seed(0)
+    pcfg = PolicyModelConfig(impala_scale=1, hidden=16, target="continuous")
+    policy = LatentPolicy(pcfg, context=2, image_size=32, latent_dim=7)
+    space = read_manifest(data)["action_space"]
+    agent = Agent(method="bc", action_space=space, context=2, policy=policy,
+                  info={"env_kwargs": _env_kwargs(str(data)), "image_shape": [32, 32]})  # fmt: skip
+    save_agent(agent, tmp_path / "bc", policy_config=to_dict(pcfg))
+    m = evaluate(tmp_path / "bc", tmp_path / "m.json", env=SPEC, episodes=1, max_steps=3,
+                 device="cpu", progress=False)  # fmt: skip
+    assert m["env_kwargs"] == {"view": "agent"}
+    first = np.asarray(Image.open(tmp_path / "m_rollout.gif").convert("RGB"))
+    env_seed, _ = episode_seeds(0, 0)
+    ego = make_env(SPEC, size=32, view="agent").reset(env_seed)
+    top = make_env(SPEC, size=32).reset(env_seed)
+    err = lambda a, b: np.abs(a.astype(int) - b.astype(int)).mean()  # noqa: E731
+    assert err(first, ego) < err(first, top)
+    m = evaluate(tmp_path / "bc", tmp_path / "full.json", env=SPEC, env_view="full", episodes=1,
+                 max_steps=3, device="cpu", progress=False)  # fmt: skip
+    assert m["env_kwargs"] == {"view": "full"}
+    with pytest.raises(ValueError, match="env-view"):
+        evaluate(tmp_path / "bc", tmp_path / "x.json", env="procgen:bigfish", env_view="agent",
+                 episodes=1, max_steps=2, device="cpu", progress=False)  # fmt: skip

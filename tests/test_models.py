@@ -182,10 +182,13 @@ def test_seeded_runs_are_identical():
     assert not state_equal(a, LatentActionModel(tiny_cfg(sup_weight=0.5), num_actions=4, context=2))
 
 
-@pytest.mark.parametrize("bottleneck", ["vq", "fsq"])
-def test_codes_round_trip(bottleneck):
+@pytest.mark.parametrize(
+    "bottleneck,over",
+    [("vq", {}), ("vq", {"vq_heads": 1}), ("vq", {"vq_heads": 1, "vq_cosine": True}), ("fsq", {})],
+)
+def test_codes_round_trip(bottleneck, over):
     torch.manual_seed(0)
-    model = LatentActionModel(tiny_cfg(bottleneck=bottleneck), context=2)
+    model = LatentActionModel(tiny_cfg(bottleneck=bottleneck, **over), context=2)
     frames, _ = sprite_windows(16)
     train_steps(model, frames, 2)  # move the codebook away from its initial state first
     model.eval()

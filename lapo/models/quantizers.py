@@ -121,8 +121,8 @@ class VQBottleneck(nn.Module):
 
     def codes_to_latent(self, codes: Tensor) -> Tensor:
         """(B, heads) long -> (B, D): the codebook vectors, concatenated over heads."""
-        idx = codes if self.code_heads > 1 else rearrange(codes, "b 1 -> b")  # (B, heads) or (B,)
-        return self.vq.get_output_from_indices(idx)  # (B, D)
+        # separate codebooks per head: the library wants (B, heads) even for one head
+        return self.vq.get_output_from_indices(codes)  # (B, D)
 
     @property
     def codebook(self) -> Tensor:
