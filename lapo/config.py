@@ -347,6 +347,8 @@ class FinetuneConfig:
     """AdamW learning rate (decoder fit, idm-supervised, bc)."""
     policy_lr: float = 3e-4
     """AdamW learning rate of the end-to-end policy fine-tune (the pretrained policy moves slowly)."""
+    keep_best: bool = True
+    """End each phase with the weights of its best held-out epoch; the policy fine-tune also counts its starting point, so a few noisy labels cannot make the stage-2 policy worse. The held-out split then chose the epoch too (the rollouts of lapo evaluate stay independent)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     grad_clip: float = 1.0

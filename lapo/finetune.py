@@ -320,6 +320,9 @@ def run_phase(
                 f"lapo finetune: {ph.name}: resumed after epoch {last['epoch']} (step {step})"
             )
     stop, skipped = stop or StopSignal(), 0
+    best = _Best(acc, root, discrete) if cfg.keep_best else None
+    if best is not None and not done and ph.name == "policy":
+        best.offer(acc.unwrap_model(model), evaluate(acc, model, val_dl, discrete), epoch=-1)
     for epoch in range(start, ph.epochs):
         train_dl.set_epoch(epoch)
         model.train()
@@ -368,6 +371,8 @@ def run_phase(
                 **{f"{ph.metric}_{k}": v for k, v in val.items()}, "time": time.time()}  # fmt: skip
         if skipped:
             last["nonfinite_steps"] = skipped
+        if best is not None:
+            best.offer(acc.unwrap_model(model), val, epoch)
         _save(acc, root / f"epoch-{epoch:04d}", last, cfg.keep_checkpoints)
         if acc.is_main_process:
             with open(run_dir / "metrics.jsonl", "a") as f:
@@ -378,9 +383,55 @@ def run_phase(
         acc.print(f"{ph.name} epoch {epoch + 1}/{ph.epochs}: {shown}")
         if _agree(acc, stop.signum is not None)[0]:  # saved just now: stop without another save
             raise Interrupted(f"{stop.name} after phase {ph.name}, epoch {epoch} (step {step})")
+    if best is not None and best.epoch is not None and best.epoch != last.get("epoch"):
+        best.restore(acc.unwrap_model(model))
+        last = {**last, **{f"{ph.metric}_{k}": v for k, v in best.val.items()}}
+        start_note = "its starting point" if best.epoch < 0 else f"epoch {best.epoch + 1}"
+        acc.print(f"lapo finetune: {ph.name}: keeping {start_note}, the best on held-out data")
+    if best is not None and best.epoch is not None:
+        last["kept_epoch"] = best.epoch
     acc.wait_for_everyone()
     acc.free_memory()  # the next phase prepares its own model and optimiser
     return last
+
+
+class _Best:
+    """The best held-out weights of a phase so far, on disk too (``best.safetensors`` and
+    ``best.json`` next to the epoch checkpoints), so a resumed run still knows them."""
+
+    def __init__(self, acc: Accelerator, root: Path, discrete: bool):
+        self.acc, self.root, self.discrete = acc, root, discrete
+        self.epoch, self.val, self.state = None, {}, None
+        meta = root / "best.json"
+        if meta.is_file() and (root / "best.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            info = json.loads(meta.read_text())
+            self.epoch, self.val = info["epoch"], info["val"]
+            self.state = load_file(str(root / "best.safetensors"))
+
+    def score(self, val: dict) -> float:
+        return val["accuracy"] if self.discrete else -val["mse"]
+
+    def offer(self, module: nn.Module, val: dict, epoch: int) -> None:
+        if self.epoch is not None and self.score(val) <= self.score(self.val):
+            return  # ties keep the earlier weights
+        self.epoch, self.val = epoch, dict(val)
+        self.state = {
+            k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()
+        }
+        if self.acc.is_main_process:
+            from safetensors.torch import save_file
+
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "best.json").unlink(missing_ok=True)  # the pair is whole or absent
+            tmp = self.root / "best.safetensors.tmp"
+            save_file(self.state, str(tmp))
+            tmp.replace(self.root / "best.safetensors")
+            atomic_write_text(self.root / "best.json", json.dumps({"epoch": epoch, "val": val}))
+
+    def restore(self, module: nn.Module) -> None:
+        module.load_state_dict(self.state)
 
 
 def _save(acc: Accelerator, path: Path, progress: dict, keep: int) -> None:
