@@ -56,6 +56,7 @@ from lapo.models.common import psnr
 from lapo.models.quantizers import code_histogram, perplexity_from_counts, usage_from_counts
 from lapo.probe import fit_probe
 from lapo.rollouts import rollout_metrics
+from lapo.shards import read_manifest
 
 # --------------------------------------------------------------------------- held-out data
 
@@ -300,7 +301,9 @@ def evaluate(
             from lapo.plots import plot_latents_2d
 
             true = res["true"] if agent.action_space["type"] == "discrete" else None
+            names = (read_manifest(labeled).get("made_by") or {}).get("action_meanings")
             path = plot_latents_2d(res["latent"], true, json_path.parent / f"{stem}_latents.png",
+                                   action_names=names if isinstance(names, list) else None,
                                    title=f"latent actions of held-out windows ({agent.method})")  # fmt: skip
             plots["latents"] = str(path)
         if label_budgets:

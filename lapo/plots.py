@@ -67,6 +67,11 @@ def plot_latents_2d(
     if len(idx) > max_points:  # keep the figure readable and the PCA cheap
         idx = np.sort(rng.choice(idx, size=max_points, replace=False))
     pts, method = project_2d(latents[idx], seed=seed)
+    unique = len(np.unique(np.round(pts, 6), axis=0))
+    jittered = unique * 4 <= len(pts)  # discrete codes: most points sit on a few spots
+    if jittered:
+        span = np.ptp(pts, axis=0).max() if len(pts) > 1 else 1.0
+        pts = pts + rng.normal(scale=0.03 * (span or 1.0), size=pts.shape)
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     discrete = true_actions is not None and np.asarray(true_actions).ndim == 1
     if discrete:
@@ -80,7 +85,8 @@ def plot_latents_2d(
         ax.legend(title="true action", fontsize=7, markerscale=2, loc="best", ncol=2)
     else:
         ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.7, color="tab:blue")
-    ax.set_title(f"{title} ({method}, {len(idx)} points)")
+    where = f"{len(idx)} points on {unique} spots, jittered" if jittered else f"{len(idx)} points"
+    ax.set_title(f"{title}\n({method}, {where})", fontsize=10)
     ax.set_xlabel(f"{method} 1")
     ax.set_ylabel(f"{method} 2")
     return _save(fig, path)
