@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     bb.add_argument("--episodes", type=int, default=2000)
     bb.add_argument("--label-fraction", type=float, default=0.02)
     bb.add_argument("--lam-steps", type=int, default=2000)
-    bb.add_argument("--policy-steps", type=int, default=1500)
+    bb.add_argument("--policy-steps", type=int, default=3000)
     bb.add_argument("--epochs", type=int, default=30, help="fine-tune epochs on the small budget")
     bb.add_argument("--epochs-all", type=int, default=5, help="bc epochs on all labels")
     bb.add_argument("--eval-episodes", type=int, default=100)
