@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Frame-rate changes show, for each output frame, the nearest source frame in time "
         "(ties go to the later one) and keep that source frame's action row; downsampling "
         "therefore drops the actions of skipped frames, upsampling repeats frames and actions. "
-        "A rerun with the same SRC and options skips finished shards and gives byte-identical "
-        "clips to an uninterrupted run.",
+        "A rerun with the same SRC and options skips finished shards and gives the same clips "
+        "as an uninterrupted run (the same frames and actions).",
     )
     p.add_argument("src", metavar="SRC", help="folder of videos (searched recursively)")
     p.add_argument("out", metavar="OUT", help="dataset directory to write (created if missing)")

@@ -22,7 +22,8 @@ an overlap of k keeps every (k+1)-frame window whole in some clip.
 Sharding. Shard i holds episodes [i*E, (i+1)*E) and episode e is seeded from
 (seed, e) alone, so shards are independent: a process pool writes them in any
 order, a rerun skips shards already on disk (writes are atomic), and the result
-is byte-identical however it was produced.
+holds the same clips however it was produced (arrays and metadata byte for byte; the
+x264 bytes of a clip have, rarely, differed between two encodes of the same frames).
 """
 
 from __future__ import annotations

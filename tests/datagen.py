@@ -197,3 +197,49 @@ def make_dataset(
         made_by={"tool": "tests.datagen", "seed": seed, "clip_frames": clip_frames},
     )
     return ds
+
+
+# --------------------------------------------------------------------------- comparing shards
+#
+# x264 is run single-threaded, yet two encodes of the same frames have (rarely, in CI and
+# once here) come out with different bytes. So "the same dataset" means: the same clips,
+# every non-video member byte for byte, and videos that decode to the same frames (within
+# codec noise). What a kill can break (a torn tar, a missing or duplicated clip, wrong
+# actions) still fails these checks.
+
+VIDEO_TOL = 2.0  # mean |a - b| per pixel between two encodes of the same frames
+
+
+def assert_same_sample(a: dict, b: dict, where: str = "") -> None:
+    from lapo.video import decode_video_bytes
+
+    assert set(a) == set(b), (where, sorted(a), sorted(b))
+    for member in a:
+        if member == "mp4":
+            fa, fb = decode_video_bytes(a[member]), decode_video_bytes(b[member])
+            assert fa.shape == fb.shape, (where, fa.shape, fb.shape)
+            err = np.abs(fa.astype(np.int16) - fb.astype(np.int16)).mean()
+            assert err < VIDEO_TOL, (where, err)
+        else:
+            assert a[member] == b[member], (where, member)
+
+
+def assert_same_shard(a: Path, b: Path) -> None:
+    """Two shard files hold the same clips in the same order (videos by decoded frames)."""
+    from lapo.shards import iter_tar_samples
+
+    sa, sb = list(iter_tar_samples(a)), list(iter_tar_samples(b))
+    assert [s["__key__"] for s in sa] == [s["__key__"] for s in sb], (a, b)
+    for x, y in zip(sa, sb):
+        assert_same_sample(x, y, f"{a.name}:{x['__key__']}")
+
+
+def assert_same_manifest(a: Path, b: Path) -> None:
+    """Manifests equal but for each shard's byte size (the video bytes may differ)."""
+    import json
+
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    for m in (ma, mb):
+        for s in m["shards"]:
+            s.pop("bytes", None)
+    assert ma == mb
