@@ -221,12 +221,11 @@ def _frame_size(agent) -> int:
 def _env_kwargs(agent, env: str, view: str | None) -> dict:
     """Rendering options of the labelled data the run was fitted on (BabyAI's view), if the
     rollout env is of the same family; `view` (--env-view) overrides."""
-    kwargs = dict(agent.info.get("env_kwargs") or {})
-    if not env.startswith(("babyai:", "minigrid:")):
-        kwargs.pop("view", None)
+    grid = env.startswith(("babyai:", "minigrid:"))
+    if view is not None and not grid:
+        raise ValueError(f"lapo evaluate: --env-view applies to babyai/minigrid, not {env}")
+    kwargs = dict(agent.info.get("env_kwargs") or {}) if grid else {}
     if view is not None:
-        if not env.startswith(("babyai:", "minigrid:")):
-            raise ValueError(f"lapo evaluate: --env-view applies to babyai/minigrid, not {env}")
         kwargs["view"] = view
     return kwargs
 

@@ -62,7 +62,13 @@ from lapo.agent import (
     policy_action_logits,
     save_agent,
 )
-from lapo.checkpoint import CheckpointError, atomic_write_text, read_model_meta, refusal
+from lapo.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    atomic_write_text,
+    read_model_meta,
+    refusal,
+)
 from lapo.config import (
     ConfigError,
     FinetuneConfig,
@@ -425,9 +431,9 @@ class _Best:
 
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "best.json").unlink(missing_ok=True)  # the pair is whole or absent
-            tmp = self.root / "best.safetensors.tmp"
-            save_file(self.state, str(tmp))
-            tmp.replace(self.root / "best.safetensors")
+            atomic_write(
+                self.root / "best.safetensors", lambda tmp: save_file(self.state, str(tmp))
+            )
             atomic_write_text(self.root / "best.json", json.dumps({"epoch": epoch, "val": val}))
 
     def restore(self, module: nn.Module) -> None:

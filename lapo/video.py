@@ -160,9 +160,9 @@ def encode_video(
 ) -> bytes:
     """Encode uint8 frames (T, H, W, 3) to H.264 yuv420p mp4 bytes, every frame kept.
 
-    H and W must be even (yuv420p halves the chroma planes). Single-threaded x264, so
-    the same frames and settings give the same bytes on one machine; other CPUs may take
-    other SIMD paths, so do not rely on byte equality across machines.
+    H and W must be even (yuv420p halves the chroma planes). x264 runs single-threaded,
+    yet two encodes of the same frames have, rarely, come out with different bytes (cause
+    not found), so compare clips by their decoded frames, not their bytes.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
