@@ -309,6 +309,8 @@ def _metrics_line(path: Path, keys: list[str]) -> str:
         )
         if isinstance(hit, (int, float)):
             parts.append(f"{k}={hit:.3f}")
+    if not parts and "loss" in flat:  # a run too short to reach its first validation
+        parts.append(f"loss={flat['loss']:.3f} (no validation at this length)")
     return ", ".join(parts)
 
 
