@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo demo-quick test test-fast lint format bench clean
 
+# --retries 1: where download.pytorch.org (the CPU index in requirements-cpu.txt) cannot be
+# reached, pip finds a local wheel at once instead of retrying every lookup for a minute.
 $(STAMP): pyproject.toml requirements-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements-cpu.txt
+	$(BIN)/pip install --quiet --retries 1 -r requirements-cpu.txt
 	$(BIN)/pip install --quiet -e '.[envs,dev]'
 	touch $(STAMP)
 

@@ -2,28 +2,30 @@
 
     python benchmarks/loader.py                 # makes 300 clips of 64 frames, 64x64, in /tmp
     python benchmarks/loader.py --data DATASET  # any lapo dataset directory
+    python benchmarks/loader.py --workers 8 --batch-size 128 --clips 2000   # a GPU host's loader
 
 Three readers of the same clips, all timed in this run:
 
 (a) limit:  a plain decord loop decoding every clip once from bytes already in memory.
-(b) lapo:   lapo.data.make_loader, one worker process (tar reading, checks, decode,
-            cutting, shuffling and batching included); a finite pass over every clip,
-            and the resampled training stream.
+(b) lapo:   lapo.data.make_loader, one worker process (``--workers`` for more; tar
+            reading, checks, decode, cutting, shuffling and batching included); a finite
+            pass over every clip, and the resampled training stream.
 (c) naive:  a map-style reader that opens a decord reader per window and decodes
             only that window's frames (bytes in memory; a sample of the windows).
 
 Frames/s counts frames decoded (for (c): frames returned, k+1 per window); windows/s
-counts windows of k+1 frames delivered. Rates are per worker core: (a) and (c) run
-in this process, (b) in one DataLoader worker. Each rate is given per second of
-wall clock and per CPU-second of the process doing the work (for (b): the
-worker; the main process's share is printed apart), which stays meaningful on a
-machine shared with other jobs.
+counts windows of k+1 frames delivered. (a) and (c) run in this process, (b) in
+``--workers`` DataLoader workers (one by default, so that all three are rates per
+core). Each rate is given per second of wall clock and per CPU-second of the processes
+doing the work (for (b): the workers; the main process's share is printed apart),
+which stays meaningful on a machine shared with other jobs.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import resource
 import sys
 import tempfile
@@ -125,6 +127,10 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2, help="k: context frames (windows hold k+1)")
     p.add_argument("--batch-size", type=int, default=32, help="windows per batch for lapo's loader")
     p.add_argument(
+        "--workers", type=int, default=1, help="DataLoader worker processes for lapo's loader"
+    )
+    p.add_argument("--json", help="also write each reader's figures to this JSON file")
+    p.add_argument(
         "--naive-windows", type=int, default=1500, help="windows the naive reader decodes"
     )
     p.add_argument(
@@ -163,7 +169,12 @@ def main() -> None:
     limit = best(bench_limit, clips, k)
     frames_per_clip = limit["frames"] / len(clips)
     base = dict(
-        path=data, context=k, batch_size=args.batch_size, num_workers=1, val_batches=0, val_shards=0
+        path=data,
+        context=k,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        val_batches=0,
+        val_shards=0,
     )
     cfg_val = DataConfig(**base)
     per_epoch = max(
@@ -180,8 +191,17 @@ def main() -> None:
     }
     print(
         f"\n{len(clips)} clips of {frames_per_clip:.0f} frames, {args.size}x{args.size}, windows of "
-        f"{k + 1} frames, batch {args.batch_size}; best of {args.repeats} by CPU time"
+        f"{k + 1} frames, batch {args.batch_size}, {args.workers} loader worker(s); best of "
+        f"{args.repeats} by CPU time"
     )
+    if args.json:
+        figures = {
+            name: {"windows_per_s": r["windows"] / r["wall"], "frames_per_s": r["frames"] / r["wall"],
+                   "windows_per_cpu_s": r["windows"] / r["cpu"]}
+            for name, r in rows.items()
+        }  # fmt: skip
+        figures["workers"], figures["batch_size"] = args.workers, args.batch_size
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     head = f"{'reader':34s} {'wall s':>7s} {'cpu s':>7s} {'main s':>7s}"
     print(f"{head} {'frames/s':>9s} {'frames/cpu-s':>12s} {'windows/s':>9s} {'windows/cpu-s':>13s}")
     for name, r in rows.items():

@@ -4,6 +4,9 @@
     python benchmarks/train_step.py --batch 16 --steps 5
     python benchmarks/train_step.py --config configs/lam/debug.yaml --steps 50   # tiny model:
                                                             # the framework's share is largest here
+    python benchmarks/train_step.py --accelerator gpu --batch 128 --runs lightning --warmup 5
+                                                            # the config's precision and compile
+                                                            # on one GPU, with peak memory
 
 Both runs train the same model (same seed) with the same optimiser, schedule, gradient
 clipping and NaN check on the same synthetic uint8 batches of the config's shape
@@ -14,12 +17,16 @@ steps). Repeats alternate the two so that load from other jobs hits both alike.
 
 Each step is timed from the end of one step to the end of the next: wall clock and this
 process's CPU time (CPU seconds stay meaningful on a shared machine). Overhead is
-(Lightning / plain - 1) of the median step; the target is < 5%.
+(Lightning / plain - 1) of the median step; the target is < 5%. On a CPU the config's
+precision and compile are replaced by fp32 and eager; ``--accelerator gpu`` keeps them,
+synchronises the GPU at each step's end, and reports peak GPU memory
+(torch.cuda.max_memory_allocated) per run. The plain loop runs on the CPU only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -73,6 +80,8 @@ class Clock(L.Callback):
         self.marks: list[tuple[float, float]] = []
 
     def on_train_batch_end(self, *_) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels are done, not only queued
         self.marks.append((time.perf_counter(), time.process_time()))
 
 
@@ -90,6 +99,7 @@ def run_lightning(
     module = LAMModule(cfg, num_actions=NUM_ACTIONS)
     clock = Clock()
     hw = resolve_hardware(cfg.trainer)
+    module.compile_enabled = hw.compile  # as `lapo.train.fit` does
     trainer = build_trainer(cfg.trainer, out, hw, GracefulStop(out / "last.ckpt"))
     trainer.callbacks.append(clock)
     loader = DataLoader(Replay(batches, steps), batch_size=None)
@@ -139,6 +149,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating (plain, Lightning) pairs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: fp32, no compile; gpu: one GPU with the config's precision and compile",
+    )
+    p.add_argument(
+        "--runs",
+        default="plain,lightning",
+        help="which loops to time, comma-separated (plain needs --accelerator cpu)",
+    )
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument(
         "--set",
         dest="overrides",
         nargs="+",
@@ -152,15 +174,27 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    runs = [r for r in args.runs.split(",") if r]
+    if not set(runs) <= {"plain", "lightning"} or not runs:
+        p.error(f"--runs: plain and/or lightning, got {args.runs!r}")
+    gpu = args.accelerator == "gpu"
+    if gpu and "plain" in runs:
+        p.error("--runs plain: the plain loop runs on the CPU only; use --runs lightning")
+    if gpu and not torch.cuda.is_available():
+        p.error("--accelerator gpu: torch sees no CUDA device")
+    hardware = (
+        ["trainer.accelerator=gpu"]
+        if gpu
+        else ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.compile=false"]
+    )
 
     total = args.warmup + args.steps + 1  # +1: step times are differences between ends
     cfg = load_config(
         PretrainConfig,
         args.config,
         [
-            f"data.batch_size={args.batch}",
-            "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
-            "trainer.compile=false", "trainer.progress=false", "trainer.loggers=[csv]",
+            f"data.batch_size={args.batch}", *hardware,
+            "trainer.devices=1", "trainer.progress=false", "trainer.loggers=[csv]",
             f"trainer.max_steps={total}", f"trainer.val_every_n_steps={total + 1}",
             f"trainer.ckpt_every_n_steps={total + 1}", f"trainer.image_every_n_steps={total + 1}",
             *args.overrides,
@@ -171,17 +205,23 @@ def main() -> None:
     print(
         f"config {args.config}: frames ({args.batch}, {k + 1}, 3, {s}, {s}) uint8, "
         f"{cfg.model.encoder} encoder, {cfg.model.bottleneck} bottleneck; "
-        f"{args.steps} timed steps x {args.repeats} repeats, torch threads {torch.get_num_threads()}"
+        f"{args.steps} timed steps x {args.repeats} repeats, torch threads {torch.get_num_threads()}; "
+        f"{args.accelerator}, precision {cfg.trainer.precision}, compile {cfg.trainer.compile}"
     )
-    results: dict[str, tuple[list[float], list[float]]] = {"plain": ([], []), "lightning": ([], [])}
+    results: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in runs}
+    peak: dict[str, float] = {}
     for r in range(args.repeats):
-        for name in ("plain", "lightning"):
+        for name in runs:
             out = Path(args.out) / f"{name}-{r}"
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
             marks = (
                 run_plain(cfg, batches, total)
                 if name == "plain"
                 else run_lightning(cfg, batches, total, out)
             )
+            if gpu:
+                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             wall, cpu = step_times(marks, args.warmup)
             results[name][0].extend(wall)
             results[name][1].extend(cpu)
@@ -194,6 +234,20 @@ def main() -> None:
         print(
             f"{name:9s}: {args.batch / wall:8.2f} samples/s (wall)   {args.batch / cpu:8.2f} samples/CPU-s   step {wall * 1e3:9.1f} ms wall, {cpu * 1e3:9.1f} ms CPU"
         )
+        if name in peak:
+            print(
+                f"{name:9s}: peak GPU memory {peak[name]:.2f} GiB (torch.cuda.max_memory_allocated)"
+            )
+    if args.json:
+        summary = {
+            n: {"windows_per_s": args.batch / w, "step_ms": w * 1e3, "peak_gib": peak.get(n)}
+            for n, (w, _) in med.items()
+        }
+        summary["config"] = {"path": args.config, "batch": args.batch, "precision": cfg.trainer.precision,
+                             "compile": cfg.trainer.compile, "accelerator": args.accelerator}  # fmt: skip
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if set(runs) != {"plain", "lightning"}:
+        return  # the overhead needs both loops
     best = {n: (min(w), min(c)) for n, (w, c) in results.items()}
     print(
         "least-disturbed step (min): "

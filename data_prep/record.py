@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lapo.cli import HelpFormatter
 from lapo.envs import POLICIES, PROCGEN_GAMES, EnvError
 from lapo.record import record_dataset
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.record",
         description="Record episodes of a Procgen game or a BabyAI/MiniGrid level as a sharded clip dataset.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "spec",
@@ -101,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is None:
             continue
         if family not in families:
-            parser.error(f"{flag} applies to {'/'.join(families)} only, not {a.spec}")
+            parser.exit(
+                2, f"record: error: {flag} applies to {'/'.join(families)} only, not {a.spec}\n"
+            )
         env_kwargs[key] = value
     try:
         record_dataset(
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not a.no_progress,
         )
     except (EnvError, ValueError, OSError) as e:  # OSError: full disk, unwritable --out
-        parser.error(str(e))
+        # one line: the usage block would bury the message (argparse's own errors keep it)
+        parser.exit(2, f"record: error: {e}\n")
     return 0
 
 

@@ -1,8 +1,9 @@
 """The LAPO claim, measured: how far do a few labels go after pretraining on video alone?
 
 Two experiments, each a chain of ordinary lapo commands (printed as they run, so any
-of them can be repeated by hand). Every step is skipped when its output exists, so a
-killed run resumes by running the same line again. Results go to OUT/table.md and
+of them can be repeated by hand). A step is skipped when its output exists and was made
+by the same command and inputs (`lapo.stages`), so a killed run resumes by running the
+same line again, and one with other settings reruns what they change. Results go to OUT/table.md and
 OUT/results.json.
 
 procgen: record a Procgen game with the sticky random policy (train set, ~100k frames
@@ -35,14 +36,14 @@ import shlex
 import time
 from pathlib import Path
 
-from lapo.demo import run_step
+from lapo.stages import run_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
 class Chain:
-    """Runs commands in order, skipping those whose output marker exists; logs each one."""
+    """Runs commands in order, skipping those already made by the same command; logs each one."""
 
     def __init__(self, out: Path):
         self.out = out

@@ -2,9 +2,8 @@
 
 - `StepProgressBar`: one bar over the whole run (0..max_steps), not one per epoch:
   epochs are an artefact of the resampled loader and mean nothing to the user.
-- `GracefulStop`: SIGTERM / SIGUSR1 outside Slurm -> write ``last.ckpt`` and stop at
-  the end of the current step. Under Slurm, Lightning's own requeue handler owns
-  SIGUSR1 and we only add the ``last.ckpt`` save on SIGTERM.
+- `GracefulStop`: SIGTERM / SIGUSR1 -> every rank stops at the same step boundary and
+  ``last.ckpt`` is written once; under Slurm, SIGUSR1 also requeues the job (`lapo.train`).
 - `RNGState`: the random number generators travel in every checkpoint, so a resumed run
   draws the same numbers (VQ dead-code restarts, bottleneck noise) as one never stopped.
 - `KeyLog`: debug record of the sample keys each rank trained on (audits the
@@ -14,17 +13,17 @@
 from __future__ import annotations
 
 import random
-import signal
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lapo.checkpoint import prune_checkpoints
+from lapo.preempt import StopSignal
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -59,89 +58,128 @@ class StepProgressBar(TQDMProgressBar):
         pass  # the bar is closed once, in on_train_end
 
 
-class GracefulStop(Callback):
-    """Save ``last.ckpt`` and stop cleanly when the job is told to go away.
+class StopRequested(Exception):
+    """Every rank agreed to stop at a step boundary; the checkpoint is saved."""
 
-    Handlers only set a flag; the save happens at the next step boundary, where the
-    training state is consistent. Under DDP the flag is OR-reduced so every rank stops
-    at the same step (a rank that stops alone would hang the others' all-reduce).
+
+class GracefulStop(Callback):
+    """Save ``last.ckpt`` at the next step boundary after SIGTERM / SIGUSR1, then stop.
+
+    The handlers (`lapo.preempt.StopSignal`) only set a flag. At the end of every training
+    step the ranks combine their flags with one all-reduce, so all of them stop at the
+    same step even when the signal reached only some; they save one checkpoint together
+    and raise `StopRequested`, which `lapo.train.fit` catches (no validation pass on the
+    way out). Lightning's own signal handling is switched off (`disable_lightning_signals`):
+    it broadcasts and saves inside the handler, which deadlocks when the signal lands
+    during a collective.
     """
 
     def __init__(self, last_path: Path) -> None:
         self.last_path = Path(last_path)
-        self.signum: int | None = None
+        self.signal = StopSignal()
         self.saved_step: int | None = None
-        self._previous: dict[int, Any] = {}
-        self._trainer: L.Trainer | None = None
+        self.requeue = False
+        """Set when the stop was agreed: a requeue signal reached some rank under Slurm."""
+        self._launcher: Any = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._trainer = trainer
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._trainer = None
-
-    # Installed before trainer.fit so that Lightning's SIGTERM handler, registered
-    # inside fit, calls ours too (it composes with handlers already present).
     def install(self) -> None:
-        signums = [signal.SIGTERM]
-        if not SLURMEnvironment.detect():
-            signums.append(signal.SIGUSR1)  # under Slurm this is Lightning's requeue signal
-        for s in signums:
-            try:
-                self._previous[s] = signal.signal(s, self._on_signal)
-            except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
-                pass
+        self.signal.install()
 
     def uninstall(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
-        trainer = self._trainer
-        if signum == signal.SIGTERM and trainer is not None and trainer.world_size == 1:
-            # Lightning's own SIGTERM handler ran just before this one (it composes with
-            # handlers present at fit) and would raise at the end of this step, after the
-            # step's counters moved on: a save from there, on an epoch's last batch, resumes
-            # one batch off. With one process, stop at on_train_batch_end instead, where
-            # Lightning restores exactly. (Several processes keep Lightning's way: it has
-            # already broadcast the stop to the other ranks.)
-            connector = getattr(trainer, "_signal_connector", None)
-            if connector is not None:
-                connector.received_sigterm = False
+        self.signal.uninstall()
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        return self.signal.requested
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning spawns the other ranks itself when no launcher (srun, torchrun) did:
+        # they must hear of the signal too, as Lightning's own handler would have told them.
+        self._launcher = trainer.strategy.launcher
+        self.signal.on_signal = self._forward
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.signal.on_signal = None
+        self._launcher = None
+
+    def _forward(self, signum: int) -> None:
+        launcher = self._launcher
+        if launcher is not None and hasattr(launcher, "kill") and len(self.signal.received) == 1:
+            launcher.kill(signum)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.install()  # again, in case anything replaced the handlers during set-up
 
     def save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.last_path, weights_only=False)
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        stop = self.requested
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop and self.saved_step != trainer.global_step:
-            name = signal.Signals(self.signum).name if self.signum else "a signal on another rank"
-            rank_zero_info(
-                f"lapo: received {name}; saving {self.last_path} at step {trainer.global_step} and stopping"
-            )
+        flags = torch.tensor(
+            [float(self.signal.requested), float(self.signal.wants_requeue)],
+            device=trainer.strategy.root_device,
+        )
+        if trainer.world_size > 1:  # one all-reduce per step: every rank decides alike
+            flags = trainer.strategy.reduce(flags, reduce_op="max")
+        stop, requeue = (bool(v > 0) for v in flags.tolist())
+        if not stop:
+            return
+        self.requeue = requeue
+        name = self.signal.name if self.signal.requested else "a signal on another rank"
+        rank_zero_info(
+            f"lapo: received {name}; saving {self.last_path} at step {trainer.global_step} "
+            f"and {'requeueing' if requeue else 'stopping'}"
+        )
+        if self.saved_step != trainer.global_step:
             self.save(trainer)
-            trainer.should_stop = True
+        raise StopRequested(f"{name} at step {trainer.global_step}")
 
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        # SIGTERM during validation stops Lightning before any step boundary. With one
-        # process it is safe to save here; with several, ranks may be at different points.
-        if (
-            isinstance(exception, SIGTERMException)
-            and trainer.world_size == 1
-            and self.saved_step != trainer.global_step
-        ):
-            self.save(trainer)
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """``step-XXXXXXX.ckpt`` every `every_n_steps`, the newest `keep` of them (-1: all), and ``last.ckpt``.
+
+    Rank zero deletes the older step files after each save (`prune_checkpoints`, the same
+    rule a start-up applies to what a killed job left). Lightning's own top-k would need a
+    monitored value, and with one it moves saves to the next validation pass.
+    """
+
+    def __init__(self, dirpath: Path, every_n_steps: int, keep: int) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename="step-{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every_n_steps,
+            save_top_k=0 if keep == 0 else -1,
+            save_last=True,
+            enable_version_counter=False,  # a resumed run overwrites a name, never adds -v1 files
+        )
+        self.keep = keep
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        if self.keep > 0 and trainer.is_global_zero:
+            prune_checkpoints(Path(self.dirpath).parent, self.keep)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``best.ckpt``: the state at the validation pass with the lowest `metric` so far."""
+
+    def __init__(self, dirpath: Path, metric: str) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename="best",
+            monitor=metric,
+            mode="min",
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+            save_on_train_epoch_end=False,
+        )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a validation pass without a batch logs nothing; Lightning would raise on that
+        if self.monitor in trainer.callback_metrics:
+            super().on_validation_end(trainer, pl_module)
 
 
 class RNGState(Callback):

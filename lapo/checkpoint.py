@@ -13,10 +13,13 @@ Two kinds of file live in a run directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -137,33 +149,90 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- run directories
 
 
-def resume_checkpoint(run_dir: str | Path) -> Path:
-    """The newest checkpoint to resume `run_dir` from.
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every training-state file of a run: ``checkpoints/{last,step-*,best}.ckpt`` and
+    Lightning's Slurm requeue files ``hpc_ckpt_*.ckpt`` (written by older versions)."""
+    run_dir = Path(run_dir)
+    ckpts = run_dir / "checkpoints"
+    found = [ckpts / "last.ckpt", *sorted(ckpts.glob("step-*.ckpt")), ckpts / "best.ckpt"]
+    found += sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+    return [p for p in found if p.is_file()]
 
-    Candidates are ``checkpoints/last.ckpt`` (periodic and on-signal saves) and
-    Lightning's Slurm requeue files ``hpc_ckpt_N.ckpt`` in the run directory; the most
-    recently written wins, since either can be the newer after a preemption.
+
+# On equal steps: a file saved at a step's end before one saved during validation.
+_TIE_ORDER = ("last", "step", "hpc", "best")
+
+
+def _tie_rank(path: Path) -> int:
+    return next((i for i, kind in enumerate(_TIE_ORDER) if path.name.startswith(kind)), 0)
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint of `run_dir` holding the highest global step.
+
+    Every kind counts (`run_checkpoints`), ranked by the step stored inside, not by
+    file name or time: after a preemption any of them can be the newest. A file that
+    cannot be read is skipped with a warning; one that holds code is refused.
     """
     run_dir = Path(run_dir)
-    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    found = [p for p in candidates if p.is_file()]
+    found = run_checkpoints(run_dir)
     if not found:
         raise CheckpointError(
-            f"--resume: no checkpoint in {run_dir} (looked for checkpoints/last.ckpt and "
-            "hpc_ckpt_*.ckpt); start without --resume"
+            f"--resume: no checkpoint in {run_dir} (looked for checkpoints/last.ckpt, "
+            "step-*.ckpt, best.ckpt and hpc_ckpt_*.ckpt); start without --resume"
         )
-    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
-    # Read it now, tensors mapped rather than loaded: a file that holds code or is torn fails
-    # here, before any data is read, and never reaches a loader that might unpickle freely
-    # (FSDP's full-checkpoint loader does).
-    safe_torch_load(newest, mmap=True)
-    return newest
+    steps: dict[Path, int] = {}
+    for path in found:
+        try:
+            steps[path] = checkpoint_step(path)
+        except CheckpointError as e:
+            if "refused" in str(e):
+                raise
+            warnings.warn(f"lapo: --resume skips {e}", stacklevel=2)
+    if not steps:
+        raise CheckpointError(f"--resume: no readable checkpoint in {run_dir}: {found}")
+    return max(steps, key=lambda p: (steps[p], -_tie_rank(p)))
 
 
 def checkpoint_step(path: str | Path) -> int:
-    """Global step stored in a Lightning checkpoint (tensors and plain data only: no pickle code)."""
-    ckpt = safe_torch_load(path)
-    return int(ckpt["global_step"])
+    """The global step a Lightning checkpoint holds, read with its tensors mapped, not loaded.
+
+    Reading it also vets the file: one that holds code, or is torn, fails here, before
+    any data is read, and never reaches a loader that might unpickle freely (FSDP's
+    full-checkpoint loader does).
+    """
+    ckpt = safe_torch_load(path, mmap=True)
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+    if not isinstance(step, int):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no global_step)")
+    return step
+
+
+def prune_checkpoints(
+    run_dir: str | Path, keep_last: int, *, keep: str | Path | None = None
+) -> list[Path]:
+    """Apply the retention policy to what is on disk; return the files deleted.
+
+    Keeps ``last.ckpt``, ``best.ckpt``, the newest `keep_last` ``step-*.ckpt`` (by the
+    step in the name; -1 keeps all) and `keep` (the checkpoint being resumed from).
+    Lightning's ``hpc_ckpt_*.ckpt`` requeue files are superseded by ``last.ckpt`` and go,
+    unless one of them is `keep`. Call from one process only (rank zero).
+    """
+    run_dir = Path(run_dir)
+    keep = Path(keep).resolve() if keep is not None else None
+    periodic = sorted(
+        (int(m.group(1)), p)
+        for p in (run_dir / "checkpoints").glob("step-*.ckpt")
+        if (m := re.fullmatch(r"step-(\d+)\.ckpt", p.name))
+    )
+    doomed = [p for _, p in periodic[: max(0, len(periodic) - keep_last)]] if keep_last >= 0 else []
+    doomed += sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+    removed = []
+    for p in doomed:
+        if p.resolve() != keep:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def state_dict_from_checkpoint(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ A subcommand module exposes two functions::
 
 Only the module of the subcommand being run is imported, so ``lapo --help`` is quick
 and a subcommand whose module is missing or broken does not take the others down:
-running it prints what is missing instead.
+running it prints what is missing instead. Every subcommand's ``--help`` shows the
+defaults of its flags (`HelpFormatter`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lapo.export", "write a run's weights as safetensors + json from a checkpoint"),
 }
 
+# stop at a step boundary on SIGTERM / SIGUSR1, saving a checkpoint (lapo.preempt)
+TRAINING_COMMANDS = ("pretrain", "train-policy", "finetune")
+
 EPILOG = (
     "Settings come from typed defaults, then --config YAML, then --set key=value.\n"
     "Run `lapo SUBCOMMAND --help` for a subcommand's flags."
@@ -52,6 +56,30 @@ def _version() -> str:
         return version("lapo")
     except PackageNotFoundError:
         return "unknown (not installed)"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default, where there is one to show and its help does not
+    already say it (no "(default: None)", "(default: False)" on switches or empty ones)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        empty = default is None or default is False or default in ("", [], ())
+        if empty or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """`HelpFormatter` for a description laid out by hand (kept as written)."""
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: `HelpFormatter` unless it asks for another."""
+
+    def __init__(self, *args, formatter_class: type = HelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 class SubcommandUnavailable(RuntimeError):
@@ -88,7 +116,9 @@ def build_parser(selected: str | None = None) -> tuple[argparse.ArgumentParser, 
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lapo {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", title="subcommands")
+    sub = parser.add_subparsers(
+        dest="command", metavar="SUBCOMMAND", title="subcommands", parser_class=_SubcommandParser
+    )
     module = None
     for name, (_, line) in SUBCOMMANDS.items():
         if name == selected:
@@ -108,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     selected = next((a for a in argv if not a.startswith("-")), None)
     if selected is not None and selected not in SUBCOMMANDS:
         selected = None  # let argparse report the unknown choice with the list of valid ones
+    if selected in TRAINING_COMMANDS:
+        from lapo.preempt import held_signals
+
+        # from the first line, before torch loads: a preemption never kills a training run
+        with held_signals():
+            return _run(argv, selected)
+    return _run(argv, selected)
+
+
+def _run(argv: list[str], selected: str | None) -> int:
     try:
         parser, module = build_parser(selected)
     except SubcommandUnavailable as e:

@@ -36,9 +36,11 @@ class DataConfig:
     path: str = ""
     """Training dataset: a directory of shards + manifest.json, or any URL/brace pattern webdataset accepts."""
     val_path: str | None = None
-    """Validation dataset. None: hold out the last `val_shards` shards of `path`."""
+    """Validation dataset. None: hold out the last `val_shards` shards of `path`, or whole source videos when it has too few shards."""
     val_shards: int = 1
-    """Shards of `path` held out for validation when `val_path` is not given (0: no validation)."""
+    """Shards of `path` held out for validation when `val_path` is not given (0: no validation). With `val_shards` or fewer shards in `path`, `val_fraction` of its source videos (episodes, for recorded data) are held out instead."""
+    val_fraction: float = 0.1
+    """Share of the source videos held out (chosen by a hash of their names) when `path` has too few shards to hold out `val_shards` whole shards; at least one video is held out and at least one trains."""
     context: int = 2
     """k: frames of context o[t-k+1..t]; each window holds k+1 frames (context plus o[t+1])."""
     frame_gap: int = 1
@@ -67,6 +69,7 @@ class DataConfig:
         _check(self.windows_per_clip >= 0, "data.windows_per_clip", "must be >= 0")
         _check(self.batches_per_epoch >= 1, "data.batches_per_epoch", "must be >= 1")
         _check(self.val_shards >= 0, "data.val_shards", "must be >= 0")
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
         _check(self.val_batches >= 0, "data.val_batches", "must be >= 0 (0: the whole split)")
 
 
@@ -117,7 +120,9 @@ class ModelConfig:
     fdm: Literal["pixel", "latent"] = "pixel"
     """World model target: pixels (U-Net, LAPO) or a learned embedding with an EMA target encoder (LAOM)."""
     fdm_channels: int = 32
-    """Base width of the U-Net world model (widths are this times 1, 2, 4, 8 over four halvings)."""
+    """Base width of the U-Net world model (each level's width is this times its `fdm_mults` entry)."""
+    fdm_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Pixel world model: width multipliers of the U-Net's levels, one halving of the frame per entry, so image_size must be a multiple of 2 ** len(fdm_mults)."""
     fdm_residual: bool = False
     """Pixel world model predicts o[t+1] - o[t] on top of o[t] (starts near a copy of o[t]); false: the frame itself through a sigmoid, as LAPO does."""
     fdm_loss_scale: Literal["none", "copy"] = "none"
@@ -159,11 +164,18 @@ class ModelConfig:
         _check(self.vq_commitment >= 0, "model.vq_commitment", "must be >= 0")
         _check(self.vq_dead_code_threshold >= 0, "model.vq_dead_code_threshold", "must be >= 0")
         _check(0.0 <= self.ema_decay < 1.0, "model.ema_decay", "must be in [0, 1)")
+        _check(
+            len(self.fdm_mults) >= 1 and all(m >= 1 for m in self.fdm_mults),
+            "model.fdm_mults",
+            f"must be a non-empty list of integers >= 1, got {self.fdm_mults}",
+        )
         if self.fdm == "pixel":
+            halvings = len(self.fdm_mults)
             _check(
-                self.image_size % 16 == 0,
+                self.image_size % 2**halvings == 0,
                 "model.image_size",
-                f"the pixel world model (U-Net, four halvings) needs a multiple of 16, got {self.image_size}",
+                f"the pixel world model (U-Net, {halvings} halvings: len(model.fdm_mults)) needs "
+                f"a multiple of {2**halvings}, got {self.image_size}",
             )
         if self.encoder == "transformer":
             _check(
@@ -221,6 +233,10 @@ class TrainerConfig:
     """Validation interval in optimiser steps."""
     ckpt_every_n_steps: int = 500
     """Checkpoint interval in optimiser steps (last.ckpt is kept too)."""
+    keep_checkpoints: int = 3
+    """Periodic ``step-*.ckpt`` files kept: the newest by step; older ones are deleted after each save and at start-up (so requeued jobs stay bounded too). -1 keeps all, 0 keeps only ``last.ckpt``."""
+    best_checkpoint_metric: str = "val/loss"
+    """Also keep ``best.ckpt``, the state at the validation pass with the lowest value of this metric; empty keeps none."""
     image_every_n_steps: int = 500
     """Interval of the o[t] / predicted / true image strip."""
     loggers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])
@@ -251,6 +267,11 @@ class TrainerConfig:
         ):
             _check(getattr(self, name) >= 1, f"trainer.{name}", "must be >= 1")
         _check(self.sanity_val_steps >= 0, "trainer.sanity_val_steps", "must be >= 0")
+        _check(
+            self.keep_checkpoints >= -1,
+            "trainer.keep_checkpoints",
+            f"must be -1 (all), 0 or more, got {self.keep_checkpoints}",
+        )
         _check(
             isinstance(self.devices, str)
             and self.devices == "auto"

@@ -17,9 +17,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import webdataset as wds
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lapo.config import DataConfig
 from lapo.shards import MANIFEST, read_manifest
+from lapo.split import SplitError, read_keys, split_by_source
 from lapo.stream import WindowDataset, WindowLoader, share, split_note, split_plan
 from lapo.windows import BadDataWarning, DatasetError, LoaderStats
 
@@ -58,6 +60,8 @@ class DatasetInfo:
     """Mean frames per clip of the shard with the longest clips."""
     num_samples: int | None = None
     shards: list[dict] = field(default_factory=list)
+    keys: frozenset[str] | None = None
+    """The sample keys read from these shards (None: all of them)."""
 
     @property
     def frame_size(self) -> tuple[int, int] | None:
@@ -68,6 +72,13 @@ class DatasetInfo:
         shards = [s for s in self.shards if s["name"] in names]
         out = DatasetInfo(**{**self.__dict__, "urls": list(urls), "shards": shards})
         out.num_samples = sum(int(s["samples"]) for s in shards) if shards else None
+        return out
+
+    def with_keys(self, by_url: dict[str, list[str]]) -> DatasetInfo:
+        """Only these sample keys of these shards (URL -> keys)."""
+        out = self.subset([u for u in self.urls if by_url.get(u)])
+        out.keys = frozenset(k for ks in by_url.values() for k in ks)
+        out.num_samples = len(out.keys)
         return out
 
 
@@ -200,6 +211,7 @@ def make_loader(
         frame_size=info.frame_size,
         batch_size=cfg.batch_size if batched else None,
         stats=LoaderStats(workers),
+        keys=info.keys,
     )
     return WindowLoader(
         dataset, num_workers=cfg.num_workers, pin_memory=pin_memory, epoch_fn=epoch_fn
@@ -207,7 +219,9 @@ def make_loader(
 
 
 def split_train_val(cfg: DataConfig) -> tuple[DatasetInfo, DatasetInfo | None]:
-    """Training and validation shards: ``val_path``, else the last ``val_shards`` of ``path``."""
+    """Training and validation data: ``val_path``; else the last ``val_shards`` shards of
+    ``path``; else, when ``path`` has too few shards for that, whole source videos
+    (``lapo.split``, logged on rank zero)."""
     if not cfg.path:
         raise DatasetError("data.path: no dataset given")
     info = dataset_info(cfg.path)
@@ -218,14 +232,32 @@ def split_train_val(cfg: DataConfig) -> tuple[DatasetInfo, DatasetInfo | None]:
     if cfg.val_shards == 0:
         return info, None
     n = len(info.urls)
-    if cfg.val_shards >= n:
-        raise DatasetError(
-            f"data.val_shards={cfg.val_shards} would hold out all {n} shard(s) of {cfg.path}; "
-            "lower it, or give data.val_path"
+    if cfg.val_shards < n:
+        return info.subset(info.urls[: n - cfg.val_shards]), info.subset(
+            info.urls[n - cfg.val_shards :]
         )
-    return info.subset(info.urls[: n - cfg.val_shards]), info.subset(
-        info.urls[n - cfg.val_shards :]
+    why = f"data.val_shards={cfg.val_shards} would hold out all {n} shard(s) of {cfg.path}"
+    remote = [u for u in info.urls if _is_remote(u)]
+    if remote:
+        raise DatasetError(
+            f"{why}, and lapo cannot list the source videos of remote shards ({remote[0]}); "
+            "give data.val_path, or data.val_shards=0 for no validation"
+        )
+    try:
+        split = split_by_source(read_keys(info.urls), cfg.val_fraction)
+    except SplitError as e:
+        raise DatasetError(
+            f"{why}, and {e}; give data.val_path, or data.val_shards=0 for no validation"
+        ) from e
+    note = (
+        f"lapo.data: {cfg.path} has {n} shard(s), too few to hold out data.val_shards="
+        f"{cfg.val_shards}; {split.describe()} (data.val_fraction={cfg.val_fraction:g})"
     )
+    if split.one_source:
+        rank_zero_warn(note)
+    else:
+        rank_zero_info(note)
+    return info.with_keys(split.train), info.with_keys(split.val)
 
 
 # --------------------------------------------------------------------------- Lightning

@@ -2,8 +2,10 @@
 
 Every stage is run as the very command a user would type (recorded in
 ``commands.json`` and printed in the report), so any of them can be repeated by
-hand at a larger scale. A stage whose output already exists is reused unless
-``--fresh``; the stages are, in order:
+hand at a larger scale. A stage whose output already exists is reused only when
+the stamp beside it (`lapo.stages`) shows it was made by the same command, config
+and inputs; otherwise it runs again, as does every stage after it that reads it
+(``--fresh`` redoes all). The stages are, in order:
 
 record (unlabelled train set, labelled set, held-out set) -> pretrain (stage 1)
 -> train-policy (stage 2) -> finetune (stage 3, lapo) -> finetune (bc baseline,
@@ -15,23 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lapo.report import write_report
+from lapo.stages import read_stamp, run_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
 class Scale:
-    """How big each stage is. `full` fits 15 minutes on a 2-core CPU, `quick` about 2-3."""
+    """How big each stage is. `full` took 7.7 minutes end to end on an idle 2-core CPU (the
+    README's measured run); `quick` is a first look in a few minutes."""
 
     train_episodes: int
     labeled_episodes: int
@@ -79,7 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "clone the latent policy, fit the action decoder on a small label budget, fine-tune, "
             "pseudo-label a held-out slice, evaluate with closed-loop rollouts against behaviour "
             "cloning on the same labels, and write report.html / report.md. "
-            "Default scale takes about 15 minutes on a 2-core CPU; --quick about 3."
+            "At the default scale a measured run took 7.7 minutes on an idle 2-core CPU; "
+            "--quick is a first look in a few minutes."
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
@@ -137,20 +139,28 @@ class Pipeline:
         return max(1, int(round(n * self.args.steps)))
 
     def run_stage(self, name: str, argv: list[str], done_marker: Path, summary) -> None:
-        """Run one stage's command unless its output exists; print a one-line result."""
+        """Run one stage's command unless the same command made its output; print a result line.
+
+        ``commands.json`` gets the command with the wall time of the run that made the
+        output: this one, or, for a reused stage, the earlier one its stamp records.
+        """
         shown = " ".join(shlex.quote(a) for a in _user_facing(argv))
-        self.commands.append({"stage": name, "command": shown})
-        t0 = time.time()
         label, banner = f"lapo demo: stage {name!r} ({shown})", f"== {name}: {shown}"
         ran = run_step(argv, done_marker, fresh=self.args.fresh, label=label, banner=banner)
-        status = f"{time.time() - t0:.0f}s" if ran else "reused"
-        self.commands[-1]["seconds"] = round(time.time() - t0, 1)
-        self.commands[-1]["status"] = status
+        stamp = read_stamp(done_marker) or {}
+        seconds = stamp.get("wall_seconds")
+        status = "ran" if ran else "reused"
+        self.commands.append(
+            {"stage": name, "command": shown, "status": status, "seconds": seconds,
+             "finished": stamp.get("finished")}
+        )  # fmt: skip
+        when = f"{seconds:.0f}s" if seconds is not None else "?"
         try:
             line = summary() if summary else ""
         except Exception as e:  # a summary is cosmetic; never let it stop the demo
             line = f"(no summary: {e})"
-        print(f"[demo] {name:<14} {status:>7}  {line}", flush=True)
+        shown_status = when if ran else f"reused (ran {stamp.get('finished')}, {when})"
+        print(f"[demo] {name:<14} {shown_status:>7}  {line}", flush=True)
 
     # ------------------------------------------------------------------ stages
 
@@ -243,29 +253,12 @@ class Pipeline:
         report = write_report(
             self.out, commands=self.commands, wall_seconds=wall, env=a.env, scale=sc
         )
-        print(f"\n[demo] done in {wall / 60:.1f} min; report: {report['html']} and {report['md']}")
+        reused = sum(c["status"] == "reused" for c in self.commands)
+        note = f" ({reused} of {len(self.commands)} stages reused)" if reused else ""
+        print(
+            f"\n[demo] done in {wall / 60:.1f} min{note}; report: {report['html']} and {report['md']}"
+        )
         return 0
-
-
-def run_step(
-    argv: list[str], marker: Path, *, fresh: bool = False, label: str = "", banner: str = ""
-) -> bool:
-    """Run ``python -m *argv`` unless `marker` exists (and not `fresh`); True if it ran.
-
-    A failure, or a run that ends without writing `marker`, exits naming `label`.
-    """
-    if marker.exists() and not fresh:
-        return False
-    if banner:
-        print(f"\n{banner}", flush=True)
-    env = dict(os.environ)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    proc = subprocess.run([sys.executable, "-m", *map(str, argv)], env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{label} failed (exit {proc.returncode})")
-    if not marker.exists():
-        raise SystemExit(f"{label} finished but wrote no {marker}")
-    return True
 
 
 def _user_facing(argv: list[str]) -> list[str]:

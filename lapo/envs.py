@@ -27,6 +27,7 @@ once. `step` then returns the previous frame again with `info["terminal_frame"]
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import re
 from collections.abc import Callable
@@ -263,6 +264,23 @@ def _valid_minigrid_ids(prefix: str) -> list[str]:
     return sorted(k for k in gym.registry if k.startswith(prefix))
 
 
+def _closest(name: str, valid: list[str], prefix: str) -> str:
+    """The ids nearest to a mistyped one, ignoring case, the family prefix and the version."""
+
+    def stem(env_id: str) -> str:
+        low = env_id.lower()
+        return re.sub(r"-v\d+$", "", low.removeprefix(prefix.lower()))
+
+    by_stem: dict[str, list[str]] = {}
+    for v in valid:
+        by_stem.setdefault(stem(v), []).append(v)
+    near = difflib.get_close_matches(stem(name), list(by_stem), n=5, cutoff=0.6)
+    if near:
+        ids = [v for s in near for v in by_stem[s]][:5]
+        return f"did you mean {', '.join(ids)}? ({len(valid)} ids in all)"
+    return f"none of the {len(valid)} ids is close (e.g. {', '.join(valid[:3])})"
+
+
 def make_env(spec: str, *, size: int = 64, seed: int = 0, **kw) -> Env:
     """Build the environment named by `spec`: procgen:<game>, babyai:<id>, minigrid:<id>.
 
@@ -287,7 +305,9 @@ def make_env(spec: str, *, size: int = 64, seed: int = 0, **kw) -> Env:
         if name not in valid and f"{prefix}{name}-v0" in valid:
             name = f"{prefix}{name}-v0"  # babyai:GoToLocal -> BabyAI-GoToLocal-v0
         if name not in valid:
-            raise EnvError(f"{spec}: unknown {family} env id {name!r}; valid: {', '.join(valid)}")
+            raise EnvError(
+                f"{spec}: unknown {family} env id {name!r}; {_closest(name, valid, prefix)}"
+            )
         bad = [k for k in kw if k not in ("view", "actions")]
         if bad:
             raise EnvError(f"{spec}: unknown option(s) {bad}; allowed: view, actions")

@@ -51,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 from lapo.checkpoint import atomic_write_text
+from lapo.cli import RawHelpFormatter
 from lapo.labelled import load_windows, scan_labelled, select_budget
 from lapo.models.common import psnr
 from lapo.models.quantizers import code_histogram, perplexity_from_counts, usage_from_counts
@@ -348,7 +349,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "evaluate",
         help="probe accuracy, decoder accuracy, world-model PSNR, env returns",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawHelpFormatter,
     )
     p.add_argument(
         "--model", required=True, help="fine-tuned run directory (RUN_F from lapo finetune)"

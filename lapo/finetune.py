@@ -39,7 +39,6 @@ import json
 import math
 import pickle
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -85,6 +84,7 @@ from lapo.labelled import (
     select_budget,
 )
 from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy, prepare_frames
+from lapo.preempt import StopSignal
 
 load_finetuned = load_agent  # the name docs/INTERFACES.md gives the loader of RUN_F
 
@@ -201,37 +201,6 @@ def extract_latents(
 
 class Interrupted(Exception):
     """A signal stopped the run after its state was saved; `--resume` continues it."""
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 set a flag; the loop acts on it between steps, where the state is whole.
-
-    Under Slurm the batch script traps USR1 (``--signal=B:USR1``) and requeues, and Slurm
-    then sends SIGTERM to the tasks: either way each process saves and exits cleanly.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignal:
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._previous[s] = signal.signal(s, self._on_signal)
-            except ValueError:  # not the main thread: no handlers, default behaviour
-                pass
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self.signum = signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else "a signal on another process"
 
 
 def _agree(acc: Accelerator, *flags: bool) -> list[bool]:
@@ -704,8 +673,9 @@ def finetune(
     split = load_selection(index, sel, progress=cfg.progress and acc.is_local_main_process)
     if acc.is_main_process:
         atomic_write_text(run_dir / "selection.json", json.dumps(split.selection.summary()) + "\n")
-    acc.print(f"lapo finetune: {cfg.method}: {len(split.train)} labelled transitions for training, "
-              f"{len(split.val)} held out in {len(split.selection.heldout_episodes)} episodes")  # fmt: skip
+    acc.print(f"lapo finetune (method {cfg.method}): {len(split.train)} labelled transitions for "
+              f"training, {len(split.val)} held out in {len(split.selection.heldout_episodes)} "
+              "episodes")  # fmt: skip
     plan = make_plan(cfg, split, lam and str(lam), policy and str(policy), acc.device)
     discrete = split.action_space["type"] == "discrete"
     try:
@@ -728,11 +698,12 @@ def finetune(
         save_agent(agent, run_dir, lam_config=plan.lam_config, lam_kwargs=plan.lam_kwargs, policy_config=plan.policy_config)  # fmt: skip
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     acc.wait_for_everyone()
-    shown = {
-        k: round(v, 4) for k, v in metrics.items() if k.endswith(("accuracy", "mse", "baseline"))
-    }
+    shown = ", ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("accuracy", "mse", "baseline"))
+    )
     acc.print(
-        f"lapo finetune: {cfg.method} done in {metrics['seconds']:.0f} s: {shown}; agent in {run_dir}"
+        f"lapo finetune (method {cfg.method}): done in {metrics['seconds']:.0f} s; {shown}; "
+        f"agent in {run_dir}"
     )
     return metrics
 
@@ -759,11 +730,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--label-budget",
         type=int,
-        help="labelled transitions to train on (sets label_budget; 0: all outside the held-out split)",
+        help="labelled transitions to train on (sets label_budget, default "
+        f"{FinetuneConfig.label_budget}; 0: all outside the held-out split)",
     )
     p.add_argument("--out", required=True, help="run directory RUN_F")
     p.add_argument(
-        "--method", choices=["lapo", "idm-supervised", "bc"], help="sets method (default lapo)"
+        "--method",
+        choices=["lapo", "idm-supervised", "bc"],
+        help=f"sets method (default {FinetuneConfig.method})",
     )
     p.add_argument(
         "--finetune-policy",
@@ -779,7 +753,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
     )
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="sets mixed_precision")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                   help=f"sets mixed_precision (default {FinetuneConfig.mixed_precision})")  # fmt: skip
     return p
 
 

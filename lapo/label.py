@@ -51,6 +51,8 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
+from lapo.cli import RawHelpFormatter
+from lapo.config import ConfigError
 from lapo.shards import (
     iter_tar_samples,
     load_npy,
@@ -349,8 +351,8 @@ def _load(job: LabelJob):
     agent.to(job.device)
     agent.eval()
     if getattr(agent, "method", None) == "bc":
-        raise ValueError(
-            f"lapo label: {job.model} is a bc run (a policy only); label needs an IDM "
+        raise ConfigError(
+            f"--model {job.model} is a bc run (a policy only); label needs an IDM "
             "(finetune --method lapo or idm-supervised)"
         )
     return agent
@@ -399,7 +401,9 @@ def dist_env(rank: int | None, world_size: int | None) -> tuple[int, int, int]:
     world = world_size if world_size is not None else int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))  # fmt: skip
     local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
     if not 0 <= rank < world:
-        raise ValueError(f"lapo label: rank {rank} is outside world size {world}")
+        raise ConfigError(
+            f"--rank: rank {rank} (from --rank, RANK or SLURM_PROCID) is outside world size {world}"
+        )
     return rank, world, local
 
 
@@ -433,7 +437,7 @@ def merge(data: str | Path, out: str | Path, *, made_by: dict, action_space: dic
         entries.append(entry)
     if missing:
         raise FileNotFoundError(
-            f"lapo label: {out} lacks {len(missing)} of {len(src['shards'])} labelled shards "
+            f"{out} lacks {len(missing)} of {len(src['shards'])} labelled shards "
             f"(first: {missing[0]}); run the missing ranks, then `lapo label --merge`"
         )
     skipped = sum(max(int(e["samples"]) - k["samples"], 0) for e, k in zip(src["shards"], entries))
@@ -474,24 +478,22 @@ def label_dataset(
     """Label `data` with the run `model` into `out`; return the manifest (rank 0) or None."""
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve():
-        raise ValueError(
-            f"lapo label: --out {out} must differ from --data (a new dataset is written)"
-        )
+        raise ConfigError(f"--out {out} must differ from --data (a new dataset is written)")
     src = read_manifest(data)
     lost = [e["name"] for e in src["shards"] if not (data / e["name"]).is_file()]
     if lost:  # found now, not when a worker reaches the shard hours later
         raise FileNotFoundError(
-            f"lapo label: {data}: {len(lost)} shard(s) listed in manifest.json do not exist "
+            f"{data}: {len(lost)} shard(s) listed in manifest.json do not exist "
             f"(first: {data / lost[0]})"
         )
     if not any(int(e["samples"]) for e in src["shards"]):
-        raise DatasetError(f"lapo label: {data}: manifest.json lists no clips (empty dataset)")
+        raise DatasetError(f"{data}: manifest.json lists no clips (empty dataset)")
     rank, world, local = dist_env(rank, world_size)
-    out.mkdir(parents=True, exist_ok=True)
     size = (int(src["height"]), int(src["width"]))
     job = LabelJob(str(model), batch_size, pick_device(device, local), 0, size)
     in_process = workers <= 1 and not merge_only
     agent = _load(job if in_process else LabelJob(str(model), batch_size, "cpu", 0))
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs proved usable
     space = agent.action_space
     made_by = _made_by(model, data, src, agent.method)
     if merge_only:
@@ -594,6 +596,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "label",
         help="pseudo-label a dataset with real actions using a fine-tuned run",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawHelpFormatter,
     )
     return add_arguments(p)

@@ -28,7 +28,6 @@ per window, so memory grows with distinct frames, not with k.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from lapo.shards import load_npy, read_manifest
+from lapo.split import held_out
 from lapo.windows import BadSample, load_clip
 
 
@@ -238,10 +238,6 @@ class Selection:
         }
 
 
-def _hash_rank(seed: int, name: str) -> str:
-    return hashlib.sha256(f"{seed}/{name}".encode()).hexdigest()
-
-
 def select_budget(
     dataset: LabelledIndex | str | Path,
     budget: int,
@@ -270,10 +266,9 @@ def select_budget(
             f"{index.path}: {len(ids)} episode(s) with labelled transitions; need at least 2 "
             "(one to hold out for evaluation, one to train on)"
         )
-    n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
-    by_hash = sorted(ids, key=lambda e: _hash_rank(seed, e))
-    heldout = sorted(by_hash[:n_val])
-    pool = sorted(by_hash[n_val:])
+    heldout = held_out(ids, val_fraction, seed)
+    n_val = len(heldout)
+    pool = sorted(set(ids) - set(heldout))
     available = sum(len(index.episodes[e].rows) for e in pool)
     if budget == 0:
         budget = available

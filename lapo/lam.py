@@ -3,9 +3,15 @@
 ``training_step`` calls ``LatentActionModel.loss`` and logs what it returns. Validation
 adds what one batch cannot show: codebook perplexity and usage over the whole val pass,
 and, when the val windows carry true actions, an online probe from latent actions to
-true actions (``val/probe_acc`` against ``val/probe_majority``). Every
+true actions (``val/probe_acc`` against ``val/probe_majority``), and the health checks
+of `lapo.health`: the world model's error with shuffled and zeroed latent actions
+(``val/latent_gain_db``), the latent's spread across windows (``val/latent_spread``)
+and, past a warm-up, a warning naming each failed check. The final verdict goes to
+RUN/metrics.json as ``health``. Every
 ``image_every_n_steps`` an image strip o[t] | predicted o[t+1] | true o[t+1] goes to
-the loggers and to ``RUN/images/``.
+the loggers and to ``RUN/images/``, and at the end of training one more,
+``RUN/images/final-{val|train}-stepN.png``, shows the trained model (on held-out windows
+when a validation batch was seen, else on the last training batch).
 
 At the end of training the model is exported to ``RUN/model.safetensors`` +
 ``RUN/model.json``; `load_lam` rebuilds it from those two files alone (no pickle).
@@ -22,18 +28,21 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from PIL import Image
 from torch import Tensor
 
 from lapo.checkpoint import export_model, load_weights, read_model_meta
 from lapo.config import ConfigError, ModelConfig, PretrainConfig, from_dict, to_dict
+from lapo.health import THRESHOLDS, assess, latent_gain_db, latent_spread, warning_text
 from lapo.models import LatentActionModel, code_histogram, perplexity_from_counts, usage_from_counts
 from lapo.probe import fit_probe
+from lapo.sharding import full_params
 from lapo.train import (
     StageModule,
     add_run_arguments,
     config_from_args,
+    final_metrics,
     fit,
     prepare_run,
     write_metrics,
@@ -69,6 +78,9 @@ class LAMModule(StageModule):
         # plain dicts only: checkpoints stay loadable with torch.load(weights_only=True)
         self.save_hyperparameters({"config": to_dict(cfg), "model_kwargs": self.model_kwargs})
         self.on_validation_epoch_start()  # the val accumulators exist from the start
+        self.health_step: int | None = None  # step of the last validation pass checked
+        self.health_warned_step: int | None = None  # step of the last health warning
+        self._strip_frames: dict[str, Tensor] = {}  # split -> windows for the final strip
 
     # ------------------------------------------------------------------ training
 
@@ -106,6 +118,7 @@ class LAMModule(StageModule):
         self._val_n = 0
         self._val_counts = None
         self._val_probe = []
+        self._val_health: dict = {}  # sums for the health checks (lapo.health)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         frames = batch["frames"]  # (B, k+1, C, H, W) uint8
@@ -123,27 +136,90 @@ class LAMModule(StageModule):
         if codes is not None and self.model.num_codes > 0:
             counts = code_histogram(codes, self.model.num_codes).cpu()  # (heads, num_codes)
             self._val_counts = counts if self._val_counts is None else self._val_counts + counts
+        self._accumulate_health(frames, enc["latent"], batch_idx)
         if actions is not None and has_action is not None and bool(has_action.any()):
             keep = has_action.bool()  # (B,)
             keys = [k for k, m in zip(batch.get("key", [""] * b), keep.tolist()) if m]
             self._val_probe.append((enc["latent"][keep].float().cpu(), actions[keep].cpu(), keys))
 
+    def _accumulate_health(self, frames: Tensor, latent: Tensor, batch_idx: int) -> None:
+        """Sums for `lapo.health`: world-model error with true/shuffled/zeroed z, z moments."""
+        h, b = self._val_health, latent.shape[0]
+        # every rank runs the same forward passes per batch, whatever its size (FSDP)
+        errors = self.model.latent_dependence(frames, latent, seed=batch_idx)
+        if b >= 2:  # one window has no other window's latent to borrow
+            for k, v in errors.items():
+                h[k] = h.get(k, 0.0) + float(v) * b
+            h["n"] = h.get("n", 0) + b
+        z = latent.detach().double().cpu()  # (B, D)
+        h["z_sum"] = h.get("z_sum", 0.0) + z.sum(0)  # (D,)
+        h["z_sq"] = h.get("z_sq", 0.0) + z.pow(2).sum(0)  # (D,)
+        h["z_n"] = h.get("z_n", 0) + b
+
+    @staticmethod
+    def _health_metrics(parts: list[dict]) -> dict[str, float]:
+        """Every rank's health sums -> val metrics (latent_gain_db, latent_spread, ...)."""
+        sums: dict = {}
+        for part in parts:
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
+        out: dict[str, float] = {}
+        n = sums.pop("n", 0)
+        z_sum, z_sq, z_n = sums.pop("z_sum", None), sums.pop("z_sq", None), sums.pop("z_n", 0)
+        if n:
+            means = {k: float(v) / n for k, v in sums.items()}
+            out.update({k: v for k, v in means.items() if k.endswith(("_shuffled", "_zeroed"))})
+            for name, suffix in (
+                ("latent_gain_db", "_shuffled"),
+                ("latent_zero_gain_db", "_zeroed"),
+            ):
+                gain = latent_gain_db(means, suffix)
+                if gain is not None:
+                    out[name] = gain
+        if z_n >= 2:
+            out["latent_spread"] = latent_spread(z_sum, z_sq, z_n)
+        return out
+
+    def _check_health(self, val: dict[str, float]) -> None:
+        """Rank zero: log how many checks fail and, past the warm-up, warn naming them."""
+        health = assess(val, prefix="")
+        self.log("val/health_failed", float(len(health["failed"])), rank_zero_only=True)
+        if self.trainer.sanity_checking:
+            return
+        self.health_step = self.global_step
+        warm = self.global_step >= THRESHOLDS.warmup_fraction * self.trainer.max_steps
+        if health["failed"] and warm:
+            rank_zero_warn(warning_text(health, step=self.global_step))
+            self.health_warned_step = self.global_step
+
     def on_validation_epoch_end(self) -> None:
-        parts = _all_gather((self._val_sums, self._val_n, self._val_counts))
+        parts = _all_gather((self._val_sums, self._val_n, self._val_counts, self._val_health))
+        val: dict[str, float] = {}  # this pass's metrics, for the health check
         n = sum(p[1] for p in parts)
         if n > 0:  # every rank computes the same means: no sync_dist needed
             keys = sorted({k for p in parts for k in p[0]})
             for k in keys:
-                self.log(f"val/{k}", sum(p[0].get(k, 0.0) for p in parts) / n)
+                val[k] = sum(p[0].get(k, 0.0) for p in parts) / n
+                self.log(f"val/{k}", val[k])
         counts = [p[2] for p in parts if p[2] is not None]
         if counts:
             total = torch.stack(counts).sum(0)  # (heads, num_codes) over the whole val pass
-            self.log("val/codebook_perplexity", perplexity_from_counts(total))
+            val["codebook_perplexity"] = float(perplexity_from_counts(total))
+            self.log("val/codebook_perplexity", val["codebook_perplexity"])
             self.log("val/codebook_usage", usage_from_counts(total))
+        for k, v in self._health_metrics([p[3] for p in parts]).items():
+            val[k] = v
+            self.log(f"val/{k}", v)
 
         collected = _gather_to_zero(self._val_probe)
-        if not collected:  # None off rank zero; [] when no val window carries an action
-            return
+        if collected is not None:  # rank zero
+            val.update(self._probe(collected))
+            self._check_health(val)
+
+    def _probe(self, collected: list) -> dict[str, float]:
+        """Rank zero: fit the latent -> true action probe on the gathered val windows."""
+        if not collected:  # no val window carries an action
+            return {}
         latents = torch.cat([c[0] for c in collected])  # (N, D)
         actions = torch.cat([c[1] for c in collected])  # (N,) or (N, A)
         keys = [k for c in collected for k in c[2]]
@@ -156,6 +232,7 @@ class LAMModule(StageModule):
         )
         for k, v in scores.items():
             self.log(f"val/{k}", v, rank_zero_only=True)
+        return scores
 
     # ------------------------------------------------------------------ images
 
@@ -183,6 +260,34 @@ class LAMModule(StageModule):
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(out)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._strip_frames["train"] = batch["frames"][:STRIP_ROWS]
+
+    def on_validation_batch_start(
+        self, batch: dict, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx == 0:
+            self._strip_frames["val"] = batch["frames"][:STRIP_ROWS]
+
+    @torch.no_grad()
+    def log_final_strip(self) -> None:
+        """The trained model's strip: held-out windows if validation ran, else the last batch.
+
+        Every rank runs the forward pass (FSDP needs them all); rank zero writes the image.
+        """
+        split = "val" if "val" in self._strip_frames else "train"
+        frames = self._strip_frames.get(split)  # (n, k+1, C, H, W) uint8
+        if frames is None:  # resumed at max_steps: no batch was seen
+            return
+        was_training = self.model.training
+        self.model.eval()
+        frames = frames.to(self.device)
+        with full_params(self.trainer.strategy.model):  # outside a step FSDP holds shards
+            _, _, pred_next = self.model.loss(frames)  # (n, C, S, S) in [0, 1], or None
+        self.model.train(was_training)
+        if pred_next is not None:
+            self.log_strip(frames, pred_next, f"final-{split}")
+
     # ------------------------------------------------------------------ export
 
     def on_train_end(self) -> None:
@@ -203,6 +308,7 @@ class LAMModule(StageModule):
                 extra=self.model_kwargs,
                 state_dict=weights,
             )
+        self.log_final_strip()
 
 
 def _distributed() -> bool:
@@ -277,18 +383,30 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False) 
     from lapo.data import VideoDataModule  # the loader pulls in webdataset and decoders
 
     run_dir = Path(run_dir)
-    ckpt = prepare_run(cfg, run_dir, resume=resume)
     dm = VideoDataModule(cfg.data)
-    check_actions(cfg, dm.action_space)
+    ckpt = prepare_run(
+        cfg, run_dir, resume=resume, check_data=lambda: check_actions(cfg, dm.action_space)
+    )
     num_actions, action_dim = action_info(dm.action_space)
     if cfg.model.num_actions:
         num_actions = cfg.model.num_actions
     module = LAMModule(cfg, num_actions=num_actions, action_dim=action_dim)
     result = fit(module, dm, cfg.trainer, run_dir, ckpt_path=ckpt)
+    health = {**assess(final_metrics(result.trainer)), "step": module.health_step}
+    if health["verdict"] != "fail":
+        rank_zero_info(f"lapo pretrain: stage-1 health check: {health['verdict']}")
+    elif module.health_warned_step == module.health_step:  # the block is on screen already
+        failed = ", ".join(health["failed"])
+        rank_zero_warn(
+            f"lapo pretrain: stage-1 health check of the final model: fail ({failed}; see the "
+            f"warning of step {module.health_step} and {run_dir / 'metrics.json'})"
+        )
+    else:
+        rank_zero_warn(warning_text(health, step=module.health_step, final=True))
     return write_metrics(
         result.trainer,
         run_dir,
-        {"finished": result.finished, "nonfinite_steps": module.nonfinite_steps},
+        {"finished": result.finished, "nonfinite_steps": module.nonfinite_steps, "health": health},
     )
 
 
@@ -313,5 +431,9 @@ def run(args: argparse.Namespace) -> int:
     metrics = pretrain(cfg, args.out, resume=args.resume)
     if rank_zero_only.rank == 0:
         state = "finished" if metrics.get("finished") else "stopped early (resume with --resume)"
-        print(f"lapo pretrain: {state} at step {metrics['global_step']}; run in {args.out}")
+        verdict = metrics["health"]["verdict"]
+        print(
+            f"lapo pretrain: {state} at step {metrics['global_step']}; stage-1 health check: "
+            f"{verdict}; run in {args.out}"
+        )
     return 0

@@ -50,6 +50,38 @@ def project_2d(latents: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, str]:
     return pts, "PCA"
 
 
+MARKERS = "osD^vP*X<>ph"  # one per class, so classes differ in shape as well as colour
+
+
+def spread_spots(pts: np.ndarray, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Points (N, 2) piled on a few spots (discrete codes) -> the same points laid out
+    around their spot, and the number of spots.
+
+    The points of a spot fill a sunflower disc, in a seeded order, whose radius is a
+    third of the distance to the nearest other spot: no point hides another and discs
+    never touch. Points not piled up are returned as they are.
+    """
+    spots, which = np.unique(np.round(pts, 6), axis=0, return_inverse=True)
+    which = which.reshape(-1)
+    if len(spots) * 4 > len(pts):
+        return pts, len(spots)
+    if len(spots) > 1:
+        gaps = np.linalg.norm(spots[:, None] - spots[None], axis=-1)  # (S, S)
+        np.fill_diagonal(gaps, np.inf)
+        radius = gaps.min(axis=1) / 3  # (S,)
+    else:
+        radius = np.ones(1)
+    rng = np.random.default_rng(seed)
+    out = pts.astype(np.float64)
+    golden = np.pi * (3 - np.sqrt(5))
+    for s in range(len(spots)):
+        members = rng.permutation(np.flatnonzero(which == s))
+        k = np.arange(len(members))
+        r = radius[s] * np.sqrt((k + 0.5) / len(members))  # even density over the disc
+        out[members] = spots[s] + np.stack([r * np.cos(k * golden), r * np.sin(k * golden)], 1)
+    return out, len(spots)
+
+
 def plot_latents_2d(
     latents: np.ndarray,
     true_actions: np.ndarray | None,
@@ -60,32 +92,42 @@ def plot_latents_2d(
     max_points: int = 5000,
     seed: int = 0,
 ) -> Path:
-    """Scatter of latent actions in 2D, coloured by the true discrete action when known."""
+    """Scatter of latent actions in 2D, coloured and shaped by the true discrete action.
+
+    Points of discrete codes pile up on a few spots; `spread_spots` lays each pile
+    out so that every point shows. Classes are drawn from the most common to the
+    rarest, so a rare class is never painted over, and the legend counts each.
+    """
     rng = np.random.default_rng(seed)
     latents = np.asarray(latents)
     idx = np.arange(len(latents))
     if len(idx) > max_points:  # keep the figure readable and the PCA cheap
         idx = np.sort(rng.choice(idx, size=max_points, replace=False))
     pts, method = project_2d(latents[idx], seed=seed)
-    unique = len(np.unique(np.round(pts, 6), axis=0))
-    jittered = unique * 4 <= len(pts)  # discrete codes: most points sit on a few spots
-    if jittered:
-        span = np.ptp(pts, axis=0).max() if len(pts) > 1 else 1.0
-        pts = pts + rng.normal(scale=0.03 * (span or 1.0), size=pts.shape)
+    pts, spots = spread_spots(pts, seed=seed)
+    piled = spots * 4 <= len(pts)
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     discrete = true_actions is not None and np.asarray(true_actions).ndim == 1
     if discrete:
         acts = np.asarray(true_actions)[idx]
-        classes = np.unique(acts)
+        classes, counts = np.unique(acts, return_counts=True)
         cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-        for i, a in enumerate(classes):
-            m = acts == a
+        draw = np.argsort(-counts, kind="stable")  # most common first, the rarest on top
+        for i in draw:
+            a, m = classes[i], acts == classes[i]
             name = action_names[int(a)] if action_names and int(a) < len(action_names) else str(a)
-            ax.scatter(pts[m, 0], pts[m, 1], s=6, alpha=0.7, color=cmap(i % cmap.N), label=name)
-        ax.legend(title="true action", fontsize=7, markerscale=2, loc="best", ncol=2)
+            ax.scatter(pts[m, 0], pts[m, 1], s=10, alpha=0.8, color=cmap(i % cmap.N),
+                       marker=MARKERS[i % len(MARKERS)], linewidths=0,
+                       label=f"{name} ({counts[i]})")  # fmt: skip
+        handles, labels = ax.get_legend_handles_labels()
+        order = np.argsort(draw)  # the legend lists the classes in action order
+        ax.legend([handles[j] for j in order], [labels[j] for j in order], fontsize=7,
+                  title="true action (windows)", markerscale=1.5, loc="best", ncol=2)  # fmt: skip
     else:
-        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.7, color="tab:blue")
-    where = f"{len(idx)} points on {unique} spots, jittered" if jittered else f"{len(idx)} points"
+        ax.scatter(pts[:, 0], pts[:, 1], s=10, alpha=0.8, color="tab:blue", linewidths=0)
+    where = f"{len(idx)} points"
+    if piled:
+        where += f" on {spots} spots, each spread into a disc"
     ax.set_title(f"{title}\n({method}, {where})", fontsize=10)
     ax.set_xlabel(f"{method} 1")
     ax.set_ylabel(f"{method} 2")

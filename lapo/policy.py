@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
-from lapo.checkpoint import CheckpointError, export_model, load_weights, read_model_meta
+from lapo.checkpoint import (
+    CheckpointError,
+    export_model,
+    file_sha256,
+    load_weights,
+    read_model_meta,
+)
 from lapo.config import (
     ConfigError,
     PolicyConfig,
@@ -56,14 +61,6 @@ LAM_PREFIX = "lam."  # the frozen LAM's keys in the LightningModule's state dict
 
 
 # --------------------------------------------------------------------------- the LAM it clones
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def lam_window(meta: dict) -> dict[str, int]:
@@ -359,10 +356,11 @@ def train_policy(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = False
     meta = read_model_meta(cfg.lam, kind="lam")
     check_config(cfg, meta)
     run_dir = Path(run_dir)
-    ckpt = prepare_run(cfg, run_dir, resume=resume)  # seeds before the policy's weights exist
-    module = PolicyModule(cfg, load_lam(cfg.lam), lam_info(cfg.lam, meta))
     dm = VideoDataModule(cfg.data)
+    # seeds before the policy's weights exist; a bad dataset fails before RUN_P is written
+    ckpt = prepare_run(cfg, run_dir, resume=resume, check_data=dm.setup)
     _warn_frame_size(dm, meta)
+    module = PolicyModule(cfg, load_lam(cfg.lam), lam_info(cfg.lam, meta))
     with warnings.catch_warnings():
         # intended: the frozen LAM stays in eval mode for the whole run (see PolicyModule.train)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

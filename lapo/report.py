@@ -20,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lapo.health import ADVICE  # noqa: E402
+
 # (row label, metrics file relative to the demo dir, key) for the main table
 RESULT_COLUMNS = [
     ("success rate", "success_rate"),
@@ -78,6 +80,29 @@ def lam_table(out: Path) -> tuple[list[str], list[list[str]]]:
         ("codebook usage", "codebook_usage"),
     ]
     return ["latent action model", "value"], [[name, _fmt(m.get(k))] for name, k in keys if k in m]
+
+
+def health_table(out: Path) -> tuple[str, list[str], list[list[str]]]:
+    """Stage 1's health verdict (`lam/metrics.json`, key ``health``): a sentence and a table."""
+    health = _load(out / "lam" / "metrics.json").get("health")
+    if not health:
+        return "No stage-1 health verdict (`lam/metrics.json` has no `health`).", [], []
+    step = health.get("step")
+    at = f" at the validation of step {step}" if step is not None else ""
+    verdict = {"pass": "passed", "fail": "FAILED", "unknown": "could not be judged"}
+    text = (
+        f"Stage-1 health check{at}: {verdict.get(health['verdict'], health['verdict'])} "
+        "(`lam/metrics.json`, key `health`; thresholds in `lapo/health.py`)."
+    )
+    for name in health.get("failed", []):
+        text += f" {name}: {ADVICE[name][0]}." if name in ADVICE else f" {name} failed."
+    rows = []
+    for name, c in health.get("checks", {}).items():
+        result = "not measured" if c.get("passed") is None else ("pass" if c["passed"] else "FAIL")
+        rows.append(
+            [name, c.get("metric", ""), _fmt(c.get("value")), f">= {c['threshold']:g}", result]
+        )
+    return text, ["check", "measure", "value", "needs", "result"], rows
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -161,6 +186,47 @@ def _find(out: Path, patterns: list[str]) -> Path | None:
     return None
 
 
+def world_model_strip(out: Path) -> tuple[Path | None, str]:
+    """Stage 1's picture of the final model (or, from an older run, its newest), and a caption.
+
+    `LAMModule` names the end-of-training strip ``final-{val|train}-stepN.png``: val when it
+    shows held-out windows, train when no validation batch was seen.
+    """
+    path = _find(out, ["lam/images/final-*.png", "lam/images/val-*.png", "lam/images/*.png"])
+    if path is None:
+        return None, "World model: o[t], predicted o[t+1], true o[t+1]"
+    step = _step_of(path)[0]
+    windows = "held-out" if path.name.startswith(("final-val", "val")) else "training"
+    final = path.name.startswith("final-")
+    when = f"after training (step {step})" if final else f"at step {step} (not the final model)"
+    return path, f"World model {when}, {windows} windows: o[t], predicted o[t+1], true o[t+1]"
+
+
+def _timing(commands: list[dict], wall_seconds: float) -> str:
+    """How long the run took, and which stages it reused from earlier runs (and their time)."""
+    reused = [c for c in commands if c.get("status") == "reused"]
+    text = f"Wall time {wall_seconds / 60:.1f} min."
+    if reused:
+        then = sum(c.get("seconds") or 0.0 for c in reused)
+        text += (
+            f" {len(reused)} of {len(commands)} stages were reused from earlier runs of the same "
+            f"commands, which took {then / 60:.1f} min then (see Commands)."
+        )
+    return text
+
+
+def _command_lines(commands: list[dict]) -> list[str]:
+    """Each stage's command, then a comment with its wall time, marked when it was reused."""
+    lines = []
+    for c in commands:
+        secs = c.get("seconds")
+        took = f"{secs:.0f} s" if secs is not None else "time unknown"
+        if c.get("status") == "reused":
+            took = f"reused: ran {c.get('finished')}, {took}"
+        lines += [c["command"], f"#   {took}"]
+    return lines
+
+
 def _img_html(path: Path | None, caption: str, pixel_art: bool = False) -> str:
     if path is None or not path.is_file():
         return f"<p class='missing'>{html.escape(caption)}: not produced</p>"
@@ -193,7 +259,7 @@ def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: s
     assets = out / "report_assets"
     assets.mkdir(exist_ok=True)
     curves = plot_curves(out, assets / "training_curves.png")
-    wm_strip = _find(out, ["lam/images/val-*.png", "lam/images/*.png"])
+    wm_strip, wm_caption = world_model_strip(out)
     latent_2d = _find(out, ["eval/*latent*.png"])
     budget = _find(out, ["eval/*budget*.png"])
     rollout = _find(out, ["eval/*rollout*.gif", "eval/*rollout*.png"])
@@ -204,15 +270,17 @@ def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: s
     intro = (
         f"Whole pipeline on {env}: {scale.train_episodes} unlabelled expert episodes for "
         f"pretraining, a label budget of {scale.label_budget} transitions, "
-        f"{scale.eval_episodes} closed-loop evaluation episodes. Wall time {wall_seconds / 60:.1f} min."
+        f"{scale.eval_episodes} closed-loop evaluation episodes. {_timing(commands, wall_seconds)}"
     )
     rel = lambda p: p.relative_to(out).as_posix() if p else None  # noqa: E731
     md = [f"# {title}", "", intro, "", "## Results", "", _md_table(header, rows), ""]
     md += ["Numbers from `eval/lapo.json` and `eval/bc.json`.", "", "## Latent action model", ""]
     md += [_md_table(lh, lrows), ""]
+    health_text, hh, hrows = health_table(out)
+    md += [health_text, "", _md_table(hh, hrows) if hrows else "", ""]
     for cap, p in (
         ("Training curves", curves),
-        ("World model: o[t], predicted o[t+1], true o[t+1]", wm_strip),
+        (wm_caption, wm_strip),
         ("Latent actions in 2D, coloured by true action", latent_2d),
         ("Decoder accuracy against label budget", budget),
         ("Rollout of the final policy", rollout),
@@ -221,25 +289,27 @@ def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: s
     md += [
         "## Commands",
         "",
-        "Each stage, as run (repeat any by hand at a larger scale):",
+        "Each stage, as run, with its wall time (repeat any by hand at a larger scale):",
         "",
         "```",
     ]
-    md += [c["command"] for c in commands] + ["```", ""]
+    md += _command_lines(commands) + ["```", ""]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md))
 
-    cmds = html.escape("\n".join(c["command"] for c in commands))
+    cmds = html.escape("\n".join(_command_lines(commands)))
     body = [
         f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(intro)}</p>",
         "<h2>Results</h2>",
         _html_table(header, rows),
         "<h2>Latent action model</h2>",
         _html_table(lh, lrows),
+        f"<p>{html.escape(health_text.replace('`', ''))}</p>",
+        _html_table(hh, hrows) if hrows else "",
         "<h2>Training</h2>",
         _img_html(curves, "Training curves"),
         "<h2>World model</h2>",
-        _img_html(wm_strip, "o[t], predicted o[t+1], true o[t+1]", pixel_art=True),
+        _img_html(wm_strip, wm_caption, pixel_art=True),
         "<h2>Latent actions</h2>",
         _img_html(latent_2d, "Latent actions in 2D, coloured by true action"),
         _img_html(budget, "Decoder accuracy against label budget"),

@@ -305,6 +305,26 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def _key_and_ext(name: str) -> tuple[str, str] | None:
+    """Tar member name -> (sample key, extension) as webdataset groups them; None: no extension."""
+    base = name.rsplit("/", 1)[-1]
+    if "." not in base:
+        return None
+    key, ext = base.split(".", 1)
+    return name[: len(name) - len(base)] + key, ext
+
+
+def iter_shard_keys(path: str | Path) -> Iterator[str]:
+    """Sample keys of a shard in file order, from the tar headers alone (no member is read)."""
+    last = None
+    with tarfile.open(path, mode="r") as tar:
+        for member in tar:
+            parts = _key_and_ext(member.name) if member.isfile() else None
+            if parts and parts[0] != last:
+                last = parts[0]
+                yield last
+
+
 def iter_tar_samples(path: str | Path) -> Iterator[dict]:
     """Samples of a shard as dicts ``{"__key__": key, ext: bytes, ...}``, in file order.
 
@@ -314,14 +334,10 @@ def iter_tar_samples(path: str | Path) -> Iterator[dict]:
     current: dict | None = None
     with tarfile.open(path, mode="r") as tar:
         for member in tar:
-            if not member.isfile():
+            parts = _key_and_ext(member.name) if member.isfile() else None
+            if parts is None:
                 continue
-            base = member.name.rsplit("/", 1)[-1]
-            if "." not in base:
-                continue
-            prefix = member.name[: len(member.name) - len(base)]
-            key, ext = base.split(".", 1)
-            key = prefix + key
+            key, ext = parts
             if current is not None and current["__key__"] != key:
                 yield current
                 current = None

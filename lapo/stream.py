@@ -12,10 +12,17 @@ fewer shards than that needs, the readers that share shards split their clips
 by a hash of the sample key instead (with a warning): every sample is still read
 by exactly one of them.
 
+A split may also name the sample keys it reads (``keys``: the clips of some
+source videos, ``lapo.split``); other samples are dropped before decoding.
+
 Training is an endless resampled stream cut to exactly ``batches_per_epoch``
 batches per rank, shared out over the workers, so no DDP rank waits on another.
 Epoch e of rank r, worker w is a pure function of (seed, e, r, w); the loader's
-``state_dict`` (epoch, batches served) resumes mid-epoch exactly.
+``state_dict`` (epoch, batches served) resumes mid-epoch exactly. A training
+reader whose share of the clips (by key) holds no usable window, as happens
+with a few clips in one shard, reads its rank's portion instead, or failing
+that every shard: in a resampled stream, repeats cost nothing, but an idle
+worker would stop the run.
 
 Validation is one deterministic, finite pass in shard order, and no rank is left
 without batches (a rank that has none never joins the all-reduce of metrics
@@ -63,6 +70,10 @@ from lapo.windows import (
 log = logging.getLogger(__name__)
 
 PREFETCH = 2  # batches requested ahead from each worker (DataLoader's prefetch_factor)
+
+
+class NoWindows(DatasetError):
+    """A reader opened many shards without finding one usable window."""
 
 
 # --------------------------------------------------------------------------- who reads what
@@ -150,6 +161,7 @@ class WindowDataset(IterableDataset):
         frame_size: tuple[int, int] | None = None,
         batch_size: int | None = None,
         stats: LoaderStats | None = None,
+        keys: frozenset[str] | None = None,
     ):
         super().__init__()
         if not urls:
@@ -160,6 +172,7 @@ class WindowDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.action_space, self.frame_size, self.batch_size = action_space, frame_size, batch_size
         self.stats = stats or LoaderStats(max(cfg.num_workers, 1))
+        self.keys = keys  # the only sample keys read (None: every sample of the shards)
         self.epoch = 0
         self.skip = 0  # items of this epoch already served (mid-epoch resume)
         # True: small fields leave as numpy and the consumer calls as_tensors (WindowLoader
@@ -213,7 +226,7 @@ class WindowDataset(IterableDataset):
                 for item in src:
                     idle["shards"] += 1
                     if idle["shards"] > 4 * len(urls) + 16:
-                        raise DatasetError(
+                        raise NoWindows(
                             f"rank {self.rank} worker {worker}: {idle['shards']} shards opened without "
                             f"one usable window (all corrupt, or clips shorter than the window?): "
                             f"{urls[:3]} ... ; {self.stats.summary()}"
@@ -227,6 +240,8 @@ class WindowDataset(IterableDataset):
             else:
                 source = wds.SimpleShardList(urls)
             stages: list = [source, watch, wds.tarfile_to_samples(handler=on_tar_error)]
+            if self.keys is not None:
+                stages.append(lambda src: (x for x in src if x["__key__"] in self.keys))
             if slots > 1:
                 stages.append(lambda src: _in_slot(src, slots, keep))
             rng = np.random.default_rng(window_seed) if self.train else None
@@ -243,7 +258,7 @@ class WindowDataset(IterableDataset):
             return iter(wds.DataPipeline(*stages))
 
         if self.train:
-            items = pipeline(plan)
+            items = self._training(pipeline, plan, worker, workers)
         else:
             items = self._validation(pipeline, plan, worker, workers, stop)
         if self.ring is not None and info is not None:
@@ -257,6 +272,29 @@ class WindowDataset(IterableDataset):
                 item = collate(item)
                 self.stats.add(row, "batches")
             yield item if self.numpy_fields else as_tensors(item)
+
+    def _training(
+        self, pipeline: Callable, own: tuple[list[int], int, range], worker: int, workers: int
+    ) -> Iterator[dict]:
+        """One worker's endless training items, from a wider plan when its own gives no window."""
+        n = len(self.urls)
+        rank_part = rank_portion(n, self.rank, self.world_size, workers)
+        whole = (list(range(n)), 1, range(1))
+        plans = [own] + [p for p in (rank_part, whole) if p != own]
+        for i, plan in enumerate(plans):
+            try:
+                yield from pipeline(plan)
+                return  # (resampled: it never ends)
+            except NoWindows:
+                if i == len(plans) - 1:
+                    raise
+                log.info(
+                    "lapo.data: rank %d worker %d: its share of the clips has no usable window; "
+                    "reading %s",
+                    self.rank,
+                    worker,
+                    "the rank's portion" if plans[i + 1] == rank_part else "every shard",
+                )
 
     def _validation(
         self,

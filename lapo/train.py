@@ -4,10 +4,15 @@ A stage supplies a `StageModule` subclass (its loss and metrics) and a DataModul
 this file turns a `TrainerConfig` into a Trainer and runs it:
 
 - hardware: bf16 and torch.compile on GPU; on CPU both fall back with a warning.
-- distribution: DDP (gloo on CPU, NCCL on GPU) or FSDP; under Slurm the
-  SLURMEnvironment with auto-requeue on SIGUSR1 (``#SBATCH --signal=SIGUSR1@90``).
-- checkpoints: ``RUN/checkpoints/step-XXXXXXX.ckpt`` every ``ckpt_every_n_steps`` and
-  ``last.ckpt``, all written atomically; ``--resume`` restores the newest one.
+- distribution: DDP (gloo on CPU, NCCL on GPU) or FSDP (`lapo.sharding`); under Slurm
+  the SLURMEnvironment wires the ranks.
+- preemption: SIGTERM / SIGUSR1 only set a flag; all ranks stop at the same step
+  boundary, save ``last.ckpt`` once, and under Slurm SIGUSR1 also requeues the job
+  (``#SBATCH --signal=SIGUSR1@90``). Lightning's own signal handling is off: it ran
+  collectives inside the handler.
+- checkpoints: ``RUN/checkpoints/step-XXXXXXX.ckpt`` every ``ckpt_every_n_steps`` (the
+  newest ``keep_checkpoints`` kept), ``last.ckpt`` and ``best.ckpt``, all written
+  atomically; ``--resume`` restores the one holding the highest step.
 - logs: TensorBoard + CSV under ``RUN/logs`` (W&B when installed and asked for).
 - safety: NaN/inf losses (and NaN/inf gradients) are skipped (and counted) or stop the run
   naming the step, so a non-finite value never reaches the weights or a checkpoint;
@@ -20,10 +25,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import math
 import os
-import signal
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,17 +37,25 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from lapo.callbacks import GracefulStop, KeyLog, RNGState, StepProgressBar
+from lapo.callbacks import (
+    BestCheckpoint,
+    GracefulStop,
+    KeyLog,
+    PeriodicCheckpoint,
+    RNGState,
+    StepProgressBar,
+    StopRequested,
+)
 from lapo.checkpoint import (
     AtomicCheckpointIO,
     atomic_write_text,
+    checkpoint_step,
+    prune_checkpoints,
     remove_stale_temporaries,
     resume_checkpoint,
 )
@@ -53,6 +67,8 @@ from lapo.config import (
     parse_overrides,
     save_config,
 )
+from lapo.preempt import requeue_slurm_job
+from lapo.sharding import LapoFSDP, decayed_names, weight_decay_groups
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -96,6 +112,9 @@ class StageModule(L.LightningModule):
         self._where: str | None = None  # step, batch and keys of the batch being trained on
 
     def configure_model(self) -> None:
+        # Lightning calls this before the strategy wraps the module: the last moment the
+        # parameters have their own names and shapes (see lapo.sharding)
+        self._decayed = decayed_names(self)
         if not self.compile_enabled:
             return
         for name in self.compile_targets:
@@ -105,14 +124,9 @@ class StageModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         # No weight decay on biases and norm gains (1-D tensors): decaying them only hurts.
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {
-                "params": [p for p in params if p.ndim >= 2],
-                "weight_decay": self.optim_cfg.weight_decay,
-            },
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
+        # Decided from the unwrapped module: under FSDP every parameter here is a 1-D shard.
+        decayed = getattr(self, "_decayed", None) or decayed_names(self)
+        groups = weight_decay_groups(self.named_parameters(), decayed, self.optim_cfg.weight_decay)
         opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.optim_cfg, self.trainer_cfg.max_steps)
@@ -224,10 +238,7 @@ def _num_processes(cfg: TrainerConfig, hw: Hardware) -> int:
 
 def make_strategy(cfg: TrainerConfig, hw: Hardware) -> str | Strategy:
     if cfg.strategy == "fsdp":
-        if hw.accelerator == "cpu":
-            raise ConfigError("trainer.strategy: fsdp needs GPUs; use ddp on CPU")
-        # full state dicts keep checkpoints single files (atomic writes, simple resume)
-        return FSDPStrategy(state_dict_type="full")
+        return LapoFSDP(precision=hw.precision, cpu=hw.accelerator == "cpu")
     if cfg.strategy == "auto" and _num_processes(cfg, hw) <= 1:
         return "auto"
     # No buffer broadcast at each forward: the only buffers (VQ codebooks) are all-reduced
@@ -270,20 +281,23 @@ def make_loggers(cfg: TrainerConfig, run_dir: Path) -> list[Logger]:
     return out
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    """Lightning's tips for its paid services ("💡 Tip: ... litlogger / litmodels")."""
+    return "Tip: For seamless" not in record.getMessage()
+
+
 def build_trainer(cfg: TrainerConfig, run_dir: Path, hw: Hardware, stop: GracefulStop) -> L.Trainer:
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_an_advert not in rank_zero_log.filters:
+        rank_zero_log.addFilter(_not_an_advert)
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Any] = [
         RNGState(),  # first: its state is taken before any other callback draws a number
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step-{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=cfg.ckpt_every_n_steps,
-            save_top_k=-1,
-            save_last=True,
-        ),
+        PeriodicCheckpoint(ckpt_dir, cfg.ckpt_every_n_steps, cfg.keep_checkpoints),
         stop,
     ]
+    if cfg.best_checkpoint_metric:
+        callbacks.append(BestCheckpoint(ckpt_dir, cfg.best_checkpoint_metric))
     if cfg.progress:
         callbacks.append(StepProgressBar())
     if cfg.log_keys:
@@ -291,8 +305,10 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, hw: Hardware, stop: Gracefu
     loggers = make_loggers(cfg, run_dir)
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
-    return L.Trainer(
+        # the ranks' wiring only: requeueing is GracefulStop's (Lightning's saves inside
+        # the signal handler, which deadlocks when the signal lands in a collective)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = L.Trainer(
         accelerator=hw.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
@@ -317,6 +333,25 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, hw: Hardware, stop: Gracefu
         use_distributed_sampler=False,
         benchmark=hw.accelerator != "cpu" and not cfg.deterministic,
     )
+    disable_lightning_signals(trainer)
+    return trainer
+
+
+def disable_lightning_signals(trainer: L.Trainer) -> None:
+    """Keep Lightning from installing signal handlers of its own during ``fit``.
+
+    Its SIGTERM handler broadcasts to the other ranks, and its Slurm requeue handler saves a
+    checkpoint (a barrier), both from inside the handler: when the signal interrupts a
+    rank in the middle of another collective (a checkpoint save, say), the ranks wait on
+    each other for ever. `GracefulStop` owns SIGTERM and SIGUSR1 instead.
+    """
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is None or not hasattr(connector, "register_signal_handlers"):
+        raise RuntimeError(
+            "lapo.train: this Lightning version has no Trainer._signal_connector; its signal "
+            "handlers would run collectives inside a signal handler"
+        )
+    connector.register_signal_handlers = lambda: None
 
 
 def check_hardware(cfg: TrainerConfig) -> None:
@@ -336,23 +371,30 @@ def check_hardware(cfg: TrainerConfig) -> None:
         )
 
 
-def prepare_run(cfg: Any, run_dir: str | Path, *, resume: bool) -> Path | None:
+def prepare_run(
+    cfg: Any, run_dir: str | Path, *, resume: bool, check_data: Callable[[], Any] | None = None
+) -> Path | None:
     """Seed, create RUN, write RUN/config.yaml; return the checkpoint to resume from (or None).
 
-    Call before building models (the seed must precede weight init) and before any
-    data is read, so that a missing or unsafe checkpoint, or settings the hardware
-    cannot run, fail at once.
+    Call before building models (the seed must precede weight init). Whatever can
+    fail does so before anything is written, cheapest first: a missing or unsafe
+    checkpoint, settings the hardware cannot run, then `check_data` (reading the
+    dataset's manifest), so a failed command leaves no RUN behind.
     """
     run_dir = Path(run_dir)
     ckpt = resume_checkpoint(run_dir) if resume else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fit() resolves the hardware again and warns then
         check_hardware(cfg.trainer)
+    if check_data is not None:
+        check_data()
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         for d in (run_dir, run_dir / "checkpoints"):  # left by a process killed mid-write
             remove_stale_temporaries(d)
+        # retention holds across requeues too: each start trims what earlier jobs left
+        prune_checkpoints(run_dir, cfg.trainer.keep_checkpoints, keep=ckpt)
         save_config(cfg, run_dir / "config.yaml")
     return ckpt
 
@@ -419,7 +461,7 @@ def fit(
     trainer = build_trainer(cfg, run_dir, hw, stop)
     own_loader_generators(datamodule, cfg.seed)
     if ckpt_path is not None:
-        rank_zero_info(f"lapo: resuming from {ckpt_path}")
+        rank_zero_info(f"lapo: resuming from {ckpt_path} (step {checkpoint_step(ckpt_path)})")
     stop.install()
     try:
         with warnings.catch_warnings():
@@ -428,16 +470,23 @@ def fit(
             ckpt = str(ckpt_path) if ckpt_path else None
             # weights_only=True: resuming never unpickles code (AtomicCheckpointIO insists too)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    except SIGTERMException:
-        rank_zero_info(
-            f"lapo: stopped by SIGTERM at step {trainer.global_step}; resume with --resume"
-        )
-        return FitResult(trainer, finished=False)
+    except StopRequested:
+        stopped = True
+    else:
+        stopped = False
     finally:
         stop.uninstall()
+    if stopped:
+        # every rank has left the training loop and the checkpoint is on disk: only now
+        # may Slurm stop the tasks (it sends them SIGTERM as it requeues)
+        requeued = stop.requeue and trainer.is_global_zero and requeue_slurm_job()
+        then = "the requeued job resumes from it" if requeued else "resume with --resume"
+        rank_zero_info(f"lapo: stopped at step {trainer.global_step}; {then}")
+        return FitResult(trainer, finished=False)
     if stop.saved_step != trainer.global_step:
         stop.save(trainer)  # the final state, so --resume with a larger max_steps goes on
-    return FitResult(trainer, finished=trainer.global_step >= cfg.max_steps and not stop.requested)
+    # a signal after the last step boundary changes nothing: the run is complete
+    return FitResult(trainer, finished=trainer.global_step >= cfg.max_steps)
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -477,7 +526,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, default_config: str | None 
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest checkpoint in --out (checkpoints/last.ckpt or a Slurm hpc_ckpt)",
+        help="continue from the checkpoint in --out holding the highest step (checkpoints/last.ckpt, "
+        "step-*.ckpt, best.ckpt, or an older Slurm hpc_ckpt_*.ckpt)",
     )
     p.add_argument(
         "--set",

@@ -11,6 +11,8 @@ Each frame (uint8, size x size) carries three readable parts:
 Every shard is one recording: consecutive clips cut from a stream in which
 episodes follow each other (auto-reset, as Procgen records), so clips hold
 episode ends mid-clip and ``dones[t]`` is True where o[t+1] starts a new episode.
+With ``sources_per_shard`` > 1 the recording is cut into that many source videos
+(key stems ``rec000-v0``, ``rec000-v1``, ...), as one shard of many videos is.
 
 Usable from any test (``from tests.datagen import make_dataset``) and from
 ``benchmarks/loader.py``.
@@ -36,7 +38,7 @@ class TinyDataset:
     action_space: dict | None
     size: int
     clips: dict[str, dict] = field(default_factory=dict)
-    """key -> {"shard", "num_frames", "actions" (or None), "dones", "episodes"} as written."""
+    """key -> {"shard", "source", "num_frames", "actions" (or None), "dones", "episodes"} as written."""
 
     @property
     def num_clips(self) -> int:
@@ -131,6 +133,7 @@ def make_dataset(
     seed: int = 0,
     fps: float = 10.0,
     mutate: Callable[[dict], dict | None] | None = None,
+    sources_per_shard: int = 1,
 ) -> TinyDataset:
     """Write ``shards`` shards of ``clips_per_shard`` clips into ``out`` plus manifest.json.
 
@@ -142,6 +145,7 @@ def make_dataset(
     """
     if clip_frames > 256 or size % 8 or size < 16:
         raise ValueError("clip_frames <= 256 and size a multiple of 8, >= 16")
+    per_source = -(-clips_per_shard // sources_per_shard)  # clips of each source video
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -159,7 +163,10 @@ def make_dataset(
         samples = []
         for c in range(clips_per_shard):
             lo, hi = c * clip_frames, (c + 1) * clip_frames
-            key = clip_key(f"rec{s:03d}", c)
+            source, index = f"rec{s:03d}", c
+            if sources_per_shard > 1:
+                source, index = f"{source}-v{c // per_source}", c % per_source
+            key = clip_key(source, index)
             frames = np.stack(
                 [_render(size, t - lo, episodes[t], positions[t]) for t in range(lo, hi)]
             )
@@ -168,9 +175,9 @@ def make_dataset(
                 key,
                 frames,
                 fps=fps,
-                source=f"rec{s:03d}",
+                source=source,
                 episode=str(episodes[lo]),
-                start=lo,
+                start=index * clip_frames,
                 actions=acts[lo:hi] if with_actions else None,
                 dones=dones[lo:hi],
             )
@@ -181,6 +188,7 @@ def make_dataset(
             samples.append(sample)
             ds.clips[key] = {
                 "shard": s,
+                "source": source,
                 "num_frames": clip_frames,
                 "actions": acts[lo:hi] if with_actions else None,
                 "dones": dones[lo:hi],

@@ -154,6 +154,32 @@ def test_cli_lists_subcommands_with_one_line_each():
     assert out.stdout.strip() == "False", out.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["label"], "windows per forward pass (default: 256)"),
+        (["evaluate"], "(default: 20)"),  # --episodes
+        (["finetune"], f"default {FinetuneConfig.label_budget}"),  # a flag that sets a config key
+    ],
+)
+def test_help_shows_the_defaults(capsys, argv, shown):
+    import lapo.cli
+
+    with pytest.raises(SystemExit) as e:
+        lapo.cli.main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0 and shown in text, text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_record_help_shows_the_defaults():
+    from data_prep.record import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "number of episodes to record (default: 64)" in text, text
+    assert "(default: None)" not in text
+
+
 def test_data_flag_keeps_a_numeric_looking_path_a_string():
     import argparse
 

@@ -459,6 +459,80 @@ def test_training_on_only_corrupt_data_raises_instead_of_hanging(tmp_path):
         list(make_loader(cfg.path, cfg, train=True))
 
 
+# --------------------------------------------------------------------------- hold-out by source
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory):
+    """Ten source videos of two clips each, all in one shard (as shard_videos packs small videos)."""
+    return make_dataset(
+        tmp_path_factory.mktemp("one_shard"), shards=1, clips_per_shard=20, clip_frames=8,
+        sources_per_shard=10,
+    )  # fmt: skip
+
+
+def test_one_shard_holds_out_whole_source_videos(one_shard):
+    cfg = cfg_for(one_shard.path)  # val_shards=1 (the default) of a single shard
+    train, val = split_train_val(cfg)
+    sources = {k: c["source"] for k, c in one_shard.clips.items()}
+    train_src, val_src = {sources[k] for k in train.keys}, {sources[k] for k in val.keys}
+    assert not train_src & val_src and train_src | val_src == set(sources.values())
+    assert train.keys | val.keys == set(sources) and len(val_src) == 1  # 10% of 10 videos
+    assert val.num_samples == 2 and train.num_samples == 18
+    again = split_train_val(cfg_for(one_shard.path, seed=7))  # data.seed does not move it
+    assert again[1].keys == val.keys
+    more = split_train_val(cfg_for(one_shard.path, val_fraction=0.5))[1]
+    assert len({sources[k] for k in more.keys}) == 5
+
+    # what the loaders deliver keeps to the split, on two ranks with two workers each
+    cfg = cfg_for(one_shard.path, num_workers=2, val_batches=0, batches_per_epoch=8)
+    seen = {"train": set(), "val": set()}
+    for rank in range(2):
+        for name, info in (("train", train), ("val", val)):
+            loader = make_loader(
+                info.urls, cfg, train=name == "train", rank=rank, world_size=2, info=info
+            )
+            seen[name] |= {k for b in loader for k in b["key"]}
+    assert seen["val"] == val.keys and seen["train"] <= train.keys
+    assert not {sources[k] for k in seen["train"]} & {sources[k] for k in seen["val"]}
+
+
+@pytest.mark.parametrize("val_batches", [3, 0])
+def test_every_rank_validates_equally_on_a_source_split(one_shard, val_batches):
+    cfg = cfg_for(one_shard.path, num_workers=2, val_batches=val_batches)
+    _, val = split_train_val(cfg)
+    counts = []
+    for rank in range(2):
+        loader = make_loader(val.urls, cfg, train=False, rank=rank, world_size=2, info=val)
+        batches = list(loader)
+        assert all(set(b["key"]) <= val.keys for b in batches)
+        counts.append(len(batches))
+    if val_batches:
+        assert counts == [val_batches, val_batches]
+    else:
+        assert min(counts) >= 1
+
+
+def test_a_single_source_holds_out_its_last_clips(tmp_path):
+    ds = make_dataset(tmp_path, shards=1, clips_per_shard=4, clip_frames=8)
+    with pytest.warns(UserWarning, match="share this video"):
+        train, val = split_train_val(cfg_for(tmp_path))
+    assert val.keys == {"rec000__c00003"} and train.keys == set(ds.clips) - val.keys
+    make_dataset(tmp_path / "one_clip", shards=1, clips_per_shard=1, clip_frames=8)
+    with pytest.raises(DatasetError, match="1 clip\\(s\\).*data.val_path"):
+        split_train_val(cfg_for(tmp_path / "one_clip"))
+
+
+def test_a_training_worker_whose_clip_share_is_empty_reads_its_ranks(tmp_path):
+    """Two clips that both hash to worker 0's slot: worker 1 must not stop the run."""
+    ds = make_dataset(tmp_path, shards=1, clips_per_shard=2, clip_frames=8)
+    assert {zlib.crc32(k.encode()) % 2 for k in ds.clips} == {0}
+    cfg = cfg_for(tmp_path, num_workers=2, val_shards=0, batches_per_epoch=4)
+    with pytest.warns(UserWarning, match="split their clips by key"):
+        loader = make_loader(cfg.path, cfg, train=True)
+    assert len(list(loader)) == 4
+
+
 # --------------------------------------------------------------------------- start-up errors
 
 
@@ -625,13 +699,29 @@ def test_ddp_ranks_all_validate_on_a_one_clip_split(tmp_path, val_batches):
     ds = make_dataset(tmp_path / "data", shards=3, clips_per_shard=6, mutate=_only_first_val_clip)
     _, val = split_train_val(cfg_for(ds.path, num_workers=2, val_shards=1))
     assert set(_val_owners(ds, val.urls, 2, 2).values()) == {1}
+    counts = _ddp_val_batches(tmp_path, ds.path, val_batches)
+    if val_batches:
+        assert counts == [2 * val_batches] * 2  # two validation passes (one per epoch)
+    else:
+        assert min(counts) >= 2
+
+
+@pytest.mark.slow
+def test_ddp_ranks_validate_equally_on_a_source_split(tmp_path):
+    """Two gloo ranks on one shard: the held-out source video is all the validation there is."""
+    ds = make_dataset(tmp_path / "data", shards=1, clips_per_shard=12, sources_per_shard=6)
+    assert _ddp_val_batches(tmp_path, ds.path, 3) == [6, 6]  # two passes of 3 on each rank
+
+
+def _ddp_val_batches(tmp_path, data, val_batches: int) -> list[int]:
+    """Validation batches seen by each of two gloo ranks training on `data` (_DDP_WORKER)."""
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = str(ROOT)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", str(script), str(ds.path), str(val_batches),
+        f"--master_port={free_port()}", str(script), str(data), str(val_batches),
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -645,8 +735,4 @@ def test_ddp_ranks_all_validate_on_a_one_clip_split(tmp_path, val_batches):
         out, _ = proc.communicate(timeout=120)
         pytest.fail(f"DDP validation hung:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-4000:]
-    counts = [int(re.search(rf"rank {r}: (\d+) val batches", out).group(1)) for r in (0, 1)]
-    if val_batches:
-        assert counts == [2 * val_batches] * 2  # two validation passes (one per epoch)
-    else:
-        assert min(counts) >= 2
+    return [int(re.search(rf"rank {r}: (\d+) val batches", out).group(1)) for r in (0, 1)]

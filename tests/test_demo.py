@@ -44,6 +44,8 @@ def test_artefacts_exist(demo_dir: Path) -> None:
         "report_assets/training_curves.png",
     ):
         assert (demo_dir / rel).is_file(), f"demo did not write {rel}"
+    # the world-model picture is the trained model's, and the report says so
+    assert "World model after training (step 12)" in (demo_dir / "report.md").read_text()
     html = (demo_dir / "report.html").read_text()
     assert "data:image/png;base64," in html  # images are inlined: the page opens offline
     assert "src='http" not in html and 'src="http' not in html
@@ -106,3 +108,39 @@ def test_rerun_reuses_finished_stages(demo_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     statuses = [c["status"] for c in json.loads((demo_dir / "commands.json").read_text())]
     assert statuses and all(s == "reused" for s in statuses)
+
+
+def test_other_settings_rerun_and_the_report_follows(demo_dir: Path) -> None:
+    """A second demo into the same --out with fewer training steps: stage 1 and everything
+    that reads it rerun; what the step count does not touch (the recordings, the bc
+    baseline and its evaluation: same commands, same inputs) is reused and says so; the
+    report describes that run. Last in the file: it changes the shared demo directory."""
+    before = {c["stage"]: c for c in json.loads((demo_dir / "commands.json").read_text())}
+    cmd = [sys.executable, "-m", "lapo.cli", "demo", "--quick", "--steps", "0.05"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(demo_dir)], capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "trainer.max_steps: 12 -> 6" in proc.stdout  # says why stage 1 runs again
+
+    after = {c["stage"]: c for c in json.loads((demo_dir / "commands.json").read_text())}
+    assert after.keys() == before.keys()
+    untouched = ("record train", "record labeled", "record heldout", "finetune bc", "evaluate bc")
+    for name, c in after.items():
+        if name in untouched:  # reused, with the command and wall time of when it ran
+            assert c["status"] == "reused" and c["command"] == before[name]["command"], name
+            assert c["seconds"] == before[name]["seconds"] > 0
+        else:
+            assert c["status"] == "ran", name
+    assert "trainer.max_steps=6" in after["pretrain"]["command"]
+    assert json.loads((demo_dir / "lam" / "metrics.json").read_text())["global_step"] == 6
+    images = sorted(p.name for p in (demo_dir / "lam" / "images").glob("*.png"))
+    assert "final-val-step0000006.png" in images or "final-train-step0000006.png" in images
+    assert not [n for n in images if "step0000012" in n]  # the first run's output is gone
+
+    md = (demo_dir / "report.md").read_text()
+    assert before["pretrain"]["command"] not in md
+    assert all(c["command"] in md for c in after.values())
+    assert "reused: ran" in md and "5 of 10 stages were reused" in md
+    assert "World model after training (step 6)" in md
+    test_report_numbers_equal_metrics(demo_dir)

@@ -88,12 +88,14 @@ def test_babyai_short_name_views_and_sizes():
     "spec, match",
     [
         ("procgen:bigfsh", "bigfish, bossfight"),
-        ("babyai:BabyAI-Nope-v0", "BabyAI-GoToLocal-v0"),
-        ("minigrid:Nope", "MiniGrid-Empty-5x5-v0"),
+        ("babyai:BabyAI-GoToLocl-v0", "did you mean BabyAI-GoToLocal-v0"),
+        ("babyai:gotoobj", "did you mean BabyAI-GoToObj-v0"),  # case and prefix aside
+        ("minigrid:Empyt-5x5", "did you mean MiniGrid-Empty-5x5-v0"),
+        ("minigrid:Nope", r"none of the \d+ ids is close \(e.g. MiniGrid-"),
         ("atari:pong", "procgen:<game>"),
     ],
 )
-def test_unknown_specs_list_the_valid_ones(spec, match):
+def test_unknown_specs_name_the_closest_valid_ones(spec, match):
     with pytest.raises(EnvError, match=match):
         make_env(spec)
 

@@ -265,3 +265,26 @@ def test_rollouts_render_as_the_labelled_data_was(tmp_path):
     with pytest.raises(ValueError, match="env-view"):
         evaluate(tmp_path / "bc", tmp_path / "x.json", env="procgen:bigfish", env_view="agent",
                  episodes=1, max_steps=2, device="cpu", progress=False)  # fmt: skip
+
+
+def test_latent_scatter_spreads_piled_codes_so_every_point_shows(tmp_path):
+    """Three codes hold 45 windows of three classes; the rarest class sits on every code."""
+    from lapo.plots import plot_latents_2d, spread_spots
+
+    codes = np.array([[0, 0], [5, 0], [0, 5]], dtype=np.float32)
+    acts = np.repeat([0, 1, 2], [30, 12, 3])
+    spot = np.array([0] * 15 + [1] * 15 + [0] * 6 + [1] * 6 + [0, 1, 2])
+    pts, spots = spread_spots(codes[spot])
+    assert spots == 3
+    gaps = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(len(pts)) * 1e9  # (N, N)
+    span = np.ptp(pts, axis=0).max()
+    assert gaps.min() > 0.02 * span, "two points drawn on top of each other"
+    assert np.linalg.norm(pts - codes[spot], axis=1).max() <= 5 / 3 + 1e-6  # by its own code
+    again, _ = spread_spots(codes[spot])
+    assert np.array_equal(pts, again)  # seeded
+    scattered = np.random.default_rng(0).normal(size=(40, 2))
+    assert spread_spots(scattered)[0] is scattered  # points that do not pile up stay as they are
+    path = plot_latents_2d(
+        codes[spot], acts, tmp_path / "latents.png", action_names=["f", "l", "r"]
+    )
+    assert Image.open(path).size[0] > 100

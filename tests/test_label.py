@@ -305,3 +305,13 @@ def test_cli_with_two_workers_matches_in_process(babyai, run, labelled, tmp_path
 def test_refuses_to_overwrite_its_input(babyai, run):
     with pytest.raises(ValueError, match="must differ"):
         label_dataset(run, babyai, babyai, device="cpu", progress=False)
+
+
+def test_a_run_that_cannot_label_fails_before_out_is_created(tmp_path):
+    from lapo.agent import AgentError
+
+    data = make_dataset(tmp_path / "data", shards=1, clips_per_shard=1, clip_frames=8).path
+    out = tmp_path / "labelled"
+    with pytest.raises(AgentError, match="not a finished lapo finetune run"):
+        label_dataset(tmp_path / "no-such-run", data, out, device="cpu", progress=False)
+    assert not out.exists(), "a failed command left files behind"

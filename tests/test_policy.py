@@ -292,32 +292,13 @@ def test_ddp_two_cpu_ranks_with_uneven_validation(lam_run, data, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_slurm_script_trains_a_policy(lam_run, data, tmp_path):
-    from tests.test_slurm import ensure_cluster, stop_daemons, wait
-
-    started: list[str] = []
-    try:
-        reason = ensure_cluster(started)
-        if reason:
-            pytest.skip(reason)
-        _submit_policy_job(lam_run, data, tmp_path, wait)
-    finally:
-        stop_daemons(started)  # leave no daemons behind
-
-
-def _submit_policy_job(lam_run, data, tmp_path, wait) -> None:
+def test_slurm_script_trains_a_policy(slurm, lam_run, data, tmp_path):
+    # `slurm` first: without a cluster the test skips before the LAM is trained
     out = tmp_path / "policy"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(GPUS="0", LAPO=str(ROOT / ".venv" / "bin" / "lapo"), OMP_NUM_THREADS="1")
-    cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-           f"--chdir={ROOT}", f"--output={tmp_path}/slurm-%j.out", "--export=ALL",
-           str(ROOT / "slurm" / "train_policy.sbatch"), str(DEBUG), str(lam_run), str(data), str(out),
-           "--set", "trainer.val_every_n_steps=2"]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-    assert res.returncode == 0, res.stderr
-    job = res.stdout.strip().split(";")[0]
-    state = wait(job, timeout=600)
-    log = next(tmp_path.glob("slurm-*.out")).read_text()
+    job = slurm.submit(ROOT / "slurm" / "train_policy.sbatch", DEBUG, lam_run, data, out,
+                       "--set", "trainer.val_every_n_steps=2", out_dir=tmp_path)  # fmt: skip
+    state = slurm.wait(job, timeout=600)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
     assert "2 task(s), cpu" in log and "finished at step 4" in log
     assert load_policy(out).context == K

@@ -22,6 +22,8 @@ from lapo.checkpoint import CheckpointError, checkpoint_step, state_dict_from_ch
 from lapo.config import PretrainConfig, load_config, read_yaml
 from lapo.lam import LAMModule, load_lam, pretrain
 from lapo.train import NonFiniteLossError, fit
+from lapo.windows import DatasetError
+from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "lam" / "debug.yaml"
@@ -79,6 +81,8 @@ def test_cli_end_to_end_writes_the_run_directory(procgen_data, tmp_path):
     assert "train/loss" in metrics_csv and "val/psnr" in metrics_csv
     assert list((run / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
     assert (run / "images" / "train-step0000002.png").is_file()
+    # the trained model's own picture, on held-out windows, named with the last step
+    assert (run / "images" / "final-val-step0000004.png").is_file()
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and metrics["finished"] is True
@@ -123,6 +127,30 @@ def test_resume_continues_from_the_saved_step(procgen_data, tmp_path):
 def test_resume_without_a_checkpoint_fails_before_reading_data(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         pretrain(debug_cfg(tmp_path / "no-such-dataset"), tmp_path / "run", resume=True)
+
+
+def test_a_missing_dataset_fails_before_writing_the_run(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match="does not exist"):
+        pretrain(debug_cfg(tmp_path / "no-such-dataset"), run)
+    assert not run.exists(), "a failed command left files behind"
+
+
+def test_one_shard_trains_both_stages_with_the_default_hold_out(tmp_path):
+    """One shard of four source videos: data.val_shards=1 (the default) holds out a video."""
+    from lapo.policy import load_policy_config, train_policy
+
+    data = make_dataset(
+        tmp_path / "data", shards=1, clips_per_shard=8, sources_per_shard=4, clip_frames=16
+    ).path
+    lam = pretrain(debug_cfg(data, "trainer.loggers=[]"), tmp_path / "lam")
+    assert lam["finished"] and "val/loss" in lam
+    cfg = load_policy_config(
+        ROOT / "configs" / "policy" / "debug.yaml",
+        [f"lam={tmp_path / 'lam'}", f"data.path={data}", "trainer.loggers=[]"],
+    )
+    policy = train_policy(cfg, tmp_path / "policy")
+    assert policy["finished"] and any(k.startswith("val/") for k in policy)
 
 
 def test_two_seeded_runs_are_identical_and_the_seed_matters(procgen_data, tmp_path):

@@ -228,6 +228,13 @@ def test_cli_records_and_rejects_unknown_env(tmp_path, capsys):
         record_cli(["procgen:pong", "--out", str(tmp_path / "x")])
     assert e.value.code == 2
     assert "bigfish" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # a mistyped BabyAI id: one line naming the closest ids, not the usage and ~100 ids
+    with pytest.raises(SystemExit) as e:
+        record_cli(["babyai:GoToObjj", "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("record: error: ") and "did you mean BabyAI-GoToObj-v0" in err, err
+    assert "BabyAI-KeyCorridor" not in err and not (tmp_path / "y").exists()
 
 
 def test_epsilon_expert_detours_replay_and_still_succeed(tmp_path):

@@ -1,210 +1,181 @@
-"""slurm/pretrain.sbatch on a real single-node Slurm (slurmctld + slurmd + munge on localhost).
+"""The sbatch scripts on a real single-node Slurm (`tests.slurm_harness`; opt-in, root).
 
-Opt-in: runs only with ``LAPO_SLURM_TEST=1``, as root (it installs Debian's slurm-wlm and
-munge where they are missing, and starts the daemons it needs). A test suite must not depend
-on the state of a system daemon it does not own, so plain ``make test`` skips it. The
-cluster it configures is local: one node (this host), one partition, no accounting. Two CPU tasks (gloo) train the debug config; a second
-test preempts a job with SIGUSR1 and checks that it requeues and finishes from its
-checkpoint.
+Two CPU tasks (gloo) train the debug config. Preemption is what a cluster does before a
+time limit: SIGUSR1 to the tasks (``--signal=SIGUSR1@90``) or to the batch shell
+(``--signal=B:USR1@90``). Every preempted job must be requeued, resume from the very
+step it saved, and train each step exactly once: the sample keys each rank trained on
+(``trainer.log_keys``) must equal those of a job never preempted. Slurm holds a requeued
+job for two minutes before it may start again; the tests let it start at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
-import shutil
-import socket
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.datagen import make_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = Path("/etc/slurm/slurm.conf")
-MARK = "# written by lapo tests/test_slurm.py"
+from tests.slurm_harness import ROOT, sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-
-def sh(cmd: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise RuntimeError(
-            f"`{cmd}` failed ({res.returncode}): {res.stdout[-2000:]} {res.stderr[-2000:]}"
-        )
-    return res
-
-
-def _install() -> None:
-    env = "DEBIAN_FRONTEND=noninteractive"
-    sh(f"{env} apt-get update -qq && {env} apt-get install -y -qq slurm-wlm munge", timeout=900)
-
-
-def _write_conf() -> None:
-    host = socket.gethostname().split(".")[0]
-    cpus = os.cpu_count() or 1
-    mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
-    CONF.parent.mkdir(parents=True, exist_ok=True)
-    for d in ("/var/spool/slurmctld", "/var/spool/slurmd", "/var/log/slurm"):
-        Path(d).mkdir(parents=True, exist_ok=True)
-    CONF.write_text(
-        f"""{MARK}
-ClusterName=lapo-test
-SlurmctldHost={host}
-AuthType=auth/munge
-SlurmUser=root
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-JobRequeue=1
-ReturnToService=2
-MpiDefault=none
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-"""
-    )
-
-
-def _running(name: str) -> bool:
-    return sh(f"pgrep -x {name}", check=False).returncode == 0
-
-
-PIDFILES = {
-    "munged": Path("/run/munge/munged.pid"),
-    "slurmctld": Path("/run/slurmctld.pid"),
-    "slurmd": Path("/run/slurmd.pid"),
-}
-
-
-def stop_daemons(names: list[str]) -> None:
-    """Stop the daemons this module started (by the pid each wrote), newest first."""
-    for name in reversed(names):
-        pidfile = PIDFILES[name]
-        if pidfile.is_file():
-            sh(f"kill {int(pidfile.read_text().split()[0])}", check=False)
-
-
-def ensure_cluster(started: list[str]) -> str | None:
-    """Start a localhost Slurm (appending what it started to `started`); return a reason to skip, or None."""
-    if os.environ.get("LAPO_SLURM_TEST") != "1":
-        return "opt-in: set LAPO_SLURM_TEST=1 (as root) to run against a local Slurm"
-    if os.geteuid() != 0:
-        return "needs root to run slurmctld/slurmd"
-    if not all(shutil.which(b) for b in ("sbatch", "slurmctld", "slurmd", "munged")):
-        _install()
-    if CONF.is_file() and MARK not in CONF.read_text():
-        # a real cluster's configuration: submit to it, never start daemons of our own
-        return None if sh("sinfo -h", check=False).returncode == 0 else "sinfo cannot reach Slurm"
-    _write_conf()
-    if not Path("/etc/munge/munge.key").is_file():
-        sh("/usr/sbin/mungekey --create --force || create-munge-key -f")
-    if not _running("munged"):
-        Path("/run/munge").mkdir(parents=True, exist_ok=True)
-        sh("chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge", check=False)
-        sh("runuser -u munge -- /usr/sbin/munged")
-        started.append("munged")
-    for daemon in ("slurmctld", "slurmd"):
-        if not _running(daemon):
-            sh(daemon)
-            started.append(daemon)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        state = sh("sinfo -h -o %t", check=False).stdout.split()
-        if state and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in state):
-            return None
-        if any(s.rstrip("*") in ("down", "drain", "drng") for s in state):
-            sh("scontrol update nodename=ALL state=resume", check=False)
-        time.sleep(1)
-    return f"Slurm did not come up: sinfo says {state}"
+PRETRAIN = ROOT / "slurm" / "pretrain.sbatch"
+DEBUG = ROOT / "configs/lam/debug.yaml"
+STEPS = 150  # the stress job: room for ten preemptions, each after some training
+KEEP = 2  # trainer.keep_checkpoints in the preempted jobs
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    started: list[str] = []
-    reason = ensure_cluster(started)
-    try:
-        if reason:
-            pytest.skip(reason)
-        yield
-    finally:
-        stop_daemons(started)  # leave the machine as it was: no daemons left behind
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("slurm-data")
+    return make_dataset(root, shards=5, clips_per_shard=2, clip_frames=16, size=32).path
 
 
-def submit(tmp_path: Path, data: Path, out: Path, *extra: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(GPUS="0", LAPO=str(ROOT / ".venv" / "bin" / "lapo"), OMP_NUM_THREADS="1")
-    cmd = [
-        "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-        f"--chdir={ROOT}", f"--output={tmp_path}/slurm-%j.out", "--export=ALL",
-        str(ROOT / "slurm" / "pretrain.sbatch"), str(ROOT / "configs/lam/debug.yaml"), str(data), str(out),
-        "--set", "data.val_shards=1", *extra,
+def settings(steps: int) -> list[str]:
+    return [
+        "--set", "data.val_shards=1", f"trainer.max_steps={steps}", "trainer.log_keys=true",
+        "trainer.ckpt_every_n_steps=3", "trainer.val_every_n_steps=7", "data.val_batches=2",
+        f"trainer.keep_checkpoints={KEEP}", "trainer.loggers=[csv]",
     ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-    assert res.returncode == 0, res.stderr
-    return res.stdout.strip().split(";")[0]
 
 
-def wait(job: str, timeout: float) -> str:
-    """Wait until the job leaves the queue; return its final state from scontrol."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        info = sh(f"scontrol show job {job}", check=False).stdout
-        state = re.search(r"JobState=(\S+)", info)
-        if state and state.group(1) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            return state.group(1)
-        time.sleep(2)
-    sh(f"scancel {job}", check=False)
-    raise AssertionError(f"job {job} still running after {timeout} s")
+def job_log(out_dir: Path, job: str) -> str:
+    return (out_dir / f"slurm-{job}.out").read_text()
 
 
-def test_two_task_cpu_job_trains(cluster, tmp_path):
-    ds = make_dataset(tmp_path / "data", shards=5, clips_per_shard=2, clip_frames=16, size=32)
-    out = tmp_path / "run"
-    job = submit(tmp_path, ds.path, out, "trainer.max_steps=4")
-    state = wait(job, timeout=600)
-    log = (tmp_path / f"slurm-{job}.out").read_text()
+def trained_keys(run: Path) -> dict[int, list[str]]:
+    """Per rank, the `step<TAB>key` lines of every batch trained, in order."""
+    return {r: (run / "debug" / f"keys-rank{r}.txt").read_text().splitlines() for r in (0, 1)}
+
+
+def saved_and_resumed(log: str) -> tuple[list[int], list[int]]:
+    saved = [int(s) for s in re.findall(r"saving \S+ at step (\d+) and requeueing", log)]
+    resumed = [int(s) for s in re.findall(r"resuming from \S+ \(step (\d+)\)", log)]
+    return saved, resumed
+
+
+def checkpoint_files(run: Path) -> list[Path]:
+    return [*(run / "checkpoints").glob("*.ckpt"), *run.glob("hpc_ckpt_*.ckpt")]
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, data, tmp_path_factory) -> dict[int, list[str]]:
+    """The stress job's settings, never preempted: what each rank must train on."""
+    out_dir = tmp_path_factory.mktemp("slurm-reference")
+    job = slurm.submit(PRETRAIN, DEBUG, data, out_dir / "run", *settings(STEPS), out_dir=out_dir)
+    state = slurm.wait(job, timeout=900)
+    assert state == "COMPLETED", job_log(out_dir, job)[-4000:]
+    return trained_keys(out_dir / "run")
+
+
+def test_readme_cpu_example_starts_on_a_two_core_node(slurm, data, tmp_path):
+    # no --cpus-per-task: the script shares out what the node's allocation holds
+    job = slurm.submit(PRETRAIN, DEBUG, data, tmp_path / "run", "--set", "data.val_shards=1",
+                       out_dir=tmp_path)  # fmt: skip
+    state = slurm.wait(job, timeout=600)
+    log = job_log(tmp_path, job)
     assert state == "COMPLETED", log[-4000:]
-    assert "2 task(s), cpu" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
-    metrics = json.loads((out / "metrics.json").read_text())
+    per_task = max(1, (os.cpu_count() or 1) // 2)
+    assert f"2 task(s), cpu, {per_task} CPU(s) per task" in log
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 4 and metrics["finished"] is True
-    assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_sigusr1_requeues_and_the_job_resumes(cluster, tmp_path):
-    ds = make_dataset(tmp_path / "data", shards=5, clips_per_shard=2, clip_frames=16, size=32)
-    out = tmp_path / "run"
-    steps = 30
-    job = submit(
-        tmp_path, ds.path, out, f"trainer.max_steps={steps}", "trainer.val_every_n_steps=1000"
-    )
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-0000002.ckpt").exists():
-        assert time.time() < deadline, "the job never reached step 2"
-        time.sleep(1)
-    sh(f"scancel --signal=USR1 {job}")  # what --signal=SIGUSR1@90 sends before the time limit
-    state = wait(job, timeout=900)
-    log = (tmp_path / f"slurm-{job}.out").read_text()
+def _wait_for(what: str, ready, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("target", ["tasks", "batch shell"])
+def test_sigusr1_requeues_and_the_job_resumes_from_the_saved_step(slurm, data, tmp_path, target):
+    run, steps = tmp_path / "run", 30
+    job = slurm.submit(PRETRAIN, DEBUG, data, run, *settings(steps), out_dir=tmp_path)
+    _wait_for("step 3", lambda: (run / "checkpoints" / "step-0000003.ckpt").exists(), 300)
+    # --signal=SIGUSR1@90 reaches the tasks; --signal=B:USR1@90 the batch shell only
+    sh(f"scancel --signal=USR1 {'--batch ' if target == 'batch shell' else ''}{job}")
+    _wait_for("the requeue", lambda: slurm.info(job)[1] == 1, 180)
+    slurm.start_now(job)
+    state = slurm.wait(job, timeout=900)
+    log = job_log(tmp_path, job)
     assert state == "COMPLETED", log[-4000:]
     assert "(restart 1)" in log, "the job was not requeued"
-    assert list(out.glob("hpc_ckpt_*.ckpt")), "Lightning saved no requeue checkpoint"
     assert "--resume" in log.split("(restart 1)")[1].splitlines()[0]
-    metrics = json.loads((out / "metrics.json").read_text())
+    saved, resumed = saved_and_resumed(log)
+    assert len(saved) == 1 and resumed == saved, (saved, resumed)
+    assert 3 <= saved[0] < steps
+    for rank, lines in trained_keys(run).items():  # every step trained once: none lost or repeated
+        trained = [int(line.split("\t")[0]) for line in lines]  # one line per window (4 a batch)
+        assert trained == sorted(trained), f"rank {rank} went back"
+        assert Counter(trained) == {s: 4 for s in range(steps)}, f"rank {rank}: {Counter(trained)}"
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == steps and metrics["finished"] is True
+    assert not list(run.glob("hpc_ckpt_*.ckpt")), "a requeue must not add checkpoint files"
 
 
-def test_shard_array_and_merge(cluster, tmp_path):
+def test_ten_preemptions_at_random_moments_lose_and_repeat_no_step(
+    slurm, data, reference, tmp_path
+):
+    """Ten SIGUSR1s, each at a random moment of a 2-rank job's training: half of them the
+    moment a checkpoint is being written, half after a random delay (some land in a
+    validation pass); to the tasks or to the batch shell. The job must come back after
+    each, resume from the step it saved, and train exactly what an unpreempted job does."""
+    seed = int(os.environ.get("LAPO_STRESS_SEED", time.time_ns() % 2**32))
+    rng = random.Random(seed)
+    run = tmp_path / "run"
+    job = slurm.submit(PRETRAIN, DEBUG, data, run, *settings(STEPS), out_dir=tmp_path, minutes=40)
+    keys0 = run / "debug" / "keys-rank0.txt"
+
+    def trained() -> int:  # batches rank 0 has trained so far, over all restarts
+        return len(keys0.read_text().splitlines()) // 4 if keys0.exists() else 0
+
+    moments, disk = [], []
+    for i in range(10):
+        at = trained()
+        # some training in this run first: a preemption at start-up is no moment of training
+        _wait_for(f"training after restart {i}", lambda i=i, at=at: slurm.info(job) == ("RUNNING", i)
+                  and trained() >= at + 1, 300)  # fmt: skip
+        if i % 2 == 0:  # while a checkpoint is written (its temporary file exists)
+            try:
+                _wait_for("a save", lambda: any((run / "checkpoints").glob(".*.tmp")), 30)
+                moments.append("saving")
+            except AssertionError:
+                moments.append("no save seen")
+        else:
+            time.sleep(rng.uniform(0.0, 2.0))
+            moments.append("random")
+        to_shell = rng.random() < 0.5
+        sh(f"scancel --signal=USR1 {'--batch ' if to_shell else ''}{job}")
+        _wait_for(f"requeue {i + 1}", lambda i=i: slurm.info(job)[1] == i + 1, 180)
+        slurm.start_now(job)
+        files = checkpoint_files(run)
+        disk.append((len(files), sum(p.stat().st_size for p in files if p.exists())))
+    state = slurm.wait(job, timeout=1200)
+    log = job_log(tmp_path, job)
+    summary = f"seed {seed}, moments {moments}, checkpoint files/bytes after each {disk}"
+    assert state == "COMPLETED", summary + "\n" + log[-4000:]
+    saved, resumed = saved_and_resumed(log)
+    assert len(saved) == 10 and resumed == saved, (summary, saved, resumed)
+    assert saved == sorted(saved) and saved[-1] < STEPS, (summary, saved)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == STEPS and metrics["finished"] is True, summary
+    assert trained_keys(run) == reference, "the preempted job trained other batches: " + summary
+    # bounded: newest KEEP step files + last + best, one more while a save is being pruned
+    assert max(n for n, _ in disk) <= KEEP + 3, summary
+    assert not list(run.glob("hpc_ckpt_*.ckpt")), summary
+    print(f"\n{summary}; saved at {saved}")
+
+
+def test_shard_array_and_merge(slurm, tmp_path):
     import numpy as np
 
     from lapo.shards import read_manifest
@@ -225,7 +196,9 @@ def test_shard_array_and_merge(cluster, tmp_path):
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "dataset"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["SBATCH_EXTRA"] = f"--cpus-per-task=1 --output={tmp_path}/slurm-%x-%A_%a.out"
+    env["SBATCH_EXTRA"] = (
+        f"--job-name={slurm.name} --time=10 --output={tmp_path}/slurm-%x-%A_%a.out"
+    )
     res = subprocess.run(
         ["bash", str(ROOT / "slurm/shard.sbatch"), str(tmp_path / "list.txt"), str(out), "2",
          "--", "--size", "32", "--clip-frames", "8"],
@@ -233,7 +206,7 @@ def test_shard_array_and_merge(cluster, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     merge_job = re.search(r"merge (\d+)", res.stdout).group(1)
-    state = wait(merge_job, timeout=600)
+    state = slurm.wait(merge_job, timeout=600)
     logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert state == "COMPLETED", logs[-4000:]
     assert "shard slice 0/2: 3 videos" in logs and "shard slice 1/2: 2 videos" in logs

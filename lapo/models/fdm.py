@@ -1,8 +1,9 @@
 """Forward dynamics models (world models): o[t-k+1..t] and z[t] -> o[t+1].
 
 - `UNetFDM` (model.fdm = "pixel", LAPO): a U-Net over the k context frames stacked on
-  channels. z[t] enters twice, as in LAPO: broadcast as extra channels at the input and
-  again at the lowest resolution, so the decoder cannot ignore it. The output goes
+  channels, one halving of the frame per entry of `mults`. z[t] enters twice, as in LAPO:
+  broadcast as extra channels at the input and again at the lowest resolution, so the
+  decoder cannot ignore it. The output goes
   through a sigmoid, so predictions are valid images in [0, 1]; the loss is pixel MSE.
 - `LatentFDM` (model.fdm = "latent", LAOM): predicts the *embedding* of the next
   window under a target encoder that is an exponential moving average of the online
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 
 from .encoders import build_encoder
 
-UNET_MULTS = (1, 2, 4, 8)  # channel multipliers per resolution; 4 halvings, so image_size % 16 == 0
+UNET_MULTS = (1, 2, 4, 8)  # default width multipliers per level (model.fdm_mults)
 
 
 def _groups(channels: int) -> int:
@@ -56,18 +58,28 @@ class UNetFDM(nn.Module):
         latent_dim: int,
         image_size: int,
         channels: int = 64,
+        mults: Sequence[int] = UNET_MULTS,
         in_channels: int = 3,
         residual: bool = True,
     ):
         super().__init__()
         self.residual = residual
-        if image_size % 2 ** len(UNET_MULTS):
+        levels = len(mults)
+        if image_size % 2**levels:
             raise ValueError(
-                f"lapo/models/fdm.py: the U-Net world model halves the frame {len(UNET_MULTS)} times, "
-                f"so model.image_size must be divisible by {2 ** len(UNET_MULTS)}, got {image_size}"
+                f"lapo/models/fdm.py: the U-Net world model halves the frame {levels} times "
+                f"(model.fdm_mults), so model.image_size must be divisible by {2**levels}, "
+                f"got {image_size}"
             )
         self.context = context
-        widths = [channels * m for m in UNET_MULTS]
+        widths = [channels * m for m in mults]
+        bottom, w_last = image_size // 2**levels, widths[-1]
+        if bottom * bottom * (w_last // _groups(w_last)) < 2:
+            raise ValueError(
+                f"lapo/models/fdm.py: the lowest level is {bottom}x{bottom} with {w_last} channels "
+                f"in {_groups(w_last)} norm groups: one value per group cannot be normalised; "
+                "widen model.fdm_channels or drop a level of model.fdm_mults"
+            )
         frame_ch = in_channels * context
         self.z_in = nn.Linear(latent_dim, channels)
         self.stem = nn.Conv2d(frame_ch + channels, channels, 3, padding=1)
@@ -122,8 +134,8 @@ class UNetFDM(nn.Module):
             x = down(x)  # (B, w_i, S_i/2, S_i/2)
 
         h = x.shape[-1]
-        zmid = repeat(self.z_mid(latent), "b c -> b c h w", h=h, w=h)  # (B, w_last, S/16, S/16)
-        x = self.mid(torch.cat([x, zmid], dim=1))  # (B, w_last, S/16, S/16)
+        zmid = repeat(self.z_mid(latent), "b c -> b c h w", h=h, w=h)  # (B, w_last, Sb, Sb)
+        x = self.mid(torch.cat([x, zmid], dim=1))  # (B, w_last, Sb, Sb), Sb = S / 2**levels
 
         for up, block in zip(self.upsamples, self.up_blocks):
             x = up(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, w_i, S_i, S_i)
@@ -187,6 +199,10 @@ class LatentFDM(nn.Module):
         """
         if self.training:
             self.update_target()
+        return self.error(frames, latent)
+
+    def error(self, frames: Tensor, latent: Tensor) -> Tensor:
+        """The loss of `loss` without the EMA step: the same windows may be scored repeatedly."""
         pred = self(frames[:, :-1], latent)  # (B, E)
         with torch.no_grad():
             target = self.target(frames[:, 1:])  # (B, E), stop-gradient

@@ -57,6 +57,7 @@ class LatentActionModel(nn.Module):
                 latent_dim=cfg.latent_dim,
                 image_size=cfg.image_size,
                 channels=cfg.fdm_channels,
+                mults=cfg.fdm_mults,
                 in_channels=in_channels,
                 residual=cfg.fdm_residual,
             )
@@ -123,6 +124,39 @@ class LatentActionModel(nn.Module):
         if not isinstance(self.fdm, UNetFDM):
             return None
         return self.fdm(self.prepare(context), latent).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def latent_dependence(
+        self, frames: Tensor, latent: Tensor, *, seed: int = 0
+    ) -> dict[str, Tensor]:
+        """How much the world model relies on z[t]: its error on the same windows with each
+        window's own latent, another window's (a random cyclic shuffle of the batch, so no
+        window keeps its own) and zeros.
+
+        frames: (B, k+1, C, H, W) windows; latent: (B, D) their latent actions (`encode`).
+        Returns psnr, psnr_shuffled, psnr_zeroed (dB, pixel world model) or fdm_loss,
+        fdm_loss_shuffled, fdm_loss_zeroed (latent world model); {} for a batch of one.
+        """
+        b = latent.shape[0]
+        if b < 2:
+            return {}
+        x = self.prepare(frames)  # (B, k+1, C, S, S)
+        order = torch.randperm(b, generator=torch.Generator().manual_seed(seed))  # (B,)
+        source = torch.empty_like(order)
+        source[order] = order.roll(-1)  # window order[i] gets the latent of order[i+1]
+        variants = {
+            "": latent,
+            "_shuffled": latent[source.to(latent.device)],  # (B, D)
+            "_zeroed": torch.zeros_like(latent),  # (B, D)
+        }
+        out = {}
+        for suffix, z in variants.items():
+            if isinstance(self.fdm, UNetFDM):
+                pred = self.fdm(x[:, :-1], z).clamp(0.0, 1.0)  # (B, C, S, S)
+                out[f"psnr{suffix}"] = psnr(pred, x[:, -1])
+            else:
+                out[f"fdm_loss{suffix}"] = self.fdm.error(x, z)
+        return {k: v.float() for k, v in out.items()}
 
     # ------------------------------------------------------------------ objective
 
