@@ -58,6 +58,8 @@ def _write_conf() -> None:
 ClusterName=lapo-test
 SlurmctldHost={host}
 AuthType=auth/munge
+# a requeued job waits this long before it may start again (default 120 s)
+AuthInfo=cred_expire=15
 SlurmUser=root
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -216,13 +218,6 @@ class LocalSlurm:
         restarts = re.search(r"Restarts=(\d+)", text)
         return (state.group(1) if state else "UNKNOWN", int(restarts.group(1)) if restarts else 0)
 
-    def start_now(self, job: str) -> None:
-        """Let a requeued `job` start at once: Slurm holds one for two minutes (BeginTime)."""
-        deadline = time.time() + 60
-        while self.info(job)[0] != "PENDING" and time.time() < deadline:
-            time.sleep(0.2)  # still completing its last run
-        sh(f"scontrol update jobid={job} StartTime=now", check=False)
-
     def wait(self, job: str, timeout: float) -> str:
         """Wait until `job` leaves the queue; return its final state (cancel it on timeout)."""
         deadline = time.time() + timeout
@@ -230,6 +225,12 @@ class LocalSlurm:
             state, _ = self.info(job)
             if state in FINAL_STATES:
                 return state
+            if (
+                "Reason=DependencyNeverSatisfied"
+                in sh(f"scontrol show job {job}", check=False).stdout
+            ):
+                sh(f"scancel {job}", check=False)
+                return "DEPENDENCY_NEVER_SATISFIED"
             time.sleep(1)
         sh(f"scancel {job}", check=False)
         raise AssertionError(f"job {job} still running after {timeout} s")

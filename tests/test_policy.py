@@ -86,7 +86,7 @@ def test_train_policy_writes_the_run_and_load_policy_rebuilds_it(lam_run, data, 
     cfg = load_config(PolicyConfig, run / "config.yaml")
     assert cfg.lam == str(lam_run) and cfg.data.context == K and cfg.data.frame_gap == 1
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["last.ckpt", "step-0000002.ckpt", "step-0000004.ckpt"]
+    assert ckpts == ["best.ckpt", "last.ckpt", "step-0000002.ckpt", "step-0000004.ckpt"]
     assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 4
     assert not list(run.rglob("*.tmp"))
     csv = next((run / "logs" / "csv").rglob("metrics.csv")).read_text()

@@ -73,7 +73,7 @@ def test_cli_end_to_end_writes_the_run_directory(procgen_data, tmp_path):
     assert cfg.model.image_size == read_yaml(DEBUG)["model"]["image_size"]
 
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["last.ckpt", "step-0000002.ckpt", "step-0000004.ckpt"]
+    assert ckpts == ["best.ckpt", "last.ckpt", "step-0000002.ckpt", "step-0000004.ckpt"]
     assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 4
     assert not list(run.rglob("*.tmp")), "atomic writes left temporary files behind"
 

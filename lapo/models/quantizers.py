@@ -49,6 +49,30 @@ def _distributed_world() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class BatchStandardise(nn.BatchNorm1d):
+    """Zero mean, unit variance per dimension over the batch (no gain or bias to learn).
+
+    Under DDP each rank normalises with its own batch's statistics, as `nn.BatchNorm1d`
+    does, but the running mean and variance that eval mode uses are averaged over the
+    ranks after every training step, so all ranks (and the checkpoint rank zero writes)
+    hold the same buffers. Averaging the per-rank updates equals one update with the
+    ranks' mean statistics, since the running update is linear.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if self.training and _distributed_world():
+            world = dist.get_world_size()
+            stats = torch.cat([self.running_mean, self.running_var])
+            dist.all_reduce(stats)
+            self.running_mean.copy_(stats[: self.num_features] / world)
+            self.running_var.copy_(stats[self.num_features :] / world)
+        return out
+
+
 # --------------------------------------------------------------------------- VQ
 
 
@@ -96,7 +120,7 @@ class VQBottleneck(nn.Module):
         # re-seeded from the batch) sits at one point and the world model ignores z[t].
         # Euclidean codes track the offset through the EMA codebook and were measured to
         # learn worse standardised (sprite world: probe 0.30-1.00 against 1.00).
-        self.standardise = nn.BatchNorm1d(dim, affine=False) if cosine else nn.Identity()
+        self.standardise = BatchStandardise(dim) if cosine else nn.Identity()
 
     def _build(self, sync: bool) -> VectorQuantize:
         if not sync:
@@ -151,7 +175,7 @@ class FSQBottleneck(nn.Module):
         # all round to one code; the straight-through gradient then grows the offset, not
         # the differences, and FSQ stays collapsed (seen on the sprite world in the tests).
         # A per-sample LayerNorm does not help: it keeps the offset. Eval uses running stats.
-        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.norm = BatchStandardise(dim)
         # levels of 2 only work with the library's symmetric variant
         self.fsq = FSQ(
             levels=list(levels), dim=dim, preserve_symmetry=any(lv == 2 for lv in levels)
@@ -193,7 +217,7 @@ class ContinuousBottleneck(nn.Module):
         # outputs differ between windows of one video by ~1% (std 0.003 on the sprite world
         # of the tests), far below the noise, so the world model learns to ignore z[t] and
         # the IDM gets no signal: 2 of 5 seeds stuck at chance. Standardised, 5 of 5 learn.
-        self.standardise = nn.BatchNorm1d(small_dim, affine=False)
+        self.standardise = BatchStandardise(small_dim)
         self.project_out = nn.Linear(small_dim, dim)
         self.norm = norm
         self.noise = noise
