@@ -24,7 +24,7 @@ on them as unlabelled video, then closed-loop success rate of
     python experiments/label_efficiency.py babyai --out runs/exp_babyai
 
 Defaults are sized for a 2-core CPU (about an hour each); ``--steps`` scales every
-training length, and ``--image-size 64 --impala-scale 4`` with ``--steps 10`` moves
+training length, and ``--impala-scale 4`` with ``--steps 10`` moves
 towards the paper's scale on a GPU.
 """
 
@@ -36,6 +36,7 @@ import shlex
 import time
 from pathlib import Path
 
+from lapo.cli import HelpFormatter, RawHelpFormatter
 from lapo.stages import run_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def procgen(a: argparse.Namespace) -> dict:
     c.run(
         ["lapo.cli", "pretrain", "--config", CONFIGS / "lam" / "procgen_cpu.yaml", "--data", train,
          "--out", lam, *size, "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}",
-         f"model.bottleneck={a.bottleneck}", f"trainer.seed={a.seed}",
+         *([f"model.bottleneck={a.bottleneck}"] if a.bottleneck else []), f"trainer.seed={a.seed}",
          f"trainer.val_every_n_steps={steps(a.lam_steps, a.steps)}",
          f"trainer.ckpt_every_n_steps={max(200, steps(a.lam_steps, a.steps) // 4)}", *a.lam_set],
         lam / "model.safetensors",
@@ -237,29 +238,45 @@ def finish(out: Path, res: dict, lines: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     sub = p.add_subparsers(dest="experiment", required=True)
-    pg = sub.add_parser("procgen", help="decoder accuracy against label budget on a Procgen game")
-    pg.add_argument("--game", default="bigfish")
+    pg = sub.add_parser(
+        "procgen",
+        help="decoder accuracy against label budget on a Procgen game",
+        formatter_class=HelpFormatter,
+    )
+    pg.add_argument("--game", default="bigfish", help="Procgen game to record")
     pg.add_argument(
         "--episodes", type=int, default=900, help="train episodes (bigfish: ~110 frames each)"
     )
-    pg.add_argument("--budgets", default="100,300,1000,3000")
-    pg.add_argument("--lam-steps", type=int, default=3000)
-    pg.add_argument("--bottleneck", default="vq", choices=["vq", "fsq", "continuous"])
+    pg.add_argument("--budgets", default="100,300,1000,3000", help="label budgets, comma-separated")
+    pg.add_argument("--lam-steps", type=int, default=3000, help="stage-1 training steps")
     pg.add_argument(
-        "--image-size", type=int, default=32, help="frames are resized to this for the models"
+        "--bottleneck",
+        default=None,
+        choices=["vq", "fsq", "continuous"],
+        help="stage-1 bottleneck (default: the one in configs/lam/procgen_cpu.yaml)",
     )
-    pg.add_argument("--impala-scale", type=int, default=1)
+    pg.add_argument(
+        "--image-size",
+        type=int,
+        default=64,
+        help="frames are resized to this for the models (32 px loses the player's motion)",
+    )
+    pg.add_argument("--impala-scale", type=int, default=1, help="IMPALA encoder width factor")
     pg.add_argument("--idm-epochs", type=int, default=60, help="most epochs for a small budget")
     pg.add_argument(
         "--idm-updates", type=int, default=1500, help="optimiser steps aimed at per budget"
     )
-    pg.add_argument("--ceiling-epochs", type=int, default=3)
+    pg.add_argument(
+        "--ceiling-epochs", type=int, default=3, help="epochs of the all-labels supervised IDM"
+    )
     pg.set_defaults(func=procgen)
-    bb = sub.add_parser("babyai", help="closed-loop success with a fraction of labels on BabyAI")
+    bb = sub.add_parser(
+        "babyai",
+        help="closed-loop success with a fraction of labels on BabyAI",
+        formatter_class=HelpFormatter,
+    )
     bb.add_argument(
         "--env",
         default="babyai:BabyAI-GoToObj-v0",
@@ -278,19 +295,23 @@ def main(argv: list[str] | None = None) -> int:
         help="chance of a random move in the recorded demos (a deterministic expert gives "
         "stage 1 nothing to learn; see lapo demo --help)",
     )
-    bb.add_argument("--episodes", type=int, default=2000)
-    bb.add_argument("--label-fraction", type=float, default=0.02)
-    bb.add_argument("--lam-steps", type=int, default=2000)
-    bb.add_argument("--policy-steps", type=int, default=3000)
+    bb.add_argument("--episodes", type=int, default=2000, help="demo episodes to record")
+    bb.add_argument(
+        "--label-fraction", type=float, default=0.02, help="share of transitions labelled"
+    )
+    bb.add_argument("--lam-steps", type=int, default=2000, help="stage-1 training steps")
+    bb.add_argument("--policy-steps", type=int, default=3000, help="stage-2 training steps")
     bb.add_argument("--epochs", type=int, default=30, help="fine-tune epochs on the small budget")
     bb.add_argument("--epochs-all", type=int, default=5, help="bc epochs on all labels")
-    bb.add_argument("--eval-episodes", type=int, default=100)
+    bb.add_argument(
+        "--eval-episodes", type=int, default=100, help="closed-loop evaluation episodes"
+    )
     bb.set_defaults(func=babyai)
     for s in (pg, bb):
-        s.add_argument("--out", required=True)
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--out", required=True, help="experiment folder (a rerun resumes it)")
+        s.add_argument("--seed", type=int, default=0, help="seed of recordings and training")
         s.add_argument("--steps", type=float, default=1.0, help="scale every training length")
-        s.add_argument("--workers", type=int, default=2)
+        s.add_argument("--workers", type=int, default=2, help="recording processes")
         s.add_argument(
             "--lam-set",
             nargs="*",

@@ -182,15 +182,19 @@ def resume_checkpoint(run_dir: str | Path) -> Path:
             "step-*.ckpt, best.ckpt and hpc_ckpt_*.ckpt); start without --resume"
         )
     steps: dict[Path, int] = {}
+    skipped: list[str] = []
     for path in found:
         try:
             steps[path] = checkpoint_step(path)
         except CheckpointError as e:
             if "refused" in str(e):
                 raise
+            skipped.append(str(e))
             warnings.warn(f"lapo: --resume skips {e}", stacklevel=2)
     if not steps:
-        raise CheckpointError(f"--resume: no readable checkpoint in {run_dir}: {found}")
+        raise CheckpointError(
+            f"--resume: no readable checkpoint in {run_dir}: " + "; ".join(skipped)
+        )
     return max(steps, key=lambda p: (steps[p], -_tie_rank(p)))
 
 

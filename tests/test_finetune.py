@@ -118,6 +118,10 @@ def test_decoder_fit_learns_latents_that_carry_the_action_and_only_those(informa
     last = run_phase(Accelerator(cpu=True), phase, cfg, tmp_path, discrete=True)
     majority = torch.bincount(val.tensors["actions"]).max().item() / 300
     assert majority < 0.4
+    # Seeds 0, 1, 2 (torch's; the toy rows' 0/1, 2/3, 4/5), measured 2026-12-02 (2-core AMD
+    # EPYC, AVX2): informative: accuracy 1.000 x3 (no error, 0.05 allowed), train loss
+    # 0.022, 0.024, 0.024 against 0.2; uninformative: accuracy - majority +0.007, -0.003,
+    # -0.030 against 0.1.
     if informative:
         assert last["label_accuracy"] > 0.95
         assert last["train_loss"] < 0.2
@@ -400,4 +404,6 @@ def test_idm_supervised_learns_the_actions_of_held_out_episodes(tmp_path):
     cfg = debug_cfg("method=idm-supervised", "label_budget=200", "epochs=40", "lr=3e-3")
     metrics = finetune(cfg, tmp_path / "run", data)
     assert metrics["majority_baseline"] < 0.4
+    # finetune seed 0, 1, 2 (label selection, held-out split, initial weights), measured
+    # 2026-12-02 (2-core AMD EPYC, AVX2): 0.969, 0.985, 1.000 against 0.7
     assert metrics["label_accuracy"] > 0.7

@@ -152,15 +152,15 @@ def test_overfit_one_batch():
     frames, _ = sprite_windows(8)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     start, first, best = time.time(), None, float("inf")
-    for _ in range(400):
+    for _ in range(60):  # a fixed budget, so the ratio reached shows the margin
         loss, logs, _ = model.loss(frames)
         opt.zero_grad()
         loss.backward()
         opt.step()
         first = float(logs["fdm_mse"]) if first is None else first
         best = min(best, float(logs["fdm_mse"]))
-        if best < first / 10:
-            break
+    # best / first after 60 steps, seeds 0, 1, 2, measured 2026-12-02 (2-core AMD EPYC,
+    # AVX2): 0.025, 0.030, 0.018 against 0.1 (the 1/10 mark is passed at steps 31, 37, 26)
     assert best < first / 10, f"fdm_mse went from {first:.4f} only to {best:.4f}"
     assert time.time() - start < 30
 
@@ -290,9 +290,14 @@ def test_fdm_loss_scale_copy_divides_by_the_copy_baseline():
 @pytest.mark.parametrize(
     "bottleneck,min_acc",
     [
-        # Held-out probe accuracy after 200 steps, seeds 0-4, measured 2026-12-01 (2-core
-        # AVX-512 CPU): vq 1.00 x5; continuous 1.00 x5; fsq [8, 8] 1.00, 0.99, 0.97, 0.84,
-        # 0.99. World model over copy: vq +15..+22 dB, continuous +3.2..+20 dB, fsq +6..+18 dB.
+        # Held-out probe accuracy and world model over copy after 200 steps with lapo's
+        # cosine schedule, seeds 0, 1, 2, measured 2026-12-02 (2-core AMD EPYC, AVX2):
+        # vq 1.00 / +16.4 dB, 1.00 / +13.8 dB, 1.00 / +18.8 dB;
+        # fsq [8, 8] 1.00 / +18.7 dB, 1.00 / +15.5 dB, 1.00 / +17.9 dB;
+        # continuous 1.00 / +15.4 dB, 1.00 / +18.1 dB, 1.00 / +18.0 dB.
+        # At a constant lr the same CPU gave vq 0.87 / +8.3 dB (seed 2), fsq 0.96 / +2.8 dB
+        # (seed 1) and continuous +1.8 dB (seed 0): the IDM still moved at the last step, and
+        # the running statistics that eval-mode standardisation uses lagged behind it.
         # Before the continuous bottleneck standardised its input, 2 of 5 seeds sat at
         # 0.30-0.74 (the latent drowned in its noise); fsq with 3x3 levels stuck at 0.5 in
         # 2 of 5 seeds (two codes used).
@@ -306,9 +311,12 @@ def test_latent_actions_recover_true_actions(bottleneck, min_acc):
 
     Four actions move a sprite; chance is 0.25. The world model must also beat copying
     the last frame. Settings are the ones lapo recommends for small moving sprites:
-    a residual world model and its loss scaled by the copy baseline's.
+    a residual world model and its loss scaled by the copy baseline's, and the learning
+    rate schedule of `lapo pretrain` (cosine to zero, lapo.train.lr_lambda).
     """
+    from lapo.config import OptimConfig
     from lapo.probe import fit_probe
+    from lapo.train import lr_lambda
 
     torch.manual_seed(0)
     cfg = tiny_cfg(
@@ -316,12 +324,15 @@ def test_latent_actions_recover_true_actions(bottleneck, min_acc):
         fdm_residual=True, fdm_loss_scale="copy",
     )  # fmt: skip
     model = LatentActionModel(cfg, context=2)
+    steps = 200
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for step in range(200):
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(OptimConfig(), steps))
+    for step in range(steps):
         loss, logs, _ = model.loss(sprite_windows(32, seed=step)[0])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     model.eval()
     frames, actions = sprite_windows(512, seed=10_000)  # unseen windows
     with torch.no_grad():
