@@ -64,8 +64,9 @@ ADVICE = {
     "codes_used": (
         "the codebook collapsed: about one code per head over the validation windows",
         "the commitment loss outweighs the world model's (small MSEs); dead codes not replaced",
-        "model.fdm_loss_scale=copy; model.vq_cosine=true; model.vq_dead_code_threshold=1; a "
-        "lower model.vq_commitment",
+        "model.fdm_loss_scale=copy; model.vq_cosine=true; model.vq_dead_code_threshold above 0 "
+        "(but below a quarter of batch / codebook size, see `codebook_churn`); a lower "
+        "model.vq_commitment",
     ),
     "latent_spread": (
         "the latent action is (almost) the same for every window",
@@ -89,6 +90,34 @@ ADVICE = {
         "the fixes for latent_used; model.sup_weight > 0 with a few labels (LAOM)",
     ),
 }
+
+
+def codebook_churn(model_cfg, windows_per_step: int) -> str | None:
+    """A warning when the VQ dead-code rule would re-seed codes that are in fine use.
+
+    The library counts each code's uses per batch (EMA, summed over ranks) and replaces a
+    code whose count falls below ``vq_dead_code_threshold``. A codebook used evenly gives
+    each code windows_per_step / codebook_size uses a batch; at or below the threshold,
+    most codes count as dead at every step and are replaced by batch vectors (measured on
+    random batches of 32 with 64 codes and threshold 1: 256 of 512 codes re-seeded each
+    step), so no code lives long enough to mean anything. None when the rule is safe.
+
+    model_cfg: lapo.config.ModelConfig; windows_per_step: batch size times data ranks.
+    """
+    if model_cfg.bottleneck != "vq" or model_cfg.vq_dead_code_threshold <= 0:
+        return None
+    even = windows_per_step / model_cfg.vq_codebook_size
+    if model_cfg.vq_dead_code_threshold < even:
+        return None
+    safe = even / 4
+    return (
+        f"model.vq_dead_code_threshold={model_cfg.vq_dead_code_threshold:g} with "
+        f"{model_cfg.vq_codebook_size} codes a head and {windows_per_step} windows a step: a "
+        f"codebook in even use gives each code {even:.2g} uses a step, below the threshold, so "
+        "most codes are re-seeded at every step and none keeps a meaning (codebook churn); "
+        f"use a threshold of about {safe:.2g} (a quarter of even use), fewer codes "
+        "(model.vq_codebook_size) or a larger batch"
+    )
 
 
 def latent_spread(total: Tensor, total_sq: Tensor, n: int) -> float:

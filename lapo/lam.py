@@ -34,7 +34,14 @@ from torch import Tensor
 
 from lapo.checkpoint import export_model, load_weights, read_model_meta
 from lapo.config import ConfigError, ModelConfig, PretrainConfig, from_dict, to_dict
-from lapo.health import THRESHOLDS, assess, latent_gain_db, latent_spread, warning_text
+from lapo.health import (
+    THRESHOLDS,
+    assess,
+    codebook_churn,
+    latent_gain_db,
+    latent_spread,
+    warning_text,
+)
 from lapo.models import LatentActionModel, code_histogram, perplexity_from_counts, usage_from_counts
 from lapo.probe import fit_probe
 from lapo.sharding import full_params
@@ -83,6 +90,12 @@ class LAMModule(StageModule):
         self._strip_frames: dict[str, Tensor] = {}  # split -> windows for the final strip
 
     # ------------------------------------------------------------------ training
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        churn = codebook_churn(self.cfg.model, self.cfg.data.batch_size * self.trainer.world_size)
+        if churn:
+            rank_zero_warn(f"lapo pretrain: {churn}")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         frames = batch["frames"]  # (B, k+1, C, H, W) uint8

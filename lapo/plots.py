@@ -57,13 +57,16 @@ def spread_spots(pts: np.ndarray, seed: int = 0) -> tuple[np.ndarray, int]:
     """Points (N, 2) piled on a few spots (discrete codes) -> the same points laid out
     around their spot, and the number of spots.
 
-    The points of a spot fill a sunflower disc, in a seeded order, whose radius is a
-    third of the distance to the nearest other spot: no point hides another and discs
-    never touch. Points not piled up are returned as they are.
+    The points of a spot holding more than one fill a sunflower disc, in a seeded order,
+    whose radius is a third of the distance to the nearest other spot: no point hides
+    another and discs never touch. A point alone on its spot stays where it is; when no
+    two points share a spot, `pts` itself is returned.
     """
-    spots, which = np.unique(np.round(pts, 6), axis=0, return_inverse=True)
+    spots, which, sizes = np.unique(
+        np.round(pts, 6), axis=0, return_inverse=True, return_counts=True
+    )
     which = which.reshape(-1)
-    if len(spots) * 4 > len(pts):
+    if not len(pts) or sizes.max() == 1:
         return pts, len(spots)
     if len(spots) > 1:
         gaps = np.linalg.norm(spots[:, None] - spots[None], axis=-1)  # (S, S)
@@ -74,7 +77,7 @@ def spread_spots(pts: np.ndarray, seed: int = 0) -> tuple[np.ndarray, int]:
     rng = np.random.default_rng(seed)
     out = pts.astype(np.float64)
     golden = np.pi * (3 - np.sqrt(5))
-    for s in range(len(spots)):
+    for s in np.flatnonzero(sizes > 1):
         members = rng.permutation(np.flatnonzero(which == s))
         k = np.arange(len(members))
         r = radius[s] * np.sqrt((k + 0.5) / len(members))  # even density over the disc
@@ -105,7 +108,6 @@ def plot_latents_2d(
         idx = np.sort(rng.choice(idx, size=max_points, replace=False))
     pts, method = project_2d(latents[idx], seed=seed)
     pts, spots = spread_spots(pts, seed=seed)
-    piled = spots * 4 <= len(pts)
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     discrete = true_actions is not None and np.asarray(true_actions).ndim == 1
     if discrete:
@@ -126,8 +128,8 @@ def plot_latents_2d(
     else:
         ax.scatter(pts[:, 0], pts[:, 1], s=10, alpha=0.8, color="tab:blue", linewidths=0)
     where = f"{len(idx)} points"
-    if piled:
-        where += f" on {spots} spots, each spread into a disc"
+    if spots < len(idx):
+        where += f" on {spots} spots, those sharing one spread into a disc"
     ax.set_title(f"{title}\n({method}, {where})", fontsize=10)
     ax.set_xlabel(f"{method} 1")
     ax.set_ylabel(f"{method} 2")

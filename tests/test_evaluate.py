@@ -284,6 +284,17 @@ def test_latent_scatter_spreads_piled_codes_so_every_point_shows(tmp_path):
     assert np.array_equal(pts, again)  # seeded
     scattered = np.random.default_rng(0).normal(size=(40, 2))
     assert spread_spots(scattered)[0] is scattered  # points that do not pile up stay as they are
+    # many codes, a few windows each (45 windows on 17 spots): every pile is spread too,
+    # and a window alone on its code stays on it
+    rng = np.random.default_rng(1)
+    many = rng.normal(size=(17, 2))
+    on = np.concatenate([np.arange(17), rng.integers(0, 17, 28)])
+    pts, spots = spread_spots(many[on])
+    gaps = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(len(pts)) * 1e9  # (N, N)
+    assert spots == 17 and gaps.min() > 1e-3 * np.ptp(pts, axis=0).max()
+    alone = np.flatnonzero(np.bincount(on, minlength=17) == 1)
+    for s in alone:
+        assert np.array_equal(pts[on == s], many[[s]])
     path = plot_latents_2d(
         codes[spot], acts, tmp_path / "latents.png", action_names=["f", "l", "r"]
     )

@@ -16,6 +16,7 @@ from lapo.health import (
     THRESHOLDS,
     HealthThresholds,
     assess,
+    codebook_churn,
     latent_gain_db,
     latent_spread,
     warning_text,
@@ -254,6 +255,26 @@ def test_validation_before_the_warm_up_does_not_warn(data, tmp_path, monkeypatch
     warned = [str(w.message) for w in caught if "FAILED (validation" in str(w.message)]
     first = math.ceil(THRESHOLDS.warmup_fraction * 6)  # steps are counted after the update
     assert [int(t.split("step ")[1].split(")")[0]) for t in warned] == list(range(first, 7))
+
+
+def test_codebook_churn_is_named_where_even_use_falls_below_the_dead_code_threshold():
+    from lapo.config import ModelConfig
+
+    # the procgen_cpu case of old: 64 codes, batch 32, threshold 1 -> 0.5 uses per code
+    churn = codebook_churn(ModelConfig(vq_codebook_size=64, vq_dead_code_threshold=1.0), 32)
+    assert churn and "vq_dead_code_threshold=1" in churn and "0.12" in churn
+    # more windows a step (a larger batch, or eight ranks) make the same rule safe
+    assert codebook_churn(ModelConfig(vq_codebook_size=64, vq_dead_code_threshold=1.0), 256) is None
+    assert codebook_churn(ModelConfig(vq_codebook_size=64, vq_dead_code_threshold=0.1), 32) is None
+    assert codebook_churn(ModelConfig(vq_codebook_size=64, vq_dead_code_threshold=0.0), 4) is None
+    assert codebook_churn(ModelConfig(bottleneck="continuous"), 4) is None
+
+
+def test_pretrain_warns_of_codebook_churn_at_start(data, tmp_path):
+    # debug.yaml: batch 4 and 8 codes a head; a threshold of 1 re-seeds codes in even use
+    cfg = debug_cfg(data, "model.vq_dead_code_threshold=1.0", "trainer.max_steps=1")
+    with pytest.warns(UserWarning, match="codebook churn"):
+        pretrain(cfg, tmp_path / "run")
 
 
 def test_the_report_shows_the_verdict_of_the_lam_run(tmp_path):
