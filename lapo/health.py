@@ -98,7 +98,7 @@ def codebook_churn(model_cfg, windows_per_step: int) -> str | None:
     The library counts each code's uses per batch (EMA, summed over ranks) and replaces a
     code whose count falls below ``vq_dead_code_threshold``. A codebook used evenly gives
     each code windows_per_step / codebook_size uses a batch; at or below the threshold,
-    most codes count as dead at every step and are replaced by batch vectors (measured on
+    most codes count as dead at every step and are replaced by batch vectors (reported on
     random batches of 32 with 64 codes and threshold 1: 256 of 512 codes re-seeded each
     step), so no code lives long enough to mean anything. None when the rule is safe.
 
