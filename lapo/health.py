@@ -113,7 +113,7 @@ def codebook_churn(model_cfg, windows_per_step: int) -> str | None:
     return (
         f"model.vq_dead_code_threshold={model_cfg.vq_dead_code_threshold:g} with "
         f"{model_cfg.vq_codebook_size} codes a head and {windows_per_step} windows a step: a "
-        f"codebook in even use gives each code {even:.2g} uses a step, below the threshold, so "
+        f"codebook in even use gives each code {even:.2g} uses a step, not above the threshold, so "
         "most codes are re-seeded at every step and none keeps a meaning (codebook churn); "
         f"use a threshold of about {safe:.2g} (a quarter of even use), fewer codes "
         "(model.vq_codebook_size) or a larger batch"
