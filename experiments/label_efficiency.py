@@ -51,14 +51,23 @@ class Chain:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = out / "commands.txt"
 
-    def run(self, argv: list, marker: Path) -> None:
+        self.times_file = out / "times.json"  # wall seconds of each step, kept across resumes
+        self.times = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
+
+    def run(self, argv: list, marker: Path) -> float | None:
+        """Runs (or skips) one step; returns the wall seconds it took when it ran, if known."""
         shown = " ".join(shlex.quote(str(a)) for a in argv)
+        key = str(marker)
         t0 = time.time()
         if not run_step(argv, marker, label=shown, banner=f"[run] {shown}"):
             print(f"[skip] {shown}", flush=True)
-            return
+            return self.times.get(key)
+        seconds = time.time() - t0
         with self.log.open("a") as f:
-            f.write(f"{shown}  # {time.time() - t0:.0f} s\n")
+            f.write(f"{shown}  # {seconds:.0f} s\n")
+        self.times[key] = seconds
+        self.times_file.write_text(json.dumps(self.times, indent=1))
+        return seconds
 
 
 def metrics(path: Path) -> dict:
@@ -90,7 +99,7 @@ def procgen(a: argparse.Namespace) -> dict:
     )
     lam = out / "lam"
     size = ["--set", f"model.image_size={a.image_size}", f"model.impala_scale={a.impala_scale}"]
-    c.run(
+    lam_seconds = c.run(
         ["lapo.cli", "pretrain", "--config", CONFIGS / "lam" / "procgen_cpu.yaml", "--data", train,
          "--out", lam, *size, "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}",
          *([f"model.bottleneck={a.bottleneck}"] if a.bottleneck else []), f"trainer.seed={a.seed}",
@@ -123,10 +132,15 @@ def procgen(a: argparse.Namespace) -> dict:
         run = out / name
         # a step budget rather than an epoch count: small budgets get as many updates as
         # they can use without the all-labels run costing hours on a CPU
-        epochs = max(2, min(a.idm_epochs, round(a.idm_updates * 64 / b))) if b else a.ceiling_epochs
+        if b:
+            epochs = [f"epochs={max(2, min(a.idm_epochs, round(a.idm_updates * 64 / b)))}"]
+        elif lam_seconds and not a.ceiling_epochs:  # the same wall time as stage 1
+            epochs = ["epochs=1000", f"max_minutes={lam_seconds / 60:.1f}"]
+        else:
+            epochs = [f"epochs={a.ceiling_epochs or 3}"]
         c.run(
             ["lapo.cli", "finetune", "--method", "idm-supervised", "--labeled", train,
-             "--label-budget", b, "--out", run, *idm, f"epochs={epochs}"],
+             "--label-budget", b, "--out", run, *idm, *epochs],
             run / "agent.json",
         )  # fmt: skip
         c.run(
@@ -146,6 +160,7 @@ def procgen(a: argparse.Namespace) -> dict:
     lam_m = metrics(ev / "lapo.json")
     res = {
         "experiment": "procgen", "game": a.game, "rows": rows, "ceiling_run": n_all,
+        "seconds": {Path(k).parent.name: round(v) for k, v in c.times.items()},
         "probe_accuracy": lam_m.get("probe_accuracy"),
         "probe_majority_baseline": lam_m.get("probe_majority_baseline"),
         "fdm_psnr": lam_m.get("fdm_psnr"), "fdm_psnr_copy_baseline": lam_m.get("fdm_psnr_copy_baseline"),
@@ -159,6 +174,7 @@ def procgen(a: argparse.Namespace) -> dict:
         "",
         f"latent probe accuracy {res['probe_accuracy']} (majority {res['probe_majority_baseline']}); "
         f"FDM PSNR {res['fdm_psnr']} dB (copy-last-frame {res['fdm_psnr_copy_baseline']} dB)",
+        "wall seconds: " + ", ".join(f"{k} {v}" for k, v in res["seconds"].items()),
     ]  # fmt: skip
     return finish(out, res, lines)
 
@@ -269,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         "--idm-updates", type=int, default=1500, help="optimiser steps aimed at per budget"
     )
     pg.add_argument(
-        "--ceiling-epochs", type=int, default=3, help="epochs of the all-labels supervised IDM"
+        "--ceiling-epochs",
+        type=int,
+        default=0,
+        help="epochs of the all-labels supervised IDM (0: as long as stage 1 took, in wall "
+        "time; 3 epochs where that time is not known)",
     )
     pg.set_defaults(func=procgen)
     bb = sub.add_parser(

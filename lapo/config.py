@@ -360,6 +360,8 @@ class FinetuneConfig:
     """Passes over the labelled budget (decoder fit; idm-supervised and bc training)."""
     policy_epochs: int = 0
     """Passes of the end-to-end policy fine-tune (0: same as epochs)."""
+    max_minutes: float = 0.0
+    """Wall-time budget of each training phase in minutes (0: none). With one, the cosine schedule follows whichever of steps and time runs out first, and a phase whose time is spent ends its epoch there (evaluated and saved). For baselines given the same time as another run."""
     batch_size: int = 64
     """Per-process batch size."""
     eval_batch_size: int = 256
@@ -403,6 +405,7 @@ class FinetuneConfig:
         _check(self.label_budget >= 0, "finetune.label_budget", "must be >= 0 (0: all)")
         _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
         _check(self.policy_epochs >= 0, "finetune.policy_epochs", "must be >= 0")
+        _check(self.max_minutes >= 0, "finetune.max_minutes", "must be >= 0 (0: no limit)")
         _check(self.batch_size >= 1, "finetune.batch_size", "must be >= 1")
         _check(self.eval_batch_size >= 1, "finetune.eval_batch_size", "must be >= 1")
         _check(self.decoder_hidden >= 1, "finetune.decoder_hidden", "must be >= 1")

@@ -298,6 +298,7 @@ def run_phase(
     best = _Best(acc, root, discrete) if cfg.keep_best else None
     if best is not None and not done and ph.name == "policy":
         best.offer(acc.unwrap_model(model), evaluate(acc, model, val_dl, discrete), epoch=-1)
+    budget, t_start, out_of_time = cfg.max_minutes * 60, time.time(), False
     for epoch in range(start, ph.epochs):
         train_dl.set_epoch(epoch)
         model.train()
@@ -310,11 +311,21 @@ def run_phase(
         for i, batch in enumerate(bar):
             if i < first:
                 continue
-            lr = ph.lr * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))  # cosine to 0
+            done_frac = step / max(total, 1)
+            if budget:  # a time budget: the schedule follows whichever runs out first
+                done_frac = max(done_frac, (time.time() - t_start) / budget)
+            lr = ph.lr * 0.5 * (1 + math.cos(math.pi * min(done_frac, 1.0)))  # cosine to 0
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = action_loss(model(batch), batch["actions"], discrete)
-            stopping, bad = _agree(acc, stop.signum is not None, not bool(torch.isfinite(loss)))
+            stopping, bad, out_of_time = _agree(
+                acc, stop.signum is not None, not bool(torch.isfinite(loss)),
+                bool(budget) and time.time() - t_start >= budget,
+            )  # fmt: skip
+            if out_of_time and not stopping:  # this batch is not trained; the epoch ends here
+                acc.print(f"lapo finetune: {ph.name}: the {cfg.max_minutes:g} min time budget "
+                          f"is spent in epoch {epoch + 1} (step {step})")  # fmt: skip
+                break
             if stopping:  # this batch is not trained: a resumed run starts with it
                 progress = {"phase": ph.name, "epoch": epoch, "batch": i, "step": step,
                             "loss_sum": float(loss_sum), "batches": n, "signal": stop.name}  # fmt: skip
@@ -346,6 +357,8 @@ def run_phase(
                 **{f"{ph.metric}_{k}": v for k, v in val.items()}, "time": time.time()}  # fmt: skip
         if skipped:
             last["nonfinite_steps"] = skipped
+        if out_of_time:
+            last["time_budget_spent"] = True
         if best is not None:
             best.offer(acc.unwrap_model(model), val, epoch)
         _save(acc, root / f"epoch-{epoch:04d}", last, cfg.keep_checkpoints)
@@ -358,6 +371,8 @@ def run_phase(
         acc.print(f"{ph.name} epoch {epoch + 1}/{ph.epochs}: {shown}")
         if _agree(acc, stop.signum is not None)[0]:  # saved just now: stop without another save
             raise Interrupted(f"{stop.name} after phase {ph.name}, epoch {epoch} (step {step})")
+        if out_of_time:
+            break
     if best is not None and best.epoch is not None and best.epoch != last.get("epoch"):
         best.restore(acc.unwrap_model(model))
         last = {**last, **{f"{ph.metric}_{k}": v for k, v in best.val.items()}}

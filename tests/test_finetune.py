@@ -106,6 +106,26 @@ def _toy(n: int, informative: bool, seed: int) -> Rows:
     return Rows(latent=latent + 0.1 * torch.randn(n, 16, generator=g), actions=actions)
 
 
+def test_a_spent_time_budget_ends_the_phase_evaluated_and_saved(tmp_path, monkeypatch):
+    from lapo.models import ActionDecoder
+
+    clock = iter(range(0, 10**6, 10))  # each look at the clock: 10 s later
+
+    monkeypatch.setattr("lapo.finetune.time.time", lambda: float(next(clock)))
+    cfg = FinetuneConfig(epochs=50, batch_size=32, lr=3e-3, progress=False, max_minutes=1.5)
+    torch.manual_seed(0)
+    train, val = _toy(400, True, 0), _toy(100, True, 1)
+    phase = Phase("decoder", lambda: DecoderFit(ActionDecoder(16, num_actions=NUM_ACTIONS,
+                  hidden=32)), train, val, cfg.epochs, cfg.lr, "label")  # fmt: skip
+    last = run_phase(Accelerator(cpu=True), phase, cfg, tmp_path, discrete=True)
+    assert last["time_budget_spent"] is True
+    assert 0 < last["step"] < 13  # 90 s of 10 s looks: a few batches of the first epoch
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and "label_accuracy" in json.loads(lines[0])
+    assert (tmp_path / "checkpoints" / "decoder" / "epoch-0000").is_dir()
+    assert last["lr"] < cfg.lr / 2  # the schedule followed the clock, not the 50 epochs
+
+
 @pytest.mark.parametrize("informative", [True, False])
 def test_decoder_fit_learns_latents_that_carry_the_action_and_only_those(informative, tmp_path):
     from lapo.models import ActionDecoder
