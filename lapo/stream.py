@@ -421,7 +421,9 @@ class WindowLoader(DataLoader):
         elif self._next is not None:
             epoch, skip = self._next, 0
         elif self.epoch_fn is not None:
-            epoch, skip = int(self.epoch_fn()), 0
+            # never below the pass after the last one: a run resumed at an epoch's very end
+            # continues the stream at the next epoch while Lightning still counts the old one
+            epoch, skip = max(int(self.epoch_fn()), self._passes), 0
         else:
             epoch, skip = self._passes, 0
         self._resume = self._next = None

@@ -330,6 +330,28 @@ def test_resume_mid_epoch_continues_exactly(discrete, workers, done, total, monk
     assert resumed.state_dict() == {"epoch": 2, "batches": total}
 
 
+def test_resume_at_an_epochs_end_never_replays_an_epoch(discrete):
+    # A checkpoint written after an epoch's last batch: the stream goes on with the next
+    # epoch while Lightning's counter (epoch_fn) still says the finished one, and moves on
+    # one pass later. Each pass must then be a new epoch, as in a run never stopped
+    # (the Slurm stress test once saw epoch 4 served twice, at steps 16 and 20).
+    cfg = cfg_for(discrete.path, num_workers=0, batches_per_epoch=3)
+
+    def epoch(e: int) -> list:
+        loader = make_loader(cfg.path, cfg, train=True)
+        loader.set_epoch(e)
+        return collect(loader)
+
+    lightning_epoch = [3]
+    resumed = make_loader(cfg.path, cfg, train=True, epoch_fn=lambda: lightning_epoch[0])
+    resumed.load_state_dict({"epoch": 3, "batches": 3})
+    assert collect(resumed) == epoch(4)
+    lightning_epoch[0] = 4  # Lightning's counter catches up one pass late
+    assert collect(resumed) == epoch(5)
+    lightning_epoch[0] = 6  # and a counter ahead of the stream is followed
+    assert collect(resumed) == epoch(6)
+
+
 def test_an_abandoned_pass_does_not_disturb_the_next(discrete):
     cfg = cfg_for(discrete.path, num_workers=2, batches_per_epoch=6)
     want = make_loader(cfg.path, cfg, train=True)
