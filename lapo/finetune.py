@@ -311,16 +311,17 @@ def run_phase(
         for i, batch in enumerate(bar):
             if i < first:
                 continue
+            elapsed = time.time() - t_start
             done_frac = step / max(total, 1)
             if budget:  # a time budget: the schedule follows whichever runs out first
-                done_frac = max(done_frac, (time.time() - t_start) / budget)
+                done_frac = max(done_frac, elapsed / budget)
             lr = ph.lr * 0.5 * (1 + math.cos(math.pi * min(done_frac, 1.0)))  # cosine to 0
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = action_loss(model(batch), batch["actions"], discrete)
             stopping, bad, out_of_time = _agree(
                 acc, stop.signum is not None, not bool(torch.isfinite(loss)),
-                bool(budget) and time.time() - t_start >= budget,
+                bool(budget) and elapsed >= budget,
             )  # fmt: skip
             if out_of_time and not stopping:  # this batch is not trained; the epoch ends here
                 acc.print(f"lapo finetune: {ph.name}: the {cfg.max_minutes:g} min time budget "

@@ -375,8 +375,8 @@ class WindowLoader(DataLoader):
     """DataLoader over a ``WindowDataset`` that knows its epoch and can resume mid-epoch.
 
     The epoch of each pass is, in order: the one restored by ``load_state_dict``,
-    one set with ``set_epoch``, ``epoch_fn()`` (Lightning's current epoch), or
-    one more than the previous pass. Workers are started afresh every pass
+    one set with ``set_epoch``, ``epoch_fn()`` (Lightning's current epoch, but never
+    an epoch this loader has already passed), or one more than the previous pass. Workers are started afresh every pass
     (no persistent workers) so that each sees the epoch.
     """
 
