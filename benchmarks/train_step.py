@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py                         # procgen config, CPU, batch 4
     python benchmarks/train_step.py --batch 16 --steps 5
+    python benchmarks/train_step.py --config configs/lam/procgen_cpu.yaml --batch 32 --steps 6 \
+        --runs plain,plain-nchw                             # what trainer.channels_last gains
     python benchmarks/train_step.py --config configs/lam/debug.yaml --steps 50   # tiny model:
                                                             # the framework's share is largest here
     python benchmarks/train_step.py --accelerator gpu --batch 128 --runs lightning --warmup 5
@@ -107,10 +109,14 @@ def run_lightning(
     return clock.marks
 
 
-def run_plain(cfg: PretrainConfig, batches: list[dict], steps: int) -> list[tuple[float, float]]:
+def run_plain(
+    cfg: PretrainConfig, batches: list[dict], steps: int, channels_last: bool
+) -> list[tuple[float, float]]:
     L.seed_everything(cfg.trainer.seed, verbose=False)
     module = LAMModule(cfg, num_actions=NUM_ACTIONS)
     model = module.model.train()
+    if channels_last:  # as StageModule.configure_model does under trainer.channels_last
+        model.to(memory_format=torch.channels_last)
     # the same AdamW parameter groups and schedule (needs no trainer)
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
@@ -157,7 +163,9 @@ def main() -> None:
     p.add_argument(
         "--runs",
         default="plain,lightning",
-        help="which loops to time, comma-separated (plain needs --accelerator cpu)",
+        help="which loops to time, comma-separated: plain, lightning, and plain-nchw (the "
+        "plain loop with every tensor in the default layout, against trainer.channels_last; "
+        "plain loops need --accelerator cpu)",
     )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument(
@@ -175,10 +183,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = [r for r in args.runs.split(",") if r]
-    if not set(runs) <= {"plain", "lightning"} or not runs:
-        p.error(f"--runs: plain and/or lightning, got {args.runs!r}")
+    if not set(runs) <= {"plain", "lightning", "plain-nchw"} or not runs:
+        p.error(f"--runs: plain, lightning and/or plain-nchw, got {args.runs!r}")
     gpu = args.accelerator == "gpu"
-    if gpu and "plain" in runs:
+    if gpu and set(runs) - {"lightning"}:
         p.error("--runs plain: the plain loop runs on the CPU only; use --runs lightning")
     if gpu and not torch.cuda.is_available():
         p.error("--accelerator gpu: torch sees no CUDA device")
@@ -216,9 +224,9 @@ def main() -> None:
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
             marks = (
-                run_plain(cfg, batches, total)
-                if name == "plain"
-                else run_lightning(cfg, batches, total, out)
+                run_lightning(cfg, batches, total, out)
+                if name == "lightning"
+                else run_plain(cfg, batches, total, cfg.trainer.channels_last and name == "plain")
             )
             if gpu:
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
@@ -246,7 +254,13 @@ def main() -> None:
         summary["config"] = {"path": args.config, "batch": args.batch, "precision": cfg.trainer.precision,
                              "compile": cfg.trainer.compile, "accelerator": args.accelerator}  # fmt: skip
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    if set(runs) != {"plain", "lightning"}:
+    if {"plain", "plain-nchw"} <= set(runs):
+        print(
+            f"channels-last (trainer.channels_last={cfg.trainer.channels_last}) against the "
+            f"default layout: {100 * (1 - med['plain'][0] / med['plain-nchw'][0]):+.1f}% "
+            "off the median step (wall)"
+        )
+    if not {"plain", "lightning"} <= set(runs):
         return  # the overhead needs both loops
     best = {n: (min(w), min(c)) for n, (w, c) in results.items()}
     print(

@@ -115,6 +115,8 @@ class StageModule(L.LightningModule):
         # Lightning calls this before the strategy wraps the module: the last moment the
         # parameters have their own names and shapes (see lapo.sharding)
         self._decayed = decayed_names(self)
+        if self.trainer_cfg.channels_last and self.trainer_cfg.strategy != "fsdp":
+            self.to(memory_format=torch.channels_last)  # 4-D weights only; values unchanged
         if not self.compile_enabled:
             return
         for name in self.compile_targets:
