@@ -36,12 +36,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "lapo.evaluate",
         "probe accuracy, decoder accuracy, world-model PSNR, env returns",
     ),
+    "rl": (
+        "lapo.rl",
+        "stage 3 online: PPO fine-tuning of the latent policy from reward (no labels)",
+    ),
     "demo": ("lapo.demo", "the whole pipeline on a small local dataset, with a report"),
     "export": ("lapo.export", "write a run's weights as safetensors + json from a checkpoint"),
 }
 
 # stop at a step boundary on SIGTERM / SIGUSR1, saving a checkpoint (lapo.preempt)
-TRAINING_COMMANDS = ("pretrain", "train-policy", "finetune")
+TRAINING_COMMANDS = ("pretrain", "train-policy", "finetune", "rl")
 
 EPILOG = (
     "Settings come from typed defaults, then --config YAML, then --set key=value.\n"

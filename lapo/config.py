@@ -433,6 +433,105 @@ class FinetuneConfig:
         )
 
 
+@dataclass
+class RLConfig:
+    """Online RL (`lapo rl`): PPO fine-tuning of a stage-2 latent policy through an action head."""
+
+    total_frames: int = 4_000_000
+    """Env steps to train for, summed over the parallel envs (the run stops at the first whole rollout at or past it)."""
+    num_envs: int = 64
+    """Parallel environments."""
+    rollout_steps: int = 64
+    """Steps per env between two PPO updates (a rollout holds num_envs * rollout_steps frames)."""
+    minibatches: int = 8
+    """Minibatches each rollout is split into per epoch; must divide num_envs * rollout_steps."""
+    epochs: int = 3
+    """Passes over each rollout per update."""
+    lr: float = 2.5e-3
+    """Adam learning rate of the new parts (action head, value head, log-std) at its peak."""
+    policy_lr_scale: float = 0.4
+    """The pretrained latent policy learns at lr times this (1: the same as the heads). --from-scratch trains every part at lr."""
+    policy_start_frames: int = 0
+    """The pretrained policy's learning rate stays 0 until this many frames, then warms up like the heads'. While the fresh head is near zero the policy's gradients are tiny, and Adam would turn them into full-size random steps that scramble the latents the head is learning to read (LAPO starts its policy layer late for the same reason). Ignored with --from-scratch."""
+    freeze_encoder: bool = False
+    """Keep the pretrained policy's observation encoder fixed (only its head moves). Ignored with --from-scratch."""
+    warmup_frames: int = 0
+    """Each part's learning rate rises linearly from 0 over this many frames from its start (0: none)."""
+    anneal_lr: bool = True
+    """The learning rate falls linearly to 0 at total_frames."""
+    gamma: float = 0.999
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO ratio clip."""
+    clip_value: float = 0.0
+    """Clip of the value update around the rollout's values (0: no clipping)."""
+    ent_coef: float = 0.0025
+    """Entropy bonus weight."""
+    vf_coef: float = 0.5
+    """Value loss weight."""
+    max_grad_norm: float = 0.5
+    """Gradient norm clip."""
+    target_kl: float = 0.0
+    """Stop an update's epochs early when the approximate KL passes this (0: never)."""
+    normalize_advantage: bool = True
+    """Normalise advantages per minibatch."""
+    head_hidden: int = 128
+    """Width of a fresh action head (an ActionDecoder MLP); --init takes the finetune run's decoder as it is."""
+    log_std_init: float = 0.0
+    """Continuous action spaces: initial log standard deviation of the Gaussian."""
+    env_size: int = 0
+    """Frame size the env renders (0: the policy's image size)."""
+    env_view: Literal["", "full", "agent"] = ""
+    """babyai/minigrid: top-down grid or the agent's view ("": as the policy's training data was recorded, else the env's default)."""
+    vec_env: Literal["dummy", "subproc"] = "dummy"
+    """Envs stepped in this process one after another, or one process each."""
+    ckpt_every_frames: int = 100_000
+    """Save a checkpoint after the first update at or past each multiple of this (0: only on a stop signal)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept under RUN_R/checkpoints."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars under RUN_R/tb (SB3's logger)."""
+    progress: bool = True
+    """Show a progress bar."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:1, ..."""
+    seed: int = 0
+    """Seed of the weights of new parts, the envs' levels and the action sampling."""
+
+    def __post_init__(self) -> None:
+        _check(self.total_frames >= 1, "total_frames", "must be >= 1")
+        _check(self.num_envs >= 1, "num_envs", "must be >= 1")
+        _check(self.rollout_steps >= 1, "rollout_steps", "must be >= 1")
+        _check(self.minibatches >= 1, "minibatches", "must be >= 1")
+        batch = self.num_envs * self.rollout_steps
+        _check(
+            batch % self.minibatches == 0 and batch // self.minibatches >= 2,
+            "minibatches",
+            f"must divide num_envs * rollout_steps = {batch} into minibatches of at least 2",
+        )
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.policy_lr_scale >= 0, "policy_lr_scale", "must be >= 0")
+        _check(self.warmup_frames >= 0, "warmup_frames", "must be >= 0")
+        _check(self.policy_start_frames >= 0, "policy_start_frames", "must be >= 0")
+        _check(0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]")
+        _check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "must be in [0, 1]")
+        _check(self.clip_range > 0, "clip_range", "must be > 0")
+        for key in ("clip_value", "ent_coef", "vf_coef", "target_kl"):
+            _check(getattr(self, key) >= 0, key, "must be >= 0")
+        _check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        _check(self.head_hidden >= 1, "head_hidden", "must be >= 1")
+        _check(
+            self.env_size == 0 or (self.env_size >= 8 and self.env_size % 2 == 0),
+            "env_size",
+            f"must be 0 or an even number >= 8, got {self.env_size}",
+        )
+        _check(self.ckpt_every_frames >= 0, "ckpt_every_frames", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+
+
 # --------------------------------------------------------------------------- machinery
 
 

@@ -82,12 +82,20 @@ class LatentPolicy(nn.Module):
         x = prepare_frames(obs, self.image_size, where="lapo/models/policy.py")  # (B, k, C, S, S)
         return F.relu(self.encoder(x))  # (B, hidden)
 
-    def forward(self, obs: Tensor) -> Tensor:
-        """(B, k, C, H, W) -> (B, latent_dim) regression, or (B, heads, num_codes) code logits."""
-        y = self.head(self.features(obs))  # (B, out)
+    def forward_with_features(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, k, C, H, W) -> (what `forward` returns, the features (B, hidden) it came from).
+
+        One encoder pass for a caller that puts another head (e.g. a value head) on the trunk.
+        """
+        feats = self.features(obs)  # (B, hidden)
+        y = self.head(feats)  # (B, out)
         if self.target == "codes":
             y = rearrange(y, "b (h n) -> b h n", h=self.code_heads)  # (B, heads, num_codes)
-        return y
+        return y, feats
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """(B, k, C, H, W) -> (B, latent_dim) regression, or (B, heads, num_codes) code logits."""
+        return self.forward_with_features(obs)[0]
 
     def loss(self, obs: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """target: (B, latent_dim) float (continuous) or (B, heads) long codes. Logs are detached."""
