@@ -38,7 +38,7 @@ class DataConfig:
     val_path: str | None = None
     """Validation dataset. None: hold out the last `val_shards` shards of `path`, or whole source videos when it has too few shards."""
     val_shards: int = 1
-    """Shards of `path` held out for validation when `val_path` is not given (0: no validation). With `val_shards` or fewer shards in `path`, `val_fraction` of its source videos (episodes, for recorded data) are held out instead."""
+    """Shards of `path` held out for validation when `val_path` is not given (0: no validation); more of the last shards (up to half) when these hold fewer windows than one validation pass reads (`val_batches` x `batch_size`), so that validation does not repeat windows. With `val_shards` or fewer shards in `path`, `val_fraction` of its source videos (episodes, for recorded data) are held out instead."""
     val_fraction: float = 0.1
     """Share of the source videos held out (chosen by a hash of their names) when `path` has too few shards to hold out `val_shards` whole shards; at least one video is held out and at least one trains."""
     context: int = 2

@@ -218,6 +218,23 @@ def make_loader(
     )
 
 
+def val_shard_count(cfg: DataConfig, info: DatasetInfo) -> int:
+    """``data.val_shards``, or more of the last shards (at most half of them) until they hold
+    the windows one validation pass reads (``val_batches`` x ``batch_size``, per rank), so
+    that validation does not repeat windows. Needs the manifest's frame counts per shard."""
+    n, k = len(info.urls), cfg.val_shards
+    frames = {s["name"]: s for s in info.shards or []}
+    rows = [frames.get(Path(u).name) for u in info.urls]
+    need = cfg.val_batches * cfg.batch_size
+    if not need or any(r is None or "frames" not in r for r in rows):
+        return k
+    span = cfg.context * cfg.frame_gap
+    windows = [max(int(r["frames"]) - int(r["samples"]) * span, 0) for r in rows]  # per shard
+    while k < n // 2 and sum(windows[n - k :]) < need:
+        k += 1
+    return k
+
+
 def split_train_val(cfg: DataConfig) -> tuple[DatasetInfo, DatasetInfo | None]:
     """Training and validation data: ``val_path``; else the last ``val_shards`` shards of
     ``path``; else, when ``path`` has too few shards for that, whole source videos
@@ -233,9 +250,15 @@ def split_train_val(cfg: DataConfig) -> tuple[DatasetInfo, DatasetInfo | None]:
         return info, None
     n = len(info.urls)
     if cfg.val_shards < n:
-        return info.subset(info.urls[: n - cfg.val_shards]), info.subset(
-            info.urls[n - cfg.val_shards :]
-        )
+        k = val_shard_count(cfg, info)
+        if k > cfg.val_shards:
+            rank_zero_info(
+                f"lapo.data: holding out the last {k} shards of {cfg.path}, not "
+                f"data.val_shards={cfg.val_shards}: fewer hold fewer windows than one validation "
+                f"pass reads (data.val_batches={cfg.val_batches} x batch_size={cfg.batch_size}), "
+                "and a repeated window makes the latent probe memorise instead of generalise"
+            )
+        return info.subset(info.urls[: n - k]), info.subset(info.urls[n - k :])
     why = f"data.val_shards={cfg.val_shards} would hold out all {n} shard(s) of {cfg.path}"
     remote = [u for u in info.urls if _is_remote(u)]
     if remote:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -758,3 +759,17 @@ def _ddp_val_batches(tmp_path, data, val_batches: int) -> list[int]:
         pytest.fail(f"DDP validation hung:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-4000:]
     return [int(re.search(rf"rank {r}: (\d+) val batches", out).group(1)) for r in (0, 1)]
+
+
+def test_validation_holds_out_more_shards_when_the_last_is_too_small_to_fill_a_pass(tmp_path):
+    """A recording's last shard can hold a few episodes (bigfish: 4 episodes, 431 windows,
+    against 40 x 32 = 1280 read a pass): the split takes more of the last shards, up to half,
+    so that a validation pass does not repeat windows."""
+    ds = make_dataset(tmp_path, shards=6, clips_per_shard=1, clip_frames=12)  # 10 windows a shard
+    _, val = split_train_val(cfg_for(ds.path, val_batches=5))  # 5 x 4 = 20 windows: 2 shards
+    names = sorted(p.name for p in Path(ds.path).glob("*.tar"))
+    assert [Path(u).name for u in val.urls] == names[-2:]
+    _, val = split_train_val(cfg_for(ds.path, val_batches=50))  # 200: at most half of 6
+    assert len(val.urls) == 3
+    _, val = split_train_val(cfg_for(ds.path, val_batches=2))  # 8: one shard is enough
+    assert len(val.urls) == 1

@@ -23,6 +23,7 @@ from lapo.health import (
 )
 from lapo.lam import pretrain
 from lapo.models import LatentActionModel
+from lapo.probe import fit_probe, split_indices
 from tests.datagen import make_dataset
 from tests.test_models import sprite_windows, tiny_cfg
 
@@ -289,3 +290,31 @@ def test_the_report_shows_the_verdict_of_the_lam_run(tmp_path):
     assert header[-1] == "result" and len(rows) == 5
     row = next(r for r in rows if r[0] == "latent_used")
     assert row[2:] == ["0.004", ">= 0.1", "FAIL"]
+
+
+# --------------------------------------------------------------------------- the probe itself
+
+
+def test_repeated_windows_do_not_inflate_the_probe():
+    """Stage 1's validation repeats windows when its held-out part holds fewer than it reads
+    (a 4-episode shard scored a probe of 0.61 where the same latents, each window once, scored
+    0.13-0.19). Copies on both sides of the split let the probe memorise: latents that carry
+    nothing must still score near chance, and exactly as the windows seen once do."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(300, 8, generator=g)  # (N, D): no information about the action
+    actions = torch.randint(0, 15, (300,), generator=g)
+    once = fit_probe(latents, actions, num_actions=15)
+    thrice = fit_probe(latents.repeat(3, 1), actions.repeat(3), num_actions=15)
+    assert thrice == once and once["probe_n"] == 300.0
+    assert once["probe_acc"] < 0.2  # chance 1/15; memorised copies scored far above
+
+
+def test_the_probe_split_holds_out_whole_clips_when_sources_are_few():
+    keys = [f"ep{e}__c{c:05d}" for e in range(3) for c in range(4) for _ in range(10)]  # 12 clips
+    train, test = split_indices(len(keys), keys=keys, seed=0)
+    train_clips, test_clips = {keys[i] for i in train}, {keys[i] for i in test}
+    assert test_clips and train_clips and not train_clips & test_clips
+    many = [f"ep{e}__c{c:05d}" for e in range(6) for c in range(2)]  # 6 sources: whole episodes
+    train, test = split_indices(len(many), keys=many, seed=0)
+    src = {i: many[i].split("__")[0] for i in range(len(many))}
+    assert not {src[i] for i in train.tolist()} & {src[i] for i in test.tolist()}

@@ -1,0 +1,140 @@
+"""`lapo rl` against plain stable-baselines3 PPO: env frames per second, same env and network.
+
+    python benchmarks/rl.py                                  # procgen:bigfish, configs/rl/cpu.yaml
+    python benchmarks/rl.py --env babyai:BabyAI-GoToObj-v0 --frames 8192
+    python benchmarks/rl.py --policy runs/bigfish-policy     # a trained stage-2 run
+
+Both runs train the same actor-critic (`lapo.rl.net`: the latent policy of RUN_P, the
+frozen LAM, a fresh action head and a value head) with the same PPO settings on the same
+vectorised env, for the same number of frames:
+
+(a) plain: SB3's own `PPO(...).learn(N)` on that policy, nothing else;
+(b) lapo:  `lapo.rl.train.train_rl`, what `lapo rl` runs: per-part learning rates, the
+           CSV row, finiteness check and checkpoint after each update, the progress
+           bar's bookkeeping, the stop-signal check.
+
+Only `learn` is timed (building the nets and envs is not). Without ``--policy`` the LAM
+and policy are untrained, exported from ``--lam-config`` / ``--policy-config`` (speed
+does not depend on the weights). Repeats alternate the two so that load from other jobs
+hits both alike; the overhead is (plain frames/s / lapo frames/s - 1) of the medians,
+target < 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lapo.checkpoint import export_model, read_model_meta  # noqa: E402
+from lapo.config import (  # noqa: E402
+    PolicyConfig,
+    PretrainConfig,
+    RLConfig,
+    load_config,
+    to_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def untrained_runs(root: Path, lam_config: str, policy_config: str) -> Path:
+    """An untrained LAM and latent policy, exported as stages 1 and 2 do; returns RUN_P."""
+    from lapo.lam import load_lam
+    from lapo.models import LatentActionModel, LatentPolicy
+    from lapo.policy import KIND, NAME, lam_info, policy_extra
+
+    torch.manual_seed(0)
+    cfg = load_config(PretrainConfig, lam_config)
+    kwargs = {"in_channels": 3, "num_actions": 0, "action_dim": 0, "context": cfg.data.context}
+    lam_run = root / "lam"
+    lam = LatentActionModel(cfg.model, **kwargs, sync_codebook=False)
+    export_model(lam_run, lam, kind="lam", config=to_dict(cfg), extra=kwargs)
+    pcfg = load_config(PolicyConfig, policy_config)
+    policy = LatentPolicy.for_lam(pcfg.policy, load_lam(lam_run))
+    info = lam_info(lam_run, read_model_meta(lam_run, kind="lam"))
+    run = root / "policy"
+    export_model(run, policy, kind=KIND, config=to_dict(pcfg), extra=policy_extra(policy, info),
+                 name=NAME)  # fmt: skip
+    return run
+
+
+def run_plain(cfg: RLConfig, policy_run: Path, env: str, frames: int) -> float:
+    """Seconds of SB3's PPO.learn(frames) on lapo's actor-critic."""
+    from stable_baselines3 import PPO
+
+    from lapo.policy import read_policy_meta
+    from lapo.rl.env import make_vec_env
+    from lapo.rl.net import ActorCriticNet, LatentActorCritic, action_space_dict, build_agent
+
+    kw = read_policy_meta(policy_run)["extra"]["kwargs"]
+    venv = make_vec_env(env, num_envs=cfg.num_envs, context=int(kw["context"]),
+                        size=cfg.env_size or int(kw["image_size"]), seed=cfg.seed, kind=cfg.vec_env)  # fmt: skip
+    agent, _ = build_agent(policy_run, action_space_dict(venv.action_space), cfg)
+    batch = cfg.num_envs * cfg.rollout_steps
+    model = PPO(
+        LatentActorCritic, venv, learning_rate=cfg.lr, n_steps=cfg.rollout_steps,
+        batch_size=batch // cfg.minibatches, n_epochs=cfg.epochs, gamma=cfg.gamma,
+        gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range, clip_range_vf=cfg.clip_value or None,
+        normalize_advantage=cfg.normalize_advantage, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
+        max_grad_norm=cfg.max_grad_norm, device=cfg.device, seed=cfg.seed,
+        policy_kwargs={"net": ActorCriticNet(agent), "freeze_encoder": cfg.freeze_encoder},
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    model.learn(frames)
+    seconds = time.perf_counter() - t0
+    venv.close()
+    return seconds
+
+
+def run_lapo(cfg: RLConfig, policy_run: Path, env: str, out: Path) -> float:
+    """Seconds of `lapo rl`'s learn loop (train_rl's own timer: set-up excluded)."""
+    from lapo.rl.train import train_rl
+
+    return float(train_rl(cfg, out, policy_run, env)["seconds_this_session"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--env", default="procgen:bigfish", help="env spec, as lapo rl --env")
+    p.add_argument("--config", default=str(ROOT / "configs/rl/cpu.yaml"), help="RL settings")
+    p.add_argument("--policy", help="a stage-2 run (default: untrained, from the two configs)")
+    p.add_argument("--lam-config", default=str(ROOT / "configs/lam/procgen_cpu.yaml"))
+    p.add_argument("--policy-config", default=str(ROOT / "configs/policy/debug.yaml"))
+    p.add_argument("--frames", type=int, default=4096, help="env frames per timed run")
+    p.add_argument("--repeats", type=int, default=2, help="alternating (plain, lapo) pairs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory(prefix="lapo-bench-rl-") as tmp:
+        tmp = Path(tmp)
+        policy = Path(a.policy) if a.policy else untrained_runs(tmp, a.lam_config, a.policy_config)
+        # checkpoints at the config's interval, but at least one inside the timed frames
+        ckpt = min(load_config(RLConfig, a.config).ckpt_every_frames or a.frames, a.frames)
+        cfg = load_config(RLConfig, a.config, [f"total_frames={a.frames}", "progress=false",
+                                               f"ckpt_every_frames={ckpt}"])  # fmt: skip
+        print(f"{a.env}, {a.config}: {cfg.num_envs} envs x {cfg.rollout_steps} steps a "
+              f"rollout, {a.frames} frames per run, torch threads {torch.get_num_threads()}")  # fmt: skip
+        secs: dict[str, list[float]] = {"plain": [], "lapo": []}
+        for r in range(a.repeats):
+            secs["plain"].append(run_plain(cfg, policy, a.env, a.frames))
+            secs["lapo"].append(run_lapo(cfg, policy, a.env, tmp / f"rl-{r}"))
+            print(f"  repeat {r}: plain {a.frames / secs['plain'][-1]:.0f} frames/s, "
+                  f"lapo {a.frames / secs['lapo'][-1]:.0f} frames/s")  # fmt: skip
+    fps = {k: a.frames / statistics.median(v) for k, v in secs.items()}
+    print(f"plain SB3 PPO: {fps['plain']:.0f} frames/s   lapo rl: {fps['lapo']:.0f} frames/s")
+    print(f"overhead of lapo rl: {100 * (fps['plain'] / fps['lapo'] - 1):+.1f}% (target < 10%)")
+
+
+if __name__ == "__main__":
+    main()
