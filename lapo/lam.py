@@ -153,7 +153,11 @@ class LAMModule(StageModule):
         if actions is not None and has_action is not None and bool(has_action.any()):
             keep = has_action.bool()  # (B,)
             keys = [k for k, m in zip(batch.get("key", [""] * b), keep.tolist()) if m]
-            self._val_probe.append((enc["latent"][keep].float().cpu(), actions[keep].cpu(), keys))
+            starts = batch.get("start")
+            starts = [int(s) for s in starts[keep.cpu().numpy()]] if starts is not None else None
+            self._val_probe.append(
+                (enc["latent"][keep].float().cpu(), actions[keep].cpu(), keys, starts)
+            )
 
     def _accumulate_health(self, frames: Tensor, latent: Tensor, batch_idx: int) -> None:
         """Sums for `lapo.health`: world-model error with true/shuffled/zeroed z, z moments."""
@@ -236,11 +240,16 @@ class LAMModule(StageModule):
         latents = torch.cat([c[0] for c in collected])  # (N, D)
         actions = torch.cat([c[1] for c in collected])  # (N,) or (N, A)
         keys = [k for c in collected for k in c[2]]
+        # the val pass repeats windows when the held-out data is short: each counts once
+        ids = None
+        if all(keys) and all(c[3] is not None for c in collected):
+            ids = list(zip(keys, (s for c in collected for s in c[3])))
         scores = fit_probe(
             latents.to(self.device),
             actions.to(self.device),
             num_actions=self.model_kwargs["num_actions"],
             keys=keys if all(keys) else None,
+            windows=ids,
             seed=self.cfg.trainer.seed,
         )
         for k, v in scores.items():

@@ -5,7 +5,8 @@ set of windows and scored on the rest. The majority-class (or mean-action) score
 the same held-out part is the baseline a useful latent must beat.
 
 A window seen on both sides of the split is memorised, not generalised, so:
-- repeated windows count once (stage 1's validation repeats its windows when the
+- repeated windows (same ``windows`` id, e.g. clip key and start) count once (stage 1's
+  validation repeats its windows when the
   held-out data holds fewer than ``data.val_batches`` batches: a 4-episode shard gave a
   probe of 0.61 where the same latents scored 0.13-0.19 without repeats);
 - neighbouring windows share frames (and, under a sticky policy, actions), so with keys
@@ -17,7 +18,7 @@ Used online during stage-1 validation (`lapo.lam`) and offline by `lapo evaluate
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,16 +52,15 @@ def split_indices(
     return perm[n_test:], perm[:n_test]
 
 
-def first_occurrences(latents: Tensor, actions: Tensor) -> Tensor:
-    """Indices (sorted) of the first of each group of identical (latent, action) rows."""
-    n = latents.shape[0]
-    rows = torch.cat(
-        [latents.detach().float().reshape(n, -1), actions.detach().float().reshape(n, -1)], dim=1
-    ).cpu()  # (N, D + A)
-    _, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (N,) group of each row
-    first = torch.full((int(inverse.max()) + 1 if n else 0,), n, dtype=torch.long)
-    first = first.scatter_reduce(0, inverse, torch.arange(n), reduce="amin")
-    return first.sort().values.to(latents.device)
+def first_occurrences(windows: Sequence[Hashable]) -> list[int]:
+    """Indices, in order, of the first occurrence of each window id."""
+    seen: set = set()
+    out = []
+    for i, w in enumerate(windows):
+        if w not in seen:
+            seen.add(w)
+            out.append(i)
+    return out
 
 
 def _mlp(d_in: int, d_out: int, hidden: int) -> nn.Module:
@@ -73,6 +73,7 @@ def fit_probe(
     *,
     num_actions: int = 0,
     keys: Sequence[str] | None = None,
+    windows: Sequence[Hashable] | None = None,
     steps: int = 300,
     hidden: int = 128,
     lr: float = 3e-3,
@@ -84,13 +85,16 @@ def fit_probe(
     Discrete actions (N,) int64 with `num_actions` > 0 give ``probe_acc`` and
     ``probe_majority``; continuous (N, A) float give ``probe_mse`` and
     ``probe_mse_mean`` (predicting the training mean). Returns {} with fewer than
-    `min_samples` windows. Runs on the latents' device with gradients enabled, so it
-    may be called from inside a validation loop.
+    `min_samples` windows. `windows`: an id per row (e.g. (clip key, start)); rows with
+    an id seen before are dropped. Runs on the latents' device with gradients enabled,
+    so it may be called from inside a validation loop.
     """
-    keep = first_occurrences(latents, actions)
-    if len(keep) < latents.shape[0]:  # repeated windows count once (module docstring)
-        latents, actions = latents[keep], actions[keep]
-        keys = [keys[i] for i in keep.tolist()] if keys is not None else None
+    if windows is not None:  # repeated windows count once (module docstring)
+        keep = first_occurrences(windows)
+        if len(keep) < latents.shape[0]:
+            idx = torch.as_tensor(keep, device=latents.device)
+            latents, actions = latents[idx], actions[idx]
+            keys = [keys[i] for i in keep] if keys is not None else None
     n = latents.shape[0]
     if n < min_samples:
         return {}

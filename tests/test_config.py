@@ -15,6 +15,7 @@ from lapo.config import (
     OptimConfig,
     PolicyConfig,
     PretrainConfig,
+    RLConfig,
     load_config,
     parse_overrides,
     read_yaml,
@@ -23,7 +24,12 @@ from lapo.config import (
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/<dir>/*.yaml -> the dataclass it overrides; a new directory must be added here
-SECTIONS = {"lam": PretrainConfig, "policy": PolicyConfig, "finetune": FinetuneConfig}
+SECTIONS = {
+    "lam": PretrainConfig,
+    "policy": PolicyConfig,
+    "finetune": FinetuneConfig,
+    "rl": RLConfig,
+}
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
