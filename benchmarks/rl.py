@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import lapo.rl  # noqa: E402,F401  (imports stable-baselines3 with gym's notice hidden)
 from lapo.checkpoint import export_model, read_model_meta  # noqa: E402
 from lapo.config import (  # noqa: E402
     PolicyConfig,
