@@ -254,9 +254,9 @@ def split_train_val(cfg: DataConfig) -> tuple[DatasetInfo, DatasetInfo | None]:
         if k > cfg.val_shards:
             rank_zero_info(
                 f"lapo.data: holding out the last {k} shards of {cfg.path}, not "
-                f"data.val_shards={cfg.val_shards}: fewer hold fewer windows than one validation "
+                f"data.val_shards={cfg.val_shards}: fewer hold fewer windows than a validation "
                 f"pass reads (data.val_batches={cfg.val_batches} x batch_size={cfg.batch_size}), "
-                "and a repeated window makes the latent probe memorise instead of generalise"
+                "and repeated windows would let the latent probe memorise them"
             )
         return info.subset(info.urls[: n - k]), info.subset(info.urls[n - k :])
     why = f"data.val_shards={cfg.val_shards} would hold out all {n} shard(s) of {cfg.path}"

@@ -5,10 +5,10 @@ set of windows and scored on the rest. The majority-class (or mean-action) score
 the same held-out part is the baseline a useful latent must beat.
 
 A window seen on both sides of the split is memorised, not generalised, so:
-- repeated windows (same ``windows`` id, e.g. clip key and start) count once (stage 1's
-  validation repeats its windows when the
-  held-out data holds fewer than ``data.val_batches`` batches: a 4-episode shard gave a
-  probe of 0.61 where the same latents scored 0.13-0.19 without repeats);
+- repeated windows (same ``windows`` id, e.g. clip key and start) count once: stage 1's
+  validation repeats windows when the held-out data holds fewer than ``data.val_batches``
+  batches (a 4-episode shard gave a probe of 0.61 where the same latents scored 0.13-0.19
+  without repeats);
 - neighbouring windows share frames (and, under a sticky policy, actions), so with keys
   the split holds out whole sources (episodes, videos) when there are at least
   `MIN_GROUPS` of them, else whole clips, and only then single windows.
