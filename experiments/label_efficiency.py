@@ -148,6 +148,32 @@ def procgen(a: argparse.Namespace) -> dict:
              "--out", ev / f"{name}.json"],
             ev / f"{name}.json",
         )  # fmt: skip
+    # lapo, stage 1 with labels: the same N labels also train stage 1's weak-supervision
+    # head (data.labeled), so each budget needs its own stage-1 run
+    semi = {}
+    for b in [int(x) for x in a.stage1_labels.split(",") if x]:
+        lam_b, dec_b = out / f"lam_labels_{b}", out / f"lapo_labels_{b}"
+        c.run(
+            ["lapo.cli", "pretrain", "--config", CONFIGS / "lam" / "procgen_cpu.yaml", "--data",
+             train, "--out", lam_b, *size, "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}",
+             *([f"model.bottleneck={a.bottleneck}"] if a.bottleneck else []), f"trainer.seed={a.seed}",
+             f"trainer.val_every_n_steps={steps(a.lam_steps, a.steps)}",
+             f"trainer.ckpt_every_n_steps={max(200, steps(a.lam_steps, a.steps) // 4)}",
+             f"data.labeled={train}", f"data.label_budget={b}", f"data.label_seed={a.seed}",
+             f"model.sup_weight={a.sup_weight}", *a.lam_set],
+            lam_b / "model.safetensors",
+        )  # fmt: skip
+        c.run(
+            ["lapo.cli", "finetune", "--lam", lam_b, "--labeled", train, "--label-budget", b,
+             "--out", dec_b, "--config", CONFIGS / "finetune" / "lapo.yaml", "--set", f"seed={a.seed}"],
+            dec_b / "agent.json",
+        )  # fmt: skip
+        c.run(
+            ["lapo.cli", "evaluate", "--model", dec_b, "--labeled", held, "--split", "all",
+             "--lam", lam_b, "--out", ev / f"lapo_labels_{b}.json"],
+            ev / f"lapo_labels_{b}.json",
+        )  # fmt: skip
+        semi[b] = metrics(ev / f"lapo_labels_{b}.json")
     lapo_rows = {r["budget"]: r for r in metrics(ev / "lapo.json")["label_budgets"]}
     ceiling = metrics(ev / "idm_all.json")["decoder_accuracy"]
     n_all = metrics(out / "idm_all" / "metrics.json")
@@ -155,6 +181,7 @@ def procgen(a: argparse.Namespace) -> dict:
     for b in budgets:
         rows.append(
             {"budget": b, "lapo": lapo_rows[b]["decoder_accuracy"],
+             "lapo_stage1_labels": semi[b]["decoder_accuracy"] if b in semi else None,
              "idm_supervised": metrics(ev / f"idm_{b}.json")["decoder_accuracy"], "ceiling": ceiling}
         )  # fmt: skip
     lam_m = metrics(ev / "lapo.json")
@@ -164,19 +191,31 @@ def procgen(a: argparse.Namespace) -> dict:
         "probe_accuracy": lam_m.get("probe_accuracy"),
         "probe_majority_baseline": lam_m.get("probe_majority_baseline"),
         "fdm_psnr": lam_m.get("fdm_psnr"), "fdm_psnr_copy_baseline": lam_m.get("fdm_psnr_copy_baseline"),
+        "stage1_labels": {
+            b: {k: m.get(k) for k in ("decoder_accuracy", "probe_accuracy", "probe_majority_baseline",
+                                      "fdm_psnr", "fdm_psnr_copy_baseline")}
+            for b, m in semi.items()
+        },
     }  # fmt: skip
     lines = [
         f"Procgen {a.game}, sticky random policy; decoder accuracy on the held-out recording",
         "",
-        "| labels | lapo | idm-supervised | ceiling (all labels) |",
-        "|---:|---:|---:|---:|",
-        *(f"| {r['budget']} | {r['lapo']:.3f} | {r['idm_supervised']:.3f} | {r['ceiling']:.3f} |" for r in rows),
+        "| labels | lapo | lapo, labels in stage 1 too | idm-supervised | ceiling (all labels) |",
+        "|---:|---:|---:|---:|---:|",
+        *(f"| {r['budget']} | {r['lapo']:.3f} | {_cell(r['lapo_stage1_labels'])} | "
+          f"{r['idm_supervised']:.3f} | {r['ceiling']:.3f} |" for r in rows),
         "",
         f"latent probe accuracy {res['probe_accuracy']} (majority {res['probe_majority_baseline']}); "
         f"FDM PSNR {res['fdm_psnr']} dB (copy-last-frame {res['fdm_psnr_copy_baseline']} dB)",
+        *(f"stage 1 with {b} labels: probe {m['probe_accuracy']}, FDM PSNR {m['fdm_psnr']} dB"
+          for b, m in res["stage1_labels"].items()),
         "wall seconds: " + ", ".join(f"{k} {v}" for k, v in res["seconds"].items()),
     ]  # fmt: skip
     return finish(out, res, lines)
+
+
+def _cell(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
 
 
 def babyai(a: argparse.Namespace) -> dict:
@@ -278,6 +317,15 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=64,
         help="frames are resized to this for the models (32 px loses the player's motion)",
+    )
+    pg.add_argument(
+        "--stage1-labels",
+        default="",
+        help="budgets (comma-separated) whose labels also train stage 1's weak-supervision head "
+        "(data.labeled): one more stage-1 run, decoder and score per budget",
+    )
+    pg.add_argument(
+        "--sup-weight", type=float, default=1.0, help="weight of that head's loss (--stage1-labels)"
     )
     pg.add_argument("--impala-scale", type=int, default=1, help="IMPALA encoder width factor")
     pg.add_argument("--idm-epochs", type=int, default=60, help="most epochs for a small budget")

@@ -59,9 +59,19 @@ class DataConfig:
     """Validation batches per rank, at most (a deterministic, finite pass; 0: the whole split)."""
     seed: int = 0
     """Seed for shard resampling and window shuffling."""
+    labeled: str | None = None
+    """Stage 1's labelled set for the weak-supervision head (model.sup_weight > 0): a labelled dataset (usually `path` itself) of which only `label_budget` transitions are used, chosen by the rule and seed `lapo finetune` uses (`lapo.labelled.select_budget`, finetune.val_fraction 0.2), so a finetune with the same budget and seed sees the same labels. Each step adds `label_batch_size` of them to the batch for the IDM and the head only. None: the head reads the training windows' own actions, every one of them."""
+    label_budget: int = 1000
+    """Labelled transitions of `labeled` that stage 1 may use."""
+    label_batch_size: int = 32
+    """Labelled windows per step and rank, drawn at random from the budget."""
+    label_seed: int = 0
+    """Seed of the budget's selection (finetune's `seed` picks the same transitions)."""
 
     def __post_init__(self) -> None:
         _check(self.context >= 1, "data.context", f"must be >= 1, got {self.context}")
+        _check(self.label_budget >= 1, "data.label_budget", "must be >= 1")
+        _check(self.label_batch_size >= 1, "data.label_batch_size", "must be >= 1")
         _check(self.frame_gap >= 1, "data.frame_gap", f"must be >= 1, got {self.frame_gap}")
         _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
@@ -302,6 +312,13 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.data.labeled is None or self.model.sup_weight > 0,
+            "data.labeled",
+            "a labelled set for stage 1 needs model.sup_weight > 0 (the head it trains)",
+        )
 
 
 @dataclass

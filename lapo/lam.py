@@ -33,7 +33,14 @@ from PIL import Image
 from torch import Tensor
 
 from lapo.checkpoint import export_model, load_weights, read_model_meta
-from lapo.config import ConfigError, ModelConfig, PretrainConfig, from_dict, to_dict
+from lapo.config import (
+    ConfigError,
+    FinetuneConfig,
+    ModelConfig,
+    PretrainConfig,
+    from_dict,
+    to_dict,
+)
 from lapo.health import (
     THRESHOLDS,
     assess,
@@ -42,6 +49,7 @@ from lapo.health import (
     latent_spread,
     warning_text,
 )
+from lapo.labelled import LabelledWindows, load_windows, scan_labelled, select_budget
 from lapo.models import LatentActionModel, code_histogram, perplexity_from_counts, usage_from_counts
 from lapo.probe import fit_probe
 from lapo.sharding import full_params
@@ -88,6 +96,8 @@ class LAMModule(StageModule):
         self.health_step: int | None = None  # step of the last validation pass checked
         self.health_warned_step: int | None = None  # step of the last health warning
         self._strip_frames: dict[str, Tensor] = {}  # split -> windows for the final strip
+        # data.labeled: the label budget's windows in memory (`load_label_budget`), or None
+        self.labelled: LabelledWindows | None = None
 
     # ------------------------------------------------------------------ training
 
@@ -97,10 +107,23 @@ class LAMModule(StageModule):
         if churn:
             rank_zero_warn(f"lapo pretrain: {churn}")
 
+    def labelled_batch(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """`data.label_batch_size` windows of the label budget, drawn by (seed, step, rank)."""
+        if self.labelled is None:
+            return None
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rng = np.random.default_rng([self.cfg.data.seed, self.global_step, rank])
+        idx = torch.from_numpy(rng.integers(0, len(self.labelled), self.cfg.data.label_batch_size))
+        frames = self.labelled.frames[self.labelled.index[idx]]  # (L, k+1, C, H, W) uint8
+        return frames.to(device), self.labelled.actions[idx].to(device)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         frames = batch["frames"]  # (B, k+1, C, H, W) uint8
         loss, logs, pred_next = self.model.loss(
-            frames, batch.get("actions"), batch.get("has_action")
+            frames,
+            batch.get("actions"),
+            batch.get("has_action"),
+            labelled=self.labelled_batch(frames.device),
         )
         if not self.check_loss(loss, batch, batch_idx):
             return None  # skipped: no backward, no update (nan_policy=skip)
@@ -381,7 +404,7 @@ def action_info(space: dict | None) -> tuple[int, int]:
 def check_actions(cfg: PretrainConfig, space: dict | None) -> None:
     """Fail at start-up when the action settings cannot work with the dataset's actions."""
     where = f"{cfg.data.path} (manifest.json)"
-    if cfg.model.sup_weight > 0 and not space:
+    if cfg.model.sup_weight > 0 and not space and not cfg.data.labeled:
         raise ConfigError(
             f"model.sup_weight: {cfg.model.sup_weight} asks for weak supervision, but {where} has "
             "no action labels (action_space null); set model.sup_weight=0"
@@ -400,6 +423,23 @@ def check_actions(cfg: PretrainConfig, space: dict | None) -> None:
         )
 
 
+def load_label_budget(cfg: PretrainConfig) -> tuple[LabelledWindows, dict]:
+    """The `data.label_budget` transitions of `data.labeled` that stage 1 may use.
+
+    Chosen by `lapo.labelled.select_budget` with finetune's default held-out share, so
+    `lapo finetune --label-budget N --set seed=S` on the same dataset uses the same ones.
+    """
+    d = cfg.data
+    index = scan_labelled(d.labeled, context=d.context, frame_gap=d.frame_gap)
+    sel = select_budget(index, d.label_budget, d.label_seed, FinetuneConfig.val_fraction)
+    windows = load_windows(index, sel.train, desc="stage-1 labels", progress=True)
+    rank_zero_info(
+        f"lapo pretrain: weak supervision on {len(windows)} labelled transitions of "
+        f"{d.labeled} ({len(sel.train)} episodes; {d.label_batch_size} a step)"
+    )
+    return windows, index.action_space
+
+
 def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     """Train stage 1 into `run_dir`; returns the final metrics (also in RUN/metrics.json)."""
     from lapo.data import VideoDataModule  # the loader pulls in webdataset and decoders
@@ -409,10 +449,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, *, resume: bool = False) 
     ckpt = prepare_run(
         cfg, run_dir, resume=resume, check_data=lambda: check_actions(cfg, dm.action_space)
     )
-    num_actions, action_dim = action_info(dm.action_space)
+    labelled, space = load_label_budget(cfg) if cfg.data.labeled else (None, dm.action_space)
+    num_actions, action_dim = action_info(space)
     if cfg.model.num_actions:
         num_actions = cfg.model.num_actions
     module = LAMModule(cfg, num_actions=num_actions, action_dim=action_dim)
+    module.labelled = labelled
     result = fit(module, dm, cfg.trainer, run_dir, ckpt_path=ckpt)
     health = {**assess(final_metrics(result.trainer)), "step": module.health_step}
     if health["verdict"] != "fail":

@@ -258,6 +258,25 @@ def test_weak_supervision_uses_labelled_windows_only():
     assert 0.0 <= float(logs["sup_acc"]) <= 1.0
 
 
+def test_a_separate_labelled_batch_supervises_the_head_instead_of_the_stream():
+    """`labelled=`: the head learns from the label budget only; the world model from both."""
+    torch.manual_seed(0)
+    model = LatentActionModel(tiny_cfg(sup_weight=1.0), num_actions=4, context=2).eval()
+    frames, actions = sprite_windows(6)
+    extra, extra_actions = sprite_windows(3, seed=5)
+    with torch.no_grad():
+        _, logs, pred = model.loss(frames, actions, labelled=(extra, extra_actions))
+        _, logs2, _ = model.loss(frames, (actions + 1) % 4, labelled=(extra, extra_actions))
+        _, logs3, _ = model.loss(frames, actions, labelled=(extra, (extra_actions + 1) % 4))
+        _, alone, pred_alone = model.loss(frames)
+    assert torch.equal(logs["sup_loss"], logs2["sup_loss"]), "the stream's labels were used"
+    assert not torch.equal(logs["sup_loss"], logs3["sup_loss"])
+    assert float(logs["sup_frac"]) == 1.0
+    # the world model sees the stream batch alone, whatever rides along with it
+    assert pred.shape == pred_alone.shape == (6, 3, 16, 16)
+    assert torch.allclose(logs["fdm_mse"], alone["fdm_mse"], atol=1e-6)
+
+
 def test_weak_supervision_continuous_actions():
     model = LatentActionModel(
         tiny_cfg(sup_weight=1.0, bottleneck="continuous"), context=2, action_dim=3

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from lapo.checkpoint import CheckpointError, checkpoint_step, state_dict_from_checkpoint
 from lapo.config import PretrainConfig, load_config, read_yaml
-from lapo.lam import LAMModule, load_lam, pretrain
+from lapo.lam import LAMModule, load_label_budget, load_lam, pretrain
 from lapo.train import NonFiniteLossError, fit
 from lapo.windows import DatasetError
 from tests.datagen import make_dataset
@@ -122,6 +122,31 @@ def test_resume_continues_from_the_saved_step(procgen_data, tmp_path):
     header = resumed_csv[0].split(",")
     steps = {int(row.split(",")[header.index("step")]) for row in resumed_csv[1:]}
     assert steps and min(steps) >= 4 and max(steps) <= 8
+
+
+def test_a_label_budget_supervises_stage_1_with_finetunes_transitions(procgen_data, tmp_path):
+    """data.labeled: stage 1's head sees exactly the transitions `lapo finetune` would pick."""
+    from lapo.labelled import scan_labelled, select_budget
+
+    cfg = debug_cfg(
+        procgen_data, "trainer.max_steps=3", "trainer.loggers=[]", "model.sup_weight=1.0",
+        f"data.labeled={procgen_data}", "data.label_budget=20", "data.label_batch_size=4",
+        "data.label_seed=3",
+    )  # fmt: skip
+    metrics = pretrain(cfg, tmp_path / "run")
+    assert metrics["finished"] and "train/sup_loss" in metrics
+    labelled, space = load_label_budget(cfg)
+    assert space["type"] == "discrete" and len(labelled) == 20
+    index = scan_labelled(procgen_data, context=cfg.data.context)
+    sel = select_budget(index, 20, 3, 0.2)
+    assert sorted(labelled.ids) == sorted((e, int(t)) for e, r in sel.train.items() for t in r)
+
+
+def test_a_label_budget_needs_the_supervised_head(procgen_data):
+    from lapo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.labeled.*model.sup_weight"):
+        debug_cfg(procgen_data, f"data.labeled={procgen_data}")
 
 
 def test_resume_without_a_checkpoint_fails_before_reading_data(tmp_path):

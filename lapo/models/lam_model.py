@@ -161,20 +161,35 @@ class LatentActionModel(nn.Module):
     # ------------------------------------------------------------------ objective
 
     def loss(
-        self, frames: Tensor, actions: Tensor | None = None, has_action: Tensor | None = None
+        self,
+        frames: Tensor,
+        actions: Tensor | None = None,
+        has_action: Tensor | None = None,
+        labelled: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """One training objective on a batch of windows.
 
         frames: (B, k+1, C, H, W) uint8 (or float in [0, 1]); resized to image_size here.
         actions: (B,) int64 or (B, A) float true actions of o[t] -> o[t+1], or None.
         has_action: (B,) bool, which windows carry a real label (None: all, if actions given).
+        labelled: (frames (L, k+1, C, H, W), actions (L,) or (L, A)): windows from a separate
+        labelled budget, seen by the IDM and the weak-supervision head only (one IDM pass
+        with `frames`); `actions` of `frames` then go unused by the head.
         Returns (loss, logs, pred_next): logs are detached scalars; pred_next (B, C, S, S)
         in [0, 1], or None for the latent world model.
         """
         x = self.prepare(frames)  # (B, k+1, C, S, S)
-        _, pre = self.idm(x)  # (B, D)
-        q = self.bottleneck(pre)
-        latent = q.latent  # (B, D)
+        b = x.shape[0]
+        if exists(labelled):
+            xl = self.prepare(labelled[0])  # (L, k+1, C, S, S)
+            _, pre = self.idm(torch.cat([x, xl.to(x.dtype)]))  # (B + L, D)
+            q = self.bottleneck(pre)
+            latent, latent_l = q.latent[:b], q.latent[b:]  # (B, D), (L, D)
+            actions, has_action = labelled[1], None
+        else:
+            _, pre = self.idm(x)  # (B, D)
+            q = self.bottleneck(pre)
+            latent = latent_l = q.latent  # (B, D)
         nxt = x[:, -1]  # (B, C, S, S)
         logs: dict[str, Tensor] = {}
 
@@ -197,7 +212,7 @@ class LatentActionModel(nn.Module):
         loss = fdm_loss + q.loss
 
         if exists(self.sup_head):
-            sup_loss, sup_logs = self._sup_loss(latent, actions, has_action)
+            sup_loss, sup_logs = self._sup_loss(latent_l, actions, has_action)
             loss = loss + self.cfg.sup_weight * sup_loss
             logs.update(sup_logs)
 
@@ -208,10 +223,14 @@ class LatentActionModel(nn.Module):
         return loss, logs, (pred_next.detach() if exists(pred_next) else None)
 
     def forward(
-        self, frames: Tensor, actions: Tensor | None = None, has_action: Tensor | None = None
+        self,
+        frames: Tensor,
+        actions: Tensor | None = None,
+        has_action: Tensor | None = None,
+        labelled: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """Same as `loss` (so DDP wrappers that call forward see the whole objective)."""
-        return self.loss(frames, actions, has_action)
+        return self.loss(frames, actions, has_action, labelled)
 
     def _sup_loss(
         self, latent: Tensor, actions: Tensor | None, has_action: Tensor | None
