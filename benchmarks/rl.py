@@ -34,7 +34,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lapo.rl  # noqa: E402,F401  (imports stable-baselines3 with gym's notice hidden)
-from lapo.checkpoint import export_model, read_model_meta  # noqa: E402
 from lapo.config import (  # noqa: E402
     PolicyConfig,
     PretrainConfig,
@@ -42,15 +41,22 @@ from lapo.config import (  # noqa: E402
     load_config,
     to_dict,
 )
+from lapo.runs import (  # noqa: E402
+    POLICY_KIND,
+    POLICY_NAME,
+    export_model,
+    load_lam,
+    read_lam,
+    read_policy_meta,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def untrained_runs(root: Path, lam_config: str, policy_config: str) -> Path:
     """An untrained LAM and latent policy, exported as stages 1 and 2 do; returns RUN_P."""
-    from lapo.lam import load_lam
     from lapo.models import LatentActionModel, LatentPolicy
-    from lapo.policy import KIND, NAME, lam_info, policy_extra
+    from lapo.policy import lam_info, policy_extra
 
     torch.manual_seed(0)
     cfg = load_config(PretrainConfig, lam_config)
@@ -60,10 +66,10 @@ def untrained_runs(root: Path, lam_config: str, policy_config: str) -> Path:
     export_model(lam_run, lam, kind="lam", config=to_dict(cfg), extra=kwargs)
     pcfg = load_config(PolicyConfig, policy_config)
     policy = LatentPolicy.for_lam(pcfg.policy, load_lam(lam_run))
-    info = lam_info(lam_run, read_model_meta(lam_run, kind="lam"))
+    info = lam_info(read_lam(lam_run))
     run = root / "policy"
-    export_model(run, policy, kind=KIND, config=to_dict(pcfg), extra=policy_extra(policy, info),
-                 name=NAME)  # fmt: skip
+    export_model(run, policy, kind=POLICY_KIND, config=to_dict(pcfg),
+                 extra=policy_extra(policy, info), name=POLICY_NAME)  # fmt: skip
     return run
 
 
@@ -71,7 +77,6 @@ def run_plain(cfg: RLConfig, policy_run: Path, env: str, frames: int) -> float:
     """Seconds of SB3's PPO.learn(frames) on lapo's actor-critic."""
     from stable_baselines3 import PPO
 
-    from lapo.policy import read_policy_meta
     from lapo.rl.env import make_vec_env
     from lapo.rl.net import ActorCriticNet, LatentActorCritic, action_space_dict, build_agent
 

@@ -18,31 +18,21 @@ window o[t-k+1..t] with o[t] repeated as the next frame: the IDM's view of the
 observation without the change, which `act` can compute from context alone, so
 labelling and acting feed the decoder the same kind of input.
 
-On disk (RUN_F): ``agent.safetensors`` (every weight, prefixed ``lam.``,
-``decoder.``, ``act_decoder.``, ``policy.``) and ``agent.json`` (method, action
-space, context, frame gap, the configs and constructor arguments of each part,
-provenance and final metrics under ``info``). No pickle anywhere.
+On disk (RUN_F, `lapo.runs.save_agent` / `lapo.runs.load_agent`): ``agent.safetensors``
+(every weight, prefixed ``lam.``, ``decoder.``, ``act_decoder.``, ``policy.``) and
+``agent.json`` (method, action space, context, frame gap, the configs and constructor
+arguments of each part, provenance and final metrics under ``info``). No pickle anywhere.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from lapo.checkpoint import atomic_write, atomic_write_text
-from lapo.config import ModelConfig, PolicyModelConfig, from_dict
 from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy
 
-WEIGHTS = "agent.safetensors"
-META = "agent.json"
-FORMAT_VERSION = 1
 METHODS = ("lapo", "idm-supervised", "bc")
 
 
@@ -236,143 +226,3 @@ class Agent(nn.Module):
 
     def forward(self, context: Tensor) -> Tensor:
         return self.act_logits(context)
-
-
-# --------------------------------------------------------------------------- building parts
-
-
-def build_lam(config: dict, kwargs: dict) -> LatentActionModel:
-    """A LatentActionModel from its ModelConfig dict and constructor arguments (no codebook sync)."""
-    cfg = from_dict(ModelConfig, config, prefix="model")
-    return LatentActionModel(cfg, **kwargs, sync_codebook=False)
-
-
-def build_policy(config: dict, kwargs: dict) -> LatentPolicy:
-    """A LatentPolicy from its PolicyModelConfig dict and constructor arguments."""
-    return LatentPolicy(from_dict(PolicyModelConfig, config, prefix="policy"), **kwargs)
-
-
-def policy_kwargs(policy: LatentPolicy) -> dict:
-    """The constructor arguments of `policy` besides its config (read back from the module)."""
-    return {
-        "context": policy.context,
-        "image_size": policy.image_size,
-        "latent_dim": policy.latent_dim,
-        "num_codes": policy.num_codes,
-        "code_heads": policy.code_heads,
-    }
-
-
-def decoder_kwargs(decoder: ActionDecoder) -> dict:
-    first = decoder.net[0]
-    return {
-        "latent_dim": first.in_features - decoder.obs_dim,
-        "num_actions": decoder.num_actions,
-        "action_dim": decoder.action_dim,
-        "hidden": first.out_features,
-        "obs_dim": decoder.obs_dim,
-    }
-
-
-# --------------------------------------------------------------------------- files
-
-
-def save_agent(
-    agent: Agent,
-    run_dir: str | Path,
-    *,
-    lam_config: dict | None = None,
-    lam_kwargs: dict | None = None,
-    policy_config: dict | None = None,
-) -> Path:
-    """Write RUN/agent.safetensors + RUN/agent.json (atomically); returns the json path.
-
-    `lam_config` / `policy_config` are the ModelConfig / PolicyModelConfig dicts that
-    rebuild the parts; `lam_kwargs` the LatentActionModel's other constructor arguments.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "kind": "agent",
-        "method": agent.method,
-        "action_space": agent.action_space,
-        "context": agent.context,
-        "frame_gap": agent.frame_gap,
-        "use_obs_features": agent.use_obs_features,
-        "lam": None,
-        "decoder": None,
-        "act_decoder": None,
-        "policy": None,
-        "info": agent.info,
-    }
-    if agent.lam is not None:
-        if lam_config is None or lam_kwargs is None:
-            raise AgentError(
-                "lapo/agent.py: save_agent needs lam_config and lam_kwargs for the LAM"
-            )
-        meta["lam"] = {"config": lam_config, "kwargs": lam_kwargs}
-    for name in ("decoder", "act_decoder"):
-        if getattr(agent, name) is not None:
-            meta[name] = {"kwargs": decoder_kwargs(getattr(agent, name))}
-    if agent.policy is not None:
-        if policy_config is None:
-            raise AgentError("lapo/agent.py: save_agent needs policy_config for the policy")
-        meta["policy"] = {"config": policy_config, "kwargs": policy_kwargs(agent.policy)}
-    # save_model copes with tied weights; tensors go to CPU first so any device works
-    cpu = {k: v.detach().cpu() for k, v in agent.state_dict().items()}
-    holder = _Holder(cpu)
-    atomic_write(run_dir / WEIGHTS, lambda tmp: save_model(holder, str(tmp), {"kind": "agent"}))
-    return atomic_write_text(run_dir / META, json.dumps(meta, indent=2) + "\n")
-
-
-class _Holder(nn.Module):
-    """A module whose state dict is the given tensors (what save_model serialises)."""
-
-    def __init__(self, tensors: dict[str, Tensor]):
-        super().__init__()
-        self._tensors = tensors
-
-    def state_dict(self, *args, **kwargs):  # noqa: D102 - the tensors as they were given
-        return dict(self._tensors)
-
-
-def read_agent_meta(run_dir: str | Path) -> dict:
-    """RUN/agent.json, checked for the format version."""
-    path = Path(run_dir) / META
-    if not path.is_file():
-        raise AgentError(f"{path} does not exist: {run_dir} is not a finished lapo finetune run")
-    meta = json.loads(path.read_text())
-    if meta.get("kind") != "agent" or meta.get("format_version") != FORMAT_VERSION:
-        raise AgentError(f"{path}: not an agent.json of format {FORMAT_VERSION}")
-    return meta
-
-
-def load_agent(run_dir: str | Path, map_location: str | torch.device = "cpu") -> Agent:
-    """The Agent of a finetune run from RUN/agent.{json,safetensors} alone, in eval mode."""
-    run_dir = Path(run_dir)
-    meta = read_agent_meta(run_dir)
-    lam = build_lam(**meta["lam"]) if meta["lam"] else None
-    decoder = ActionDecoder(**meta["decoder"]["kwargs"]) if meta["decoder"] else None
-    act_decoder = (
-        ActionDecoder(**meta["act_decoder"]["kwargs"]) if meta.get("act_decoder") else None
-    )
-    policy = build_policy(**meta["policy"]) if meta["policy"] else None
-    agent = Agent(
-        method=meta["method"], action_space=meta["action_space"], context=meta["context"],
-        frame_gap=meta.get("frame_gap", 1), lam=lam, decoder=decoder, policy=policy, act_decoder=act_decoder,
-        use_obs_features=meta.get("use_obs_features", False), info=meta.get("info"),
-    )  # fmt: skip
-    path = run_dir / WEIGHTS
-    if not path.is_file():
-        raise AgentError(f"{path} does not exist")
-    try:
-        missing, unexpected = load_model(agent, str(path), strict=False)
-    except SafetensorError as e:  # not safetensors (e.g. a pickle renamed): never unpickled
-        raise AgentError(f"{path}: not a safetensors file ({e})") from None
-    if missing or unexpected:
-        raise AgentError(
-            f"{path} does not match its agent.json: missing {sorted(missing)[:6]}, "
-            f"unexpected {sorted(unexpected)[:6]}"
-        )
-    return agent.to(map_location).eval()

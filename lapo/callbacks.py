@@ -1,5 +1,7 @@
-"""Lightning callbacks shared by the pretraining stages (1 and 2).
+"""Lightning callbacks and checkpoint IO shared by the pretraining stages (1 and 2).
 
+- `AtomicCheckpointIO`: every ``.ckpt`` Lightning writes goes through `lapo.io.atomic_write`,
+  and every one it reads through ``torch.load(weights_only=True)``.
 - `StepProgressBar`: one bar over the whole run (0..max_steps), not one per epoch:
   epochs are an artefact of the resampled loader and mean nothing to the user.
 - `GracefulStop`: SIGTERM / SIGUSR1 -> every rank stops at the same step boundary and
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,40 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lapo.checkpoint import prune_checkpoints
+from lapo.checkpoint import CheckpointError, atomic_torch_save, prune_checkpoints, refusal
 from lapo.preempt import StopSignal
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes local files with tmp + rename.
+
+    Every checkpoint Lightning writes (ModelCheckpoint, ``last.ckpt``, the Slurm
+    requeue ``hpc_ckpt_N.ckpt``, ``trainer.save_checkpoint``) goes through here.
+    Remote URLs (s3://, gs://) fall back to Lightning's fsspec transaction.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # Always tensors and plain data only, whatever the caller or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+        # asks: a checkpoint from elsewhere must never run code (every lapo checkpoint qualifies).
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(refusal(path, e)) from None
 
 
 class StepProgressBar(TQDMProgressBar):

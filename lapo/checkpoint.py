@@ -1,111 +1,32 @@
-"""Checkpoint files: atomic writes, Lightning's checkpoint IO, safetensors export.
+"""Lightning's training checkpoints (``.ckpt``), read and written with plain torch.
 
-Two kinds of file live in a run directory:
-
-- Lightning checkpoints (``checkpoints/last.ckpt``, ``step-XXXXXXX.ckpt``): the whole
-  training state for ``--resume``. They are written to a temporary file in the same
-  directory and renamed over the target, so a job killed mid-save never leaves a torn
-  ``last.ckpt`` behind.
-- The exported model (``model.safetensors`` + ``model.json``): weights as safetensors
-  and the settings needed to rebuild the module as JSON. Loading them runs no pickle,
-  so a run directory can be shared and opened safely.
+``checkpoints/last.ckpt``, ``step-XXXXXXX.ckpt``, ``best.ckpt`` and Slurm's requeue files
+``hpc_ckpt_N.ckpt`` hold the whole training state for ``--resume``. They are written with
+`lapo.io.atomic_write`, so a job killed mid-save never leaves a torn ``last.ckpt``, and
+read with ``torch.load(weights_only=True)``, so a file holding code is refused. Lightning's
+side of the writing (`lapo.callbacks.AtomicCheckpointIO`) and the exported models
+(`lapo.runs`) live elsewhere: this module imports no Lightning.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import pickle
 import re
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_file
 
-EXPORT_FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
+from lapo.io import atomic_write
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or exported model is missing or does not match what reads it."""
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    The rename is atomic on POSIX file systems, so readers see the old file or the new
-    one, never half of the new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes local files with tmp + rename.
-
-    Every checkpoint Lightning writes (ModelCheckpoint, ``last.ckpt``, the Slurm
-    requeue ``hpc_ckpt_N.ckpt``, ``trainer.save_checkpoint``) goes through here.
-    Remote URLs (s3://, gs://) fall back to Lightning's fsspec transaction.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None or "://" in str(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        atomic_torch_save(checkpoint, path)
-
-    def load_checkpoint(
-        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        # Always tensors and plain data only, whatever the caller or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
-        # asks: a checkpoint from elsewhere must never run code (every lapo checkpoint qualifies).
-        try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(refusal(path, e)) from None
 
 
 def refusal(path: str | Path, err: BaseException) -> str:
@@ -130,20 +51,6 @@ def safe_torch_load(path: str | Path, *, mmap: bool = False) -> Any:
         raise CheckpointError(refusal(path, e)) from None
     except (RuntimeError, EOFError, ValueError) as e:  # torn or not a torch file at all
         raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
-
-
-def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete ``.NAME.*.tmp`` files that `atomic_write` left behind when its process was killed.
-
-    Call only where no other process writes into `directory` (rank zero, at start-up).
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stale = [p for p in directory.glob(".*.tmp") if p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 # --------------------------------------------------------------------------- run directories
@@ -247,76 +154,3 @@ def state_dict_from_checkpoint(path: str | Path, prefix: str = "model.") -> dict
     if not out:
         raise CheckpointError(f"{path}: no weights under the prefix {prefix!r}")
     return out
-
-
-# --------------------------------------------------------------------------- safetensors export
-
-
-def export_model(
-    run_dir: str | Path,
-    model: torch.nn.Module,
-    *,
-    kind: str,
-    config: dict,
-    extra: dict | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-    name: str = "model",
-) -> Path:
-    """Write ``RUN/model.safetensors`` and ``RUN/model.json`` (``RUN/<name>.*`` with `name`).
-
-    `kind` names the class that reads it back (``"lam"``, ``"policy"``, ...); `config`
-    is the plain dict of settings that rebuilds the module; `extra` holds anything else
-    its constructor needs (e.g. ``num_actions``). `state_dict`, when given, replaces
-    ``model.state_dict()`` (FSDP gathers the full one outside the module).
-    """
-    run_dir = Path(run_dir)
-    state = model.state_dict() if state_dict is None else state_dict
-    # safetensors refuses tensors that share memory (tied weights); a private copy of
-    # each breaks the sharing, and loading both names into the tied module is harmless.
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-    weights, meta_file = f"{name}.safetensors", f"{name}.json"
-    atomic_write(run_dir / weights, lambda tmp: save_file(tensors, str(tmp), {"kind": kind}))
-    meta = {
-        "format_version": EXPORT_FORMAT_VERSION,
-        "kind": kind,
-        "config": config,
-        "extra": extra or {},
-        "weights": weights,
-    }
-    atomic_write_text(run_dir / meta_file, json.dumps(meta, indent=2) + "\n")
-    return run_dir / weights
-
-
-def read_model_meta(run_dir: str | Path, kind: str | None = None, *, name: str = "model") -> dict:
-    """Read ``RUN/model.json`` (``RUN/<name>.json``); with `kind`, check the kind of model."""
-    path = Path(run_dir) / f"{name}.json"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path} does not exist: {run_dir} holds no exported model (did training finish?)"
-        )
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format_version {meta.get('format_version')} is not supported"
-        )
-    if kind is not None and meta.get("kind") != kind:
-        raise CheckpointError(f"{path}: holds a {meta.get('kind')!r} model, expected {kind!r}")
-    return meta
-
-
-def load_weights(
-    model: torch.nn.Module, run_dir: str | Path, *, strict: bool = True, name: str = "model"
-) -> None:
-    """Fill `model` from ``RUN/model.safetensors`` (``RUN/<name>.safetensors``; no pickle)."""
-    path = Path(run_dir) / f"{name}.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        missing, unexpected = load_model(model, str(path), strict=False)
-    except SafetensorError as e:  # not safetensors (e.g. a pickle renamed): never unpickled
-        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
-    if strict and (missing or unexpected):
-        raise CheckpointError(
-            f"{path} does not match {type(model).__name__}: "
-            f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
-        )

@@ -9,7 +9,6 @@ data is read.
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from lapo.io import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -717,9 +718,5 @@ def load_config(
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (tmp + rename: readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the resolved config as YAML (atomically: readers never see half a file)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

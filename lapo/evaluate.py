@@ -42,7 +42,6 @@ action), ``<stem>_budgets.png``, ``<stem>_rollout.gif`` and ``<stem>_rollout.png
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -50,8 +49,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lapo.checkpoint import atomic_write_text
 from lapo.cli import RawHelpFormatter
+from lapo.io import atomic_write_json
 from lapo.labelled import load_windows, scan_labelled, select_budget
 from lapo.models.common import psnr
 from lapo.models.quantizers import code_histogram, perplexity_from_counts, usage_from_counts
@@ -177,10 +176,10 @@ def budget_curve(agent_dir: str | Path, lam: str | Path, data: str | Path, budge
     budget changed. Runs go to work_dir/budget-N; a finished one is reused. A budget
     larger than the labelled data holds is reported with an error instead.
     """
-    from lapo.agent import load_agent
     from lapo.config import FinetuneConfig, load_config, to_dict
     from lapo.finetune import finetune
     from lapo.labelled import LabelledDataError
+    from lapo.runs import load_agent
 
     saved = Path(agent_dir) / "config.yaml"
     base = load_config(FinetuneConfig, saved) if saved.is_file() else FinetuneConfig()
@@ -261,8 +260,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Evaluate the run `model`; write the metrics JSON at `out` (plus figures); return it."""
-    from lapo.agent import load_agent
     from lapo.config import FinetuneConfig, load_config
+    from lapo.runs import load_agent
 
     if labeled is None and env is None:
         raise ValueError("lapo evaluate: give --labeled DATASET, --env SPEC, or both")
@@ -339,7 +338,7 @@ def evaluate(
         plots["rollout_gif"], plots["rollout_strip"] = str(gif), str(strip)
     metrics["plots"] = plots
     metrics["seconds"] = time.time() - t0
-    atomic_write_text(json_path, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(json_path, metrics)
     return metrics
 
 

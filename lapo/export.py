@@ -4,19 +4,19 @@
 
 What DIR receives depends on what RUN is:
 
-| RUN                             | DIR gets                              | loaded by                 |
-| ------------------------------- | ------------------------------------- | ------------------------- |
-| stage 1 (`lapo pretrain`)       | `model.safetensors` + `model.json`    | `lapo.lam.load_lam`       |
-| stage 2 (`lapo train-policy`)   | `policy.safetensors` + `policy.json`  | `lapo.policy.load_policy` |
-| stage 3 (`lapo finetune`)       | `agent.safetensors` + `agent.json`    | `lapo.agent.load_agent`   |
-| a stage-1 or 2 `.ckpt` file     | as for its stage                      | as for its stage          |
+| RUN                             | DIR gets                              | loaded by               |
+| ------------------------------- | ------------------------------------- | ----------------------- |
+| stage 1 (`lapo pretrain`)       | `model.safetensors` + `model.json`    | `lapo.runs.load_lam`    |
+| stage 2 (`lapo train-policy`)   | `policy.safetensors` + `policy.json`  | `lapo.runs.load_policy` |
+| stage 3 (`lapo finetune`)       | `agent.safetensors` + `agent.json`    | `lapo.runs.load_agent`  |
+| a stage-1 or 2 `.ckpt` file     | as for its stage                      | as for its stage        |
 
 For stages 1 and 2 the source is ``--checkpoint`` when given (a name under
 RUN/checkpoints or a path); otherwise the run's own export when training finished,
 else its newest checkpoint (so an unfinished or preempted run can be exported too).
 Checkpoints are read with ``torch.load(weights_only=True)``: a file holding code is
 refused. A stage-3 run exports its finished agent; its epoch checkpoints hold one
-phase's parts, not an agent. The files are written by `lapo.checkpoint.export_model`
+phase's parts, not an agent. The files are written by `lapo.runs.export_model`
 (and copied for an existing export), so DIR has exactly the layout training writes.
 """
 
@@ -27,17 +27,21 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lapo.checkpoint import (
-    CheckpointError,
-    atomic_write,
-    export_model,
-    resume_checkpoint,
-    safe_torch_load,
-)
+from lapo.checkpoint import CheckpointError, resume_checkpoint, safe_torch_load
 from lapo.config import PolicyConfig, PretrainConfig, from_dict
+from lapo.io import atomic_write
+from lapo.runs import (
+    LAM_KIND,
+    POLICY_KIND,
+    POLICY_NAME,
+    export_model,
+    load_agent,
+    load_lam,
+    load_policy,
+)
 
 # exported kind -> the file stem training writes it under
-STEMS = {"lam": "model", "policy": "policy", "agent": "agent"}
+STEMS = {LAM_KIND: "model", POLICY_KIND: POLICY_NAME, "agent": "agent"}
 
 
 @dataclass
@@ -91,11 +95,7 @@ def exported_kind(run: Path) -> str | None:
 
 def copy_export(run: Path, out: str | Path, kind: str) -> Exported:
     """Load the run's export with the pickle-free loader (so a broken one fails), then copy it."""
-    from lapo.agent import load_agent
-    from lapo.lam import load_lam
-    from lapo.policy import load_policy
-
-    {"lam": load_lam, "policy": load_policy, "agent": load_agent}[kind](run)
+    {LAM_KIND: load_lam, POLICY_KIND: load_policy, "agent": load_agent}[kind](run)
     out = Path(out)
     files = []
     for ext in ("safetensors", "json"):
@@ -123,16 +123,15 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Exported:
         written = export_model(
             out,
             model,
-            kind="lam",
+            kind=LAM_KIND,
             config=hp["config"],
             extra=hp["model_kwargs"],
             state_dict=weights,
         )
-        kind = "lam"
+        kind = LAM_KIND
     elif "lam" in hp:  # lapo.policy.PolicyModule: the LAM run gives the policy's shape
-        from lapo.lam import load_lam
         from lapo.models import LatentPolicy
-        from lapo.policy import NAME, policy_extra
+        from lapo.policy import policy_extra  # imports Lightning: only for a stage-2 checkpoint
 
         cfg = from_dict(PolicyConfig, hp["config"])
         lam_run = Path(hp["lam"]["run"])
@@ -144,10 +143,10 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Exported:
         policy = LatentPolicy.for_lam(cfg.policy, load_lam(lam_run))
         weights = _load_part(policy, state, "policy.", path)
         written = export_model(
-            out, policy, kind="policy", config=hp["config"],
-            extra=policy_extra(policy, hp["lam"]), state_dict=weights, name=NAME,
+            out, policy, kind=POLICY_KIND, config=hp["config"],
+            extra=policy_extra(policy, hp["lam"]), state_dict=weights, name=POLICY_NAME,
         )  # fmt: skip
-        kind = "policy"
+        kind = POLICY_KIND
     else:
         raise CheckpointError(
             f"{path}: not a checkpoint of lapo pretrain or lapo train-policy (no lapo settings in "
@@ -177,8 +176,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "export",
         help="write a run's weights as safetensors + json from a checkpoint",
         description="Write the model of a lapo run as safetensors weights plus a JSON config, "
-        "loadable without pickle (lapo.lam.load_lam, lapo.policy.load_policy, "
-        "lapo.agent.load_agent). Stage 1 and 2 runs export their finished model, or a checkpoint "
+        "loadable without pickle (lapo.runs.load_lam, load_policy, load_agent). Stage 1 and 2 runs export their finished model, or a checkpoint "
         "(the newest when training did not finish); checkpoints are read with weights_only=True.",
     )
     p.add_argument(

@@ -53,21 +53,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from lapo.agent import (
-    Agent,
-    action_loss,
-    load_agent,
-    obs_features,
-    policy_action_logits,
-    save_agent,
-)
-from lapo.checkpoint import (
-    CheckpointError,
-    atomic_write,
-    atomic_write_text,
-    read_model_meta,
-    refusal,
-)
+from lapo.agent import Agent, action_loss, obs_features, policy_action_logits
+from lapo.checkpoint import CheckpointError, refusal
 from lapo.config import (
     ConfigError,
     FinetuneConfig,
@@ -76,6 +63,8 @@ from lapo.config import (
     save_config,
     to_dict,
 )
+from lapo.errors import NonFiniteLossError
+from lapo.io import atomic_write, atomic_write_json
 from lapo.labelled import (
     LabelledDataError,
     LabelledWindows,
@@ -85,9 +74,14 @@ from lapo.labelled import (
 )
 from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy, prepare_frames
 from lapo.preempt import StopSignal
-
-load_finetuned = load_agent  # the name docs/INTERFACES.md gives the loader of RUN_F
-
+from lapo.runs import (
+    LamRun,
+    load_policy,
+    policy_model_config,
+    read_lam,
+    read_policy_meta,
+    save_agent,
+)
 
 # --------------------------------------------------------------------------- objectives
 
@@ -214,8 +208,6 @@ def _agree(acc: Accelerator, *flags: bool) -> list[bool]:
 def _nonfinite(cfg: FinetuneConfig, what: str, where: str, count: int) -> int:
     """nan_policy: raise naming where, or warn and return the new count of skipped steps."""
     if cfg.nan_policy == "stop":
-        from lapo.train import NonFiniteLossError
-
         raise NonFiniteLossError(f"non-finite {what} at {where}; nan_policy=stop")
     warnings.warn(
         f"lapo finetune: skipping a step with a non-finite {what} at {where} ({count + 1} so far)",
@@ -419,7 +411,7 @@ class _Best:
             atomic_write(
                 self.root / "best.safetensors", lambda tmp: save_file(self.state, str(tmp))
             )
-            atomic_write_text(self.root / "best.json", json.dumps({"epoch": epoch, "val": val}))
+            atomic_write_json(self.root / "best.json", {"epoch": epoch, "val": val}, indent=None)
 
     def restore(self, module: nn.Module) -> None:
         module.load_state_dict(self.state)
@@ -434,7 +426,7 @@ def _save(acc: Accelerator, path: Path, progress: dict, keep: int) -> None:
     acc.save_state(str(path))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        atomic_write_text(path / "progress.json", json.dumps(progress) + "\n")  # marks it complete
+        atomic_write_json(path / "progress.json", progress, indent=None)  # marks it complete
         for old in _complete(path.parent)[:-keep]:
             (old / "progress.json").unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
@@ -463,18 +455,17 @@ class Plan:
     policy_config: dict | None = None
 
 
-def window_shape(cfg: FinetuneConfig, lam_run: str | None) -> tuple[int, int]:
+def window_shape(cfg: FinetuneConfig, lam: LamRun | None) -> tuple[int, int]:
     """(context k, frame_gap) of the windows: the LAM's for lapo, else the config's (or 2, 1)."""
     if cfg.method != "lapo":
         return cfg.context or 2, cfg.frame_gap or 1
-    meta = read_model_meta(lam_run, kind="lam")
-    k, g = int(meta["extra"]["context"]), int(meta["config"].get("data", {}).get("frame_gap", 1))
-    for key, mine, theirs in (("context", cfg.context, k), ("frame_gap", cfg.frame_gap, g)):
+    for key in ("context", "frame_gap"):
+        mine, theirs = getattr(cfg, key), getattr(lam, key)
         if mine and mine != theirs:
             raise ConfigError(
-                f"finetune.{key}: {mine} differs from the LAM's {theirs} ({lam_run}); leave it 0"
+                f"finetune.{key}: {mine} differs from the LAM's {theirs} ({lam.path}); leave it 0"
             )
-    return k, g
+    return lam.context, lam.frame_gap
 
 
 def _decoder(cfg: FinetuneConfig, space: dict, latent_dim: int, obs_dim: int = 0) -> ActionDecoder:
@@ -484,16 +475,13 @@ def _decoder(cfg: FinetuneConfig, space: dict, latent_dim: int, obs_dim: int = 0
     )
 
 
-def check_policy_run(policy_run: str | Path, lam_run: str | Path) -> None:
+def check_policy_run(policy_run: str | Path, lam: LamRun) -> None:
     """The stage-2 policy must have been cloned from this very LAM (same weights)."""
-    from lapo.policy import file_sha256, read_policy_meta
-
     trained_on = read_policy_meta(policy_run)["extra"].get("lam", {})
-    sha = file_sha256(Path(lam_run) / read_model_meta(lam_run, kind="lam")["weights"])
-    if trained_on.get("sha256") not in (None, sha):
+    if trained_on.get("sha256") not in (None, lam.sha256()):
         raise ConfigError(
             f"--policy {policy_run} was cloned from the LAM {trained_on.get('run')}, whose weights "
-            f"differ from --lam {lam_run}; its latent actions would mean something else"
+            f"differ from --lam {lam.path}; its latent actions would mean something else"
         )
 
 
@@ -510,10 +498,10 @@ def _env_kwargs(dataset: str) -> dict:
 
 
 def make_plan(
-    cfg: FinetuneConfig, split, lam_run: str | None, policy_run: str | None, device
+    cfg: FinetuneConfig, split, lam_run: LamRun | None, policy_run: str | None, device
 ) -> Plan:
     space, k = split.action_space, split.train.index.shape[1] - 1
-    info = {"labeled": split.selection.info["dataset"], "label_budget": split.selection.info["budget"], "lam_run": lam_run,
+    info = {"labeled": split.selection.info["dataset"], "label_budget": split.selection.info["budget"], "lam_run": lam_run and str(lam_run.path),
             "policy_run": policy_run, "policy_finetuned": False, "image_shape": list(split.image_shape),
             "env_kwargs": _env_kwargs(split.selection.info["dataset"])}  # fmt: skip
     common = {"action_space": space, "context": k, "frame_gap": cfg.frame_gap or 1, "info": info}
@@ -534,11 +522,8 @@ def make_plan(
         phase = Phase("idm", lambda: IDMFit(lam.idm, decoder, lam.image_size), split.train, split.val, cfg.epochs, cfg.lr, "label")  # fmt: skip
         agent = Agent(method="idm-supervised", lam=lam, decoder=decoder, **common)
         return Plan(agent, [phase], to_dict(cfg.model), kwargs)
-    from lapo.lam import load_lam  # imports Lightning: only the lapo method needs it
-
-    meta = read_model_meta(lam_run, kind="lam")
-    common["frame_gap"] = int(meta["config"].get("data", {}).get("frame_gap", 1))
-    lam = load_lam(lam_run).to(device).requires_grad_(False)
+    common["frame_gap"] = lam_run.frame_gap
+    lam = lam_run.load().to(device).requires_grad_(False)
     obs_dim = lam.cfg.embed_dim if cfg.use_obs_features else 0
     decoder = _decoder(cfg, space, lam.cfg.latent_dim, obs_dim)
     train, val = (extract_latents(lam, ds, cfg, device) for ds in (split.train, split.val))
@@ -547,8 +532,6 @@ def make_plan(
     ]
     policy, pconfig = None, None
     if policy_run:
-        from lapo.policy import load_policy, policy_model_config
-
         policy, pconfig = load_policy(policy_run), policy_model_config(policy_run)
     agent = Agent(method="lapo", lam=lam, decoder=decoder, policy=policy,
                   use_obs_features=cfg.use_obs_features, **common)  # fmt: skip
@@ -564,7 +547,7 @@ def make_plan(
         phases.append(
             Phase("policy", policy_phase, split.train, split.val, epochs, cfg.policy_lr, "act")
         )
-    return Plan(agent, phases, meta["config"]["model"], meta["extra"], pconfig)
+    return Plan(agent, phases, lam_run.config["model"], lam_run.kwargs, pconfig)
 
 
 @torch.no_grad()
@@ -636,7 +619,7 @@ def _prepare_run(
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, saved)
-        atomic_write_text(run_dir / "sources.json", json.dumps(sources, indent=2) + "\n")
+        atomic_write_json(run_dir / "sources.json", sources)
     acc.wait_for_everyone()
 
 
@@ -674,12 +657,13 @@ def finetune(
         lam = policy = None
     if cfg.finetune_policy and not policy:
         raise ConfigError("finetune_policy: needs --policy RUN_P (the stage-2 policy to fine-tune)")
+    lam_run = read_lam(lam) if lam else None  # model.json of the LAM, parsed once
     if policy:
-        check_policy_run(policy, lam)
+        check_policy_run(policy, lam_run)
     acc = accelerator or make_accelerator(cfg.mixed_precision)
     sources = {"labeled": str(Path(labeled).resolve()), "lam": lam and str(Path(lam).resolve()),
                "policy": policy and str(Path(policy).resolve())}  # fmt: skip
-    k, gap = window_shape(cfg, lam)
+    k, gap = window_shape(cfg, lam_run)
     # select before writing anything: a budget the data cannot meet leaves no run behind
     index = scan_labelled(labeled, context=k, frame_gap=gap)
     sel = select_budget(index, cfg.label_budget, cfg.seed, cfg.val_fraction, val_max=cfg.val_max)
@@ -688,11 +672,11 @@ def finetune(
     t0 = time.time()
     split = load_selection(index, sel, progress=cfg.progress and acc.is_local_main_process)
     if acc.is_main_process:
-        atomic_write_text(run_dir / "selection.json", json.dumps(split.selection.summary()) + "\n")
+        atomic_write_json(run_dir / "selection.json", split.selection.summary(), indent=None)
     acc.print(f"lapo finetune (method {cfg.method}): {len(split.train)} labelled transitions for "
               f"training, {len(split.val)} held out in {len(split.selection.heldout_episodes)} "
               "episodes")  # fmt: skip
-    plan = make_plan(cfg, split, lam and str(lam), policy and str(policy), acc.device)
+    plan = make_plan(cfg, split, lam_run, policy and str(policy), acc.device)
     discrete = split.action_space["type"] == "discrete"
     try:
         with StopSignal() as stop:
@@ -712,7 +696,7 @@ def finetune(
             k: v for k, v in metrics.items() if isinstance(v, (int, float, str))
         }
         save_agent(agent, run_dir, lam_config=plan.lam_config, lam_kwargs=plan.lam_kwargs, policy_config=plan.policy_config)  # fmt: skip
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(run_dir / "metrics.json", metrics)
     acc.wait_for_everyone()
     shown = ", ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("accuracy", "mse", "baseline"))

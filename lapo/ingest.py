@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from lapo import __version__
+from lapo.io import atomic_write_json, remove_stale_temporaries
 from lapo.shards import (
     MIN_CLIP_FRAMES,
-    atomic_write_bytes,
     merge_action_spaces,
     sanitize_stem,
     shard_name,
@@ -233,7 +233,7 @@ class _Mapper:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _lock(work: Path):
@@ -293,8 +293,8 @@ def ingest(
             )
         elif not old.is_file() and any(out.glob("shard-*.tar")):
             raise IngestError(f"{out} already holds shards not made by this tool; pass --overwrite")
-        for stale in list(out.glob("*.tmp")) + list(work.glob("*.tmp")):
-            stale.unlink()  # an interrupted write; the lock says no one else is writing
+        for d in (out, work):  # an interrupted write; the lock says no one else is writing
+            remove_stale_temporaries(d)
         _write_json(old, {"plan_id": pid, "options": dataclasses.asdict(opts), "shards": plan})
 
         stems = unique_stems(rels)

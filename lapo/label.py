@@ -343,7 +343,7 @@ _WORKER: dict = {}
 
 
 def _load(job: LabelJob):
-    from lapo.agent import load_agent
+    from lapo.runs import load_agent
 
     if job.threads > 0:
         torch.set_num_threads(job.threads)

@@ -14,7 +14,7 @@ the loggers and to ``RUN/images/``, and at the end of training one more,
 when a validation batch was seen, else on the last training batch).
 
 At the end of training the model is exported to ``RUN/model.safetensors`` +
-``RUN/model.json``; `load_lam` rebuilds it from those two files alone (no pickle).
+``RUN/model.json``; `lapo.runs.load_lam` rebuilds it from those two files alone (no pickle).
 Command: ``lapo pretrain --config configs/lam/procgen.yaml --data DATASET --out RUN``.
 """
 
@@ -32,15 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from PIL import Image
 from torch import Tensor
 
-from lapo.checkpoint import export_model, load_weights, read_model_meta
-from lapo.config import (
-    ConfigError,
-    FinetuneConfig,
-    ModelConfig,
-    PretrainConfig,
-    from_dict,
-    to_dict,
-)
+from lapo.config import ConfigError, FinetuneConfig, PretrainConfig, to_dict
 from lapo.health import (
     THRESHOLDS,
     assess,
@@ -52,6 +44,7 @@ from lapo.health import (
 from lapo.labelled import LabelledWindows, load_windows, scan_labelled, select_budget
 from lapo.models import LatentActionModel, code_histogram, perplexity_from_counts, usage_from_counts
 from lapo.probe import fit_probe
+from lapo.runs import LAM_KIND, export_model
 from lapo.sharding import full_params
 from lapo.train import (
     StageModule,
@@ -63,7 +56,6 @@ from lapo.train import (
     write_metrics,
 )
 
-KIND = "lam"
 STRIP_ROWS = 4  # samples shown in an image strip
 
 
@@ -348,7 +340,7 @@ class LAMModule(StageModule):
             export_model(
                 run_dir,
                 self.model,
-                kind=KIND,
+                kind=LAM_KIND,
                 config=to_dict(self.cfg),
                 extra=self.model_kwargs,
                 state_dict=weights,
@@ -378,15 +370,6 @@ def _gather_to_zero(items: list) -> list | None:
     if dist.get_rank() != 0:
         return None
     return [x for part in out for x in part]
-
-
-def load_lam(run_dir: str | Path, map_location: str | torch.device = "cpu") -> LatentActionModel:
-    """The trained LatentActionModel of a stage-1 run, in eval mode, from RUN/model.{json,safetensors}."""
-    meta = read_model_meta(run_dir, kind=KIND)
-    mcfg = from_dict(ModelConfig, meta["config"]["model"], prefix="model")
-    model = LatentActionModel(mcfg, **meta["extra"], sync_codebook=False)
-    load_weights(model, run_dir)
-    return model.to(map_location).eval()
 
 
 # --------------------------------------------------------------------------- the command

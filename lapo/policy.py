@@ -18,7 +18,7 @@ The window (context k, frame gap) and the frame size are the LAM's: they are rea
 the LAM run, ``data.context`` / ``data.frame_gap`` default to them and a different value
 is an error. Checkpoints hold the policy only (the LAM is re-read from its run and its
 hash checked on resume). At the end, ``RUN_P/policy.safetensors`` + ``RUN_P/policy.json``
-hold everything `load_policy` needs, plus the LAM run's path and hash.
+hold everything `lapo.runs.load_policy` needs, plus the LAM run's path and hash.
 Command: ``lapo train-policy --lam RUN --data DATASET --out RUN_P``.
 """
 
@@ -35,69 +35,50 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
-from lapo.checkpoint import (
-    CheckpointError,
-    export_model,
-    file_sha256,
-    load_weights,
-    read_model_meta,
-)
+from lapo.checkpoint import CheckpointError
 from lapo.config import (
     ConfigError,
     PolicyConfig,
-    PolicyModelConfig,
-    from_dict,
     load_config,
     parse_overrides,
     read_yaml,
     to_dict,
 )
 from lapo.models import LatentActionModel, LatentPolicy
+from lapo.runs import POLICY_KIND, POLICY_NAME, LamRun, export_model, read_lam
 from lapo.train import StageModule, add_run_arguments, fit, prepare_run, write_metrics
 
-KIND = "policy"
-NAME = "policy"  # RUN_P/policy.safetensors + RUN_P/policy.json
 LAM_PREFIX = "lam."  # the frozen LAM's keys in the LightningModule's state dict
 
 
 # --------------------------------------------------------------------------- the LAM it clones
 
 
-def lam_window(meta: dict) -> dict[str, int]:
-    """Context k, frame gap and image size of a LAM run, from its model.json."""
-    return {
-        "context": int(meta["extra"]["context"]),
-        "frame_gap": int(meta["config"].get("data", {}).get("frame_gap", 1)),
-        "image_size": int(meta["config"]["model"]["image_size"]),
-    }
-
-
-def lam_info(lam_run: str | Path, meta: dict) -> dict[str, Any]:
+def lam_info(lam: LamRun) -> dict[str, Any]:
     """What policy.json and the checkpoints record about the LAM: where, which, its shape."""
-    run = Path(lam_run).resolve()
     return {
-        "run": str(run),
-        "sha256": file_sha256(run / meta["weights"]),
-        "bottleneck": meta["config"]["model"]["bottleneck"],
-        "latent_dim": int(meta["config"]["model"]["latent_dim"]),
-        "in_channels": int(meta["extra"].get("in_channels", 3)),
-        **lam_window(meta),
+        "run": str(lam.path.resolve()),
+        "sha256": lam.sha256(),
+        "bottleneck": lam.bottleneck,
+        "latent_dim": lam.latent_dim,
+        "in_channels": lam.in_channels,
+        "context": lam.context,
+        "frame_gap": lam.frame_gap,
+        "image_size": lam.image_size,
     }
 
 
-def check_config(cfg: PolicyConfig, meta: dict) -> None:
+def check_config(cfg: PolicyConfig, lam: LamRun) -> None:
     """Fail at start-up when the settings cannot clone this LAM (the message names the key)."""
-    window = lam_window(meta)
     for key in ("context", "frame_gap"):
-        mine, theirs = getattr(cfg.data, key), window[key]
+        mine, theirs = getattr(cfg.data, key), getattr(lam, key)
         if mine != theirs:
             raise ConfigError(
                 f"data.{key}: {mine} differs from the LAM's {theirs} ({cfg.lam}/model.json); the "
                 "policy learns the IDM's labels of the LAM's own windows, so leave data."
                 f"{key} unset to inherit it"
             )
-    bottleneck = meta["config"]["model"]["bottleneck"]
-    if cfg.policy.target == "codes" and bottleneck == "continuous":
+    if cfg.policy.target == "codes" and lam.bottleneck == "continuous":
         raise ConfigError(
             f"policy.target: codes needs a vq or fsq LAM, but {cfg.lam} has a continuous "
             "bottleneck (no codes); use policy.target=continuous"
@@ -116,11 +97,11 @@ def load_policy_config(
     raw = read_yaml(path) if path else {}
     lam = tree.get("lam") or raw.get("lam")
     if lam:
-        window = lam_window(read_model_meta(lam, kind="lam"))
+        run = read_lam(lam)
         given = [d for d in (raw.get("data"), tree.get("data")) if isinstance(d, dict)]
         for key in ("context", "frame_gap"):
             if not any(key in d for d in given):
-                tree.setdefault("data", {})[key] = window[key]
+                tree.setdefault("data", {})[key] = getattr(run, key)
     return load_config(PolicyConfig, path, tree)
 
 
@@ -255,11 +236,11 @@ class PolicyModule(StageModule):
             export_model(
                 self.trainer.default_root_dir,
                 self.policy,
-                kind=KIND,
+                kind=POLICY_KIND,
                 config=to_dict(self.cfg),
                 extra=policy_extra(self.policy, self.lam_info),
                 state_dict=weights,
-                name=NAME,
+                name=POLICY_NAME,
             )
 
 
@@ -307,31 +288,12 @@ def policy_extra(policy: LatentPolicy, lam_info: dict) -> dict:
     }
 
 
-def read_policy_meta(run_dir: str | Path) -> dict:
-    """``RUN_P/policy.json``: config (PolicyConfig), extra (kwargs, target, frame_gap, lam)."""
-    return read_model_meta(run_dir, kind=KIND, name=NAME)
-
-
-def policy_model_config(run_dir: str | Path) -> dict:
-    """The PolicyModelConfig of a stage-2 run as a plain dict (rebuilds its LatentPolicy)."""
-    return read_policy_meta(run_dir)["config"]["policy"]
-
-
-def load_policy(run_dir: str | Path, map_location: str | torch.device = "cpu") -> LatentPolicy:
-    """The trained LatentPolicy of a stage-2 run, in eval mode, from RUN_P/policy.{json,safetensors}."""
-    meta = read_policy_meta(run_dir)
-    pcfg = from_dict(PolicyModelConfig, meta["config"]["policy"], prefix="policy")
-    policy = LatentPolicy(pcfg, **meta["extra"]["kwargs"])
-    load_weights(policy, run_dir, name=NAME)
-    return policy.to(map_location).eval()
-
-
-def _warn_frame_size(dm: Any, lam_meta: dict) -> None:
+def _warn_frame_size(dm: Any, lam: LamRun) -> None:
     """Frames are resized to the LAM's image size either way; a different source size is legal
     but means the IDM labels frames unlike those it was trained on."""
     from lapo.data import DatasetError, dataset_info
 
-    lam_data = lam_meta["config"].get("data", {}).get("path")
+    lam_data = lam.dataset
     try:
         theirs = dataset_info(lam_data).frame_size if lam_data else None
     except (DatasetError, OSError, ValueError):
@@ -341,7 +303,7 @@ def _warn_frame_size(dm: Any, lam_meta: dict) -> None:
         warnings.warn(
             f"lapo train-policy: frames of {dm.cfg.path} are {mine[0]}x{mine[1]} but the LAM was "
             f"trained on {theirs[0]}x{theirs[1]} ({lam_data}); both are resized to "
-            f"{lam_meta['config']['model']['image_size']}, check the IDM's labels are still sound",
+            f"{lam.image_size}, check the IDM's labels are still sound",
             stacklevel=2,
         )
 
@@ -349,18 +311,17 @@ def _warn_frame_size(dm: Any, lam_meta: dict) -> None:
 def train_policy(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     """Train stage 2 into `run_dir`; returns the final metrics (also in RUN_P/metrics.json)."""
     from lapo.data import VideoDataModule  # the loader pulls in webdataset and decoders
-    from lapo.lam import load_lam
 
     if not cfg.lam:
         raise ConfigError("lam: no stage-1 run to clone; pass --lam RUN (or set lam in the config)")
-    meta = read_model_meta(cfg.lam, kind="lam")
-    check_config(cfg, meta)
+    lam = read_lam(cfg.lam)
+    check_config(cfg, lam)
     run_dir = Path(run_dir)
     dm = VideoDataModule(cfg.data)
     # seeds before the policy's weights exist; a bad dataset fails before RUN_P is written
     ckpt = prepare_run(cfg, run_dir, resume=resume, check_data=dm.setup)
-    _warn_frame_size(dm, meta)
-    module = PolicyModule(cfg, load_lam(cfg.lam), lam_info(cfg.lam, meta))
+    _warn_frame_size(dm, lam)
+    module = PolicyModule(cfg, lam.load(), lam_info(lam))
     with warnings.catch_warnings():
         # intended: the frozen LAM stays in eval mode for the whole run (see PolicyModule.train)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from lapo import __version__
 from lapo.envs import POLICIES, Env, EnvError, episode_seeds, make_env, make_policy
+from lapo.io import atomic_write_json, remove_stale_temporaries
 from lapo.shards import (
-    atomic_write_bytes,
     clip_key,
     clip_sample,
     iter_tar_samples,
@@ -224,10 +224,9 @@ def _check_args(args: dict, out: Path) -> None:
                 "use another --out or delete it"
             )
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob("*.tmp"):  # a killed run's partial shard or manifest; redone below
-        tmp.unlink()
+    remove_stale_temporaries(out)  # a killed run's partial shard or manifest; redone below
     # whole or not at all: a kill or a full disk never leaves half a settings file
-    atomic_write_bytes(file, (json.dumps(args, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(file, args, sort_keys=True)
 
 
 def record_dataset(

@@ -6,15 +6,14 @@ row per frame. Row t of each is about the transition o[t] -> o[t+1]: the
 action taken after frame t, the reward it earned, and whether the episode
 ended after it. Keys are ``<source-stem>__c<5-digit clip index>``.
 
-Everything here writes atomically (``path.tmp`` then ``os.replace``), so a
-shard or manifest that exists under its final name is complete.
+Everything here writes atomically (`lapo.io.atomic_write`: a temporary file, then
+``os.replace``), so a shard or manifest that exists under its final name is complete.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lapo.io import atomic_write, atomic_write_json, remove_stale_temporaries
 from lapo.video import encode_video
 
 FORMAT_VERSION = 1
@@ -188,50 +188,26 @@ def _num_frames(sample: dict) -> int:
     return int(meta["num_frames"])
 
 
-def _named(e: OSError, path: Path) -> OSError:
-    """``e`` with the file it concerns: ENOSPC from write() carries no file name."""
-    if e.filename:
-        return e
-    return type(e)(e.errno, e.strerror, str(path))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a whole file or nothing (tmp + fsync + rename); a failure names ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _named(e, path) from e
-
-
 def write_shard(path: str | Path, samples: Iterable[dict]) -> dict:
-    """Write samples to a tar shard atomically; return ``{"name", "samples", "frames", "bytes"}``."""
+    """Write samples to a tar shard atomically; return ``{"name", "samples", "frames", "bytes"}``.
+
+    One process writes a shard: what an earlier, killed writer of it left is removed first.
+    """
     import webdataset as wds  # lazy: it imports torch, which video workers never need
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    count = frames = 0
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, mtime=TAR_MTIME) as writer:
-                for sample in samples:
-                    frames += _num_frames(sample)
-                    writer.write(sample)
-                    count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _named(e, path) from e
-        raise
-    return {"name": path.name, "samples": count, "frames": frames, "bytes": path.stat().st_size}
+    counts = {"samples": 0, "frames": 0}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f, wds.TarWriter(f, mtime=TAR_MTIME) as writer:
+            for sample in samples:
+                counts["frames"] += _num_frames(sample)
+                writer.write(sample)
+                counts["samples"] += 1
+
+    remove_stale_temporaries(path.parent, path.name)
+    atomic_write(path, write)
+    return {"name": path.name, **counts, "bytes": path.stat().st_size}
 
 
 def write_manifest(
@@ -257,8 +233,8 @@ def write_manifest(
         "made_by": made_by,
     }
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    remove_stale_temporaries(out_dir, MANIFEST)
+    atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 

@@ -26,7 +26,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from lapo.checkpoint import atomic_write_text, file_sha256
+from lapo.io import atomic_write_json, file_sha256
 
 STAMP_SUFFIX = ".stamp.json"
 COMPARED = ("command", "files", "inputs")  # what must match for a stage to be reused
@@ -172,5 +172,5 @@ def run_step(
         "wall_seconds": round(seconds, 1),
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
-    atomic_write_text(stamp_path(marker), json.dumps(stamp, indent=2) + "\n")
+    atomic_write_json(stamp_path(marker), stamp)
     return True

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
 from lapo.callbacks import (
+    AtomicCheckpointIO,
     BestCheckpoint,
     GracefulStop,
     KeyLog,
@@ -51,14 +51,7 @@ from lapo.callbacks import (
     StepProgressBar,
     StopRequested,
 )
-from lapo.checkpoint import (
-    AtomicCheckpointIO,
-    atomic_write_text,
-    checkpoint_step,
-    prune_checkpoints,
-    remove_stale_temporaries,
-    resume_checkpoint,
-)
+from lapo.checkpoint import checkpoint_step, prune_checkpoints, resume_checkpoint
 from lapo.config import (
     ConfigError,
     OptimConfig,
@@ -67,13 +60,10 @@ from lapo.config import (
     parse_overrides,
     save_config,
 )
+from lapo.errors import NonFiniteLossError
+from lapo.io import atomic_write_json, remove_stale_temporaries
 from lapo.preempt import requeue_slurm_job
 from lapo.sharding import LapoFSDP, decayed_names, weight_decay_groups
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss was NaN or inf and ``trainer.nan_policy`` is ``stop``."""
-
 
 # --------------------------------------------------------------------------- the module side
 
@@ -503,7 +493,7 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
 def write_metrics(trainer: L.Trainer, run_dir: Path, extra: dict | None = None) -> dict:
     metrics = {"global_step": trainer.global_step, **final_metrics(trainer), **(extra or {})}
     if trainer.is_global_zero:
-        atomic_write_text(Path(run_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics
 
 

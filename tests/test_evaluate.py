@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lapo.agent import Agent, load_agent, save_agent
+from lapo.agent import Agent
 from lapo.config import PolicyModelConfig, to_dict
 from lapo.evaluate import evaluate
 from lapo.labelled import select_budget
@@ -27,6 +27,7 @@ from lapo.models import LatentPolicy
 from lapo.models.common import psnr
 from lapo.record import record_dataset
 from lapo.rollouts import play
+from lapo.runs import load_agent, save_agent
 from lapo.shards import iter_tar_samples, load_npy, read_manifest
 from lapo.video import decode_video_bytes
 from tests.datagen import make_dataset

@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lapo.agent import load_agent
 from lapo.checkpoint import state_dict_from_checkpoint
 from lapo.cli import main as lapo_main
 from lapo.config import FinetuneConfig, PretrainConfig, load_config
 from lapo.finetune import finetune
-from lapo.lam import load_lam, pretrain
-from lapo.policy import load_policy, load_policy_config, train_policy
+from lapo.lam import pretrain
+from lapo.policy import load_policy_config, train_policy
+from lapo.runs import load_agent, load_lam, load_policy
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from lapo.agent import AgentError, load_agent, policy_latent
-from lapo.checkpoint import CheckpointError, export_model, read_model_meta
+from lapo.agent import AgentError, policy_latent
+from lapo.checkpoint import CheckpointError
 from lapo.config import (
     ConfigError,
     FinetuneConfig,
@@ -34,7 +34,8 @@ from lapo.config import (
 from lapo.finetune import DecoderFit, Phase, Rows, finetune, run_phase
 from lapo.labelled import LabelledDataError, load_labelled
 from lapo.models import LatentActionModel, LatentPolicy
-from lapo.policy import KIND, NAME, lam_info, policy_extra
+from lapo.policy import lam_info, policy_extra
+from lapo.runs import POLICY_KIND, POLICY_NAME, export_model, load_agent, load_lam, read_lam
 from tests.datagen import NUM_ACTIONS, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,17 +62,20 @@ def write_lam(run: Path, *overrides: str) -> Path:
 
 def write_policy(run: Path, lam_run: Path, target: str = "continuous") -> Path:
     """A debug latent policy for `lam_run`, exported as `lapo train-policy` does."""
-    from lapo.lam import load_lam
-
     torch.manual_seed(1)
     cfg = load_config(
         PolicyConfig, None, {"policy": {"impala_scale": 1, "hidden": 32, "target": target}}
     )
     lam = load_lam(lam_run)
     policy = LatentPolicy.for_lam(cfg.policy, lam)
-    info = lam_info(lam_run, read_model_meta(lam_run, kind="lam"))
+    info = lam_info(read_lam(lam_run))
     export_model(
-        run, policy, kind=KIND, config=to_dict(cfg), extra=policy_extra(policy, info), name=NAME
+        run,
+        policy,
+        kind=POLICY_KIND,
+        config=to_dict(cfg),
+        extra=policy_extra(policy, info),
+        name=POLICY_NAME,
     )
     return run
 

@@ -196,7 +196,8 @@ def test_finetune_sigterm_saves_exits_and_resumes_to_the_same_agent(
 
 _SAVER = """
 import os, sys, torch
-from lapo.checkpoint import AtomicCheckpointIO, safe_torch_load
+from lapo.callbacks import AtomicCheckpointIO
+from lapo.checkpoint import safe_torch_load
 io, path, n = AtomicCheckpointIO(), sys.argv[1], int(sys.argv[2])
 step = safe_torch_load(path)["global_step"] if os.path.exists(path) else 0
 while True:

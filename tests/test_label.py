@@ -1,6 +1,6 @@
 """`lapo label`: pseudo-labelled shards on real BabyAI recordings and tests.datagen streams.
 
-The agent is a real, untrained stage-3 run written with lapo.agent.save_agent (a
+The agent is a real, untrained stage-3 run written with lapo.runs.save_agent (a
 LatentActionModel + ActionDecoder + LatentPolicy at debug size), so these tests
 need neither Lightning nor Accelerate. Expected labels are recomputed here by
 calling agent.label on windows cut independently from the decoded clips.
@@ -19,13 +19,14 @@ import pytest
 import torch
 
 from data_prep.inspect import inspect_dataset
-from lapo.agent import Agent, load_agent, save_agent
+from lapo.agent import Agent
 from lapo.config import DataConfig, ModelConfig, PolicyModelConfig, to_dict
 from lapo.data import make_loader
 from lapo.label import label_dataset, window_index
 from lapo.labelled import scan_labelled
 from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy
 from lapo.record import record_dataset
+from lapo.runs import load_agent, save_agent
 from lapo.shards import iter_tar_samples, load_npy, read_manifest, validate_dataset
 from lapo.video import decode_video_bytes
 from tests.datagen import make_dataset

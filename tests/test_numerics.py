@@ -20,10 +20,11 @@ from torch import nn
 
 from lapo.checkpoint import safe_torch_load
 from lapo.config import FinetuneConfig, PretrainConfig, load_config
+from lapo.errors import NonFiniteLossError
 from lapo.finetune import DecoderFit, Phase, Rows, run_phase
 from lapo.lam import LAMModule
 from lapo.models import ActionDecoder
-from lapo.train import NonFiniteLossError, fit
+from lapo.train import fit
 from tests.datagen import NUM_ACTIONS, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ batch for both targets, and that the policy never sees o[t+1].
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,21 +21,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lapo.checkpoint import CheckpointError, checkpoint_step, read_model_meta
+from lapo.checkpoint import CheckpointError, checkpoint_step
 from lapo.config import ConfigError, ModelConfig, PolicyConfig, PretrainConfig, load_config
-from lapo.lam import load_lam, pretrain
+from lapo.io import file_sha256
+from lapo.lam import pretrain
 from lapo.models import LatentActionModel
 from lapo.policy import (
     PolicyModule,
     check_config,
-    file_sha256,
     lam_info,
-    load_policy,
     load_policy_config,
-    policy_model_config,
-    read_policy_meta,
     train_policy,
 )
+from lapo.runs import load_lam, load_policy, policy_model_config, read_lam, read_policy_meta
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,13 +158,12 @@ def test_resume_without_a_checkpoint_fails_before_reading_data(lam_run, tmp_path
 
 def test_window_is_inherited_from_the_lam_and_a_mismatch_is_an_error(lam_run, data, tmp_path):
     assert policy_cfg(lam_run, data).data.context == K
-    meta = read_model_meta(lam_run, kind="lam")
+    lam = read_lam(lam_run)
     with pytest.raises(ConfigError, match=r"data.context: 1 differs from the LAM's 2"):
-        check_config(policy_cfg(lam_run, data, "data.context=1"), meta)
+        check_config(policy_cfg(lam_run, data, "data.context=1"), lam)
     with pytest.raises(ConfigError, match=r"data.frame_gap: 2 differs"):
         train_policy(policy_cfg(lam_run, data, "data.frame_gap=2"), tmp_path / "run")
-    continuous = json.loads(json.dumps(meta))
-    continuous["config"]["model"]["bottleneck"] = "continuous"
+    continuous = dataclasses.replace(lam, bottleneck="continuous")
     with pytest.raises(ConfigError, match="policy.target: codes needs a vq or fsq LAM"):
         check_config(policy_cfg(lam_run, data, "policy.target=codes"), continuous)
     with pytest.raises(ConfigError, match="lam: no stage-1 run"):
@@ -175,7 +173,7 @@ def test_window_is_inherited_from_the_lam_and_a_mismatch_is_an_error(lam_run, da
 def _module(lam: LatentActionModel, lam_dir: Path, data: Path, *overrides: str) -> PolicyModule:
     torch.manual_seed(0)
     cfg = policy_cfg(lam_dir, data, "policy.hidden=64", *overrides)
-    info = lam_info(lam_dir, read_model_meta(lam_dir, kind="lam"))
+    info = lam_info(read_lam(lam_dir))
     return PolicyModule(cfg, lam, info)
 
 

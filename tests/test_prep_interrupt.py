@@ -95,7 +95,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _shard_files(out: Path) -> set[str]:
-    return {p.name for p in out.glob("shard-*.tar*")} if out.is_dir() else set()
+    """Shards and the temporaries being written as shards (``.shard-000001.tar.<random>.tmp``)."""
+    return {p.name for p in out.glob("*shard-*.tar*")} if out.is_dir() else set()
 
 
 def reference_run(cmd: list[str], out: Path, env: dict | None = None) -> float:

@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 
 from lapo.checkpoint import CheckpointError, checkpoint_step, state_dict_from_checkpoint
 from lapo.config import PretrainConfig, load_config, read_yaml
-from lapo.lam import LAMModule, load_label_budget, load_lam, pretrain
-from lapo.train import NonFiniteLossError, fit
+from lapo.errors import NonFiniteLossError
+from lapo.lam import LAMModule, load_label_budget, pretrain
+from lapo.runs import load_lam
+from lapo.train import fit
 from lapo.windows import DatasetError
 from tests.datagen import make_dataset
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from lapo.agent import load_agent
 from lapo.cli import main
 from lapo.config import RLConfig, load_config
 from lapo.envs import Env
 from lapo.rl.train import train_rl
+from lapo.runs import load_agent
 from tests.test_finetune import write_lam, write_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +92,7 @@ def inform_policy(run: Path) -> Path:
     """Stand-in for stage 2 on the toy: RUN_P's policy regresses one latent per current colour,
     as a policy cloned from an IDM whose latents tell the moves apart would. Which latent
     means which action is still unknown: that is what PPO has to find out from reward."""
-    from lapo.checkpoint import export_model
-    from lapo.policy import KIND, NAME, load_policy, read_policy_meta
+    from lapo.runs import POLICY_KIND, POLICY_NAME, export_model, load_policy, read_policy_meta
 
     meta, policy = read_policy_meta(run), load_policy(run).train()
     ctx, colour = colour_contexts()
@@ -103,7 +102,9 @@ def inform_policy(run: Path) -> Path:
         opt.zero_grad()
         torch.nn.functional.mse_loss(policy(ctx), target).backward()
         opt.step()
-    export_model(run, policy, kind=KIND, config=meta["config"], extra=meta["extra"], name=NAME)
+    export_model(
+        run, policy, kind=POLICY_KIND, config=meta["config"], extra=meta["extra"], name=POLICY_NAME
+    )
     return run
 
 

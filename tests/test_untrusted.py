@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lapo.agent import AgentError, load_agent
-from lapo.checkpoint import AtomicCheckpointIO, CheckpointError, export_model, safe_torch_load
+from lapo.agent import AgentError
+from lapo.callbacks import AtomicCheckpointIO
+from lapo.checkpoint import CheckpointError, safe_torch_load
 from lapo.cli import main as lapo_main
 from lapo.config import (
     ConfigError,
@@ -35,9 +36,9 @@ from lapo.config import (
     to_dict,
 )
 from lapo.finetune import finetune
-from lapo.lam import load_lam
 from lapo.models import LatentActionModel, LatentPolicy
-from lapo.policy import lam_info, load_policy, policy_extra
+from lapo.policy import lam_info, policy_extra
+from lapo.runs import export_model, load_agent, load_lam, load_policy, read_lam
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,9 +129,7 @@ def test_loaders_of_exported_models_refuse_a_pickle_in_place_of_safetensors(tmp_
     load_lam(lam_run)  # the genuine export loads
     pcfg = load_config(PolicyConfig, None, {"policy": {"impala_scale": 1, "hidden": 16}})
     policy = LatentPolicy.for_lam(pcfg.policy, load_lam(lam_run))
-    from lapo.checkpoint import read_model_meta
-
-    info = lam_info(lam_run, read_model_meta(lam_run, kind="lam"))
+    info = lam_info(read_lam(lam_run))
     pol_run = tmp_path / "policy"
     export_model(pol_run, policy, kind="policy", config=to_dict(pcfg),
                  extra=policy_extra(policy, info), name="policy")  # fmt: skip

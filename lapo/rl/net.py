@@ -26,17 +26,18 @@ from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 
-from lapo.agent import (
-    Agent,
+from lapo.agent import Agent, obs_features, policy_action_logits
+from lapo.config import ConfigError, RLConfig
+from lapo.models import ActionDecoder
+from lapo.runs import (
     build_policy,
     decoder_kwargs,
     load_agent,
-    obs_features,
-    policy_action_logits,
+    load_policy,
+    policy_model_config,
+    read_lam,
+    read_policy_meta,
 )
-from lapo.checkpoint import read_model_meta
-from lapo.config import ConfigError, RLConfig
-from lapo.models import ActionDecoder
 
 
 class _Given:
@@ -168,8 +169,6 @@ def _zero_last(layer: torch.nn.Linear) -> None:
 
 def build_agent(policy_run, space: dict, cfg: RLConfig, *, init=None, from_scratch=False):
     """(Agent to train, the keyword arguments `save_agent` needs to write it)."""
-    from lapo.policy import load_policy, policy_model_config, read_policy_meta
-
     meta = read_policy_meta(policy_run)
     pconfig, kw = policy_model_config(policy_run), meta["extra"]["kwargs"]
     common = {"action_space": space, "context": int(kw["context"]),
@@ -181,12 +180,11 @@ def build_agent(policy_run, space: dict, cfg: RLConfig, *, init=None, from_scrat
         _zero_last(policy.head[-1])
         return Agent(method="bc", policy=policy, **common), {"policy_config": pcfg}
     from lapo.finetune import check_policy_run
-    from lapo.lam import load_lam
 
     lam_run = meta["extra"]["lam"]["run"]
-    check_policy_run(policy_run, lam_run)
-    lam_meta = read_model_meta(lam_run, kind="lam")
-    lam = load_lam(lam_run).requires_grad_(False)
+    lam_meta = read_lam(lam_run)
+    check_policy_run(policy_run, lam_meta)
+    lam = lam_meta.load().requires_grad_(False)
     latent_dim = int(lam.cfg.latent_dim)
     if init:
         ft = load_agent(init)
@@ -212,6 +210,6 @@ def build_agent(policy_run, space: dict, cfg: RLConfig, *, init=None, from_scrat
         use_obs = False
     agent = Agent(method="lapo", lam=lam, decoder=decoder, policy=load_policy(policy_run),
                   use_obs_features=use_obs, **common)  # fmt: skip
-    saves = {"lam_config": lam_meta["config"]["model"], "lam_kwargs": lam_meta["extra"],
+    saves = {"lam_config": lam_meta.config["model"], "lam_kwargs": lam_meta.kwargs,
              "policy_config": pconfig}  # fmt: skip
     return agent, saves

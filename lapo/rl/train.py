@@ -4,7 +4,7 @@ RUN_R holds rl_config.yaml and sources.json (what --resume must find unchanged),
 metrics.csv (one row per PPO update), tb/ (TensorBoard, SB3's logger),
 checkpoints/frames-XXXXXXXXXX.pt (policy, value head, optimizer, frames, random
 generators; `torch.load(weights_only=True)`), and at the end agent.safetensors +
-agent.json (`lapo.agent.save_agent`, so `lapo evaluate --model RUN_R` works) and
+agent.json (`lapo.runs.save_agent`, so `lapo evaluate --model RUN_R` works) and
 metrics.json.
 
 Written by hand, because SB3's PPO cannot say it: per-part learning rates
@@ -31,18 +31,14 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import set_random_seed
 from tqdm import tqdm
 
-from lapo.agent import save_agent
 from lapo.callbacks import RNGState
-from lapo.checkpoint import (
-    CheckpointError,
-    atomic_torch_save,
-    atomic_write_text,
-    safe_torch_load,
-)
+from lapo.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 from lapo.config import ConfigError, RLConfig, load_config, save_config, to_dict
+from lapo.io import atomic_write_json
 from lapo.preempt import StopSignal, requeue_slurm_job
 from lapo.rl.env import make_vec_env
 from lapo.rl.net import ActorCriticNet, LatentActorCritic, action_space_dict, build_agent
+from lapo.runs import read_policy_meta, save_agent
 
 FIELDS = ("frames", "updates", "episodes", "return_mean", "length_mean", "success_rate", "fps",
           "lr", "loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
@@ -149,7 +145,7 @@ def _prepare(cfg: RLConfig, run_dir: Path, sources: dict, resume: bool) -> None:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, saved)
-    atomic_write_text(run_dir / "sources.json", json.dumps(sources, indent=2) + "\n")
+    atomic_write_json(run_dir / "sources.json", sources)
 
 
 def _env_kwargs(cfg: RLConfig, spec, policy_run) -> dict:
@@ -159,7 +155,6 @@ def _env_kwargs(cfg: RLConfig, spec, policy_run) -> dict:
     if cfg.env_view:
         return {"view": cfg.env_view}
     from lapo.finetune import _env_kwargs as recorded
-    from lapo.policy import read_policy_meta
 
     data = read_policy_meta(policy_run)["config"].get("data", {}).get("path")
     return {k: v for k, v in (recorded(data) if data else {}).items() if k == "view"}
@@ -176,7 +171,6 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
              resume=False) -> dict:  # fmt: skip
     """PPO-train the agent of `policy_run` on `env` (a spec, or a callable seed -> Env) into `run_dir`."""
     from lapo.envs import EnvError
-    from lapo.policy import read_policy_meta
 
     run_dir = Path(run_dir)
     meta = read_policy_meta(policy_run)  # a missing RUN_P fails here, naming it
@@ -257,7 +251,7 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
                   "env_kwargs": env_kwargs, "metrics": {k: v for k, v in metrics.items()
                                                         if isinstance(v, (int, float, str))}}  # fmt: skip
     save_agent(agent, run_dir, **saves)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
