@@ -28,7 +28,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lapo.checkpoint import CheckpointError, atomic_torch_save, prune_checkpoints, refusal
-from lapo.preempt import StopSignal
+from lapo.preempt import StopRequested, StopSignal
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -88,10 +88,6 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # the bar is closed once, in on_train_end
-
-
-class StopRequested(Exception):
-    """Every rank agreed to stop at a step boundary; the checkpoint is saved."""
 
 
 class GracefulStop(Callback):

@@ -62,6 +62,11 @@ def held_signals() -> Iterator[None]:
         _held.clear()
 
 
+class StopRequested(Exception):
+    """The ranks agreed to stop at a step boundary after a signal and the state is saved;
+    ``--resume`` continues the run. Raised by every training loop alike."""
+
+
 class StopSignal:
     """SIGTERM / SIGUSR1 set a flag and nothing else; the loop acts on it between steps.
 

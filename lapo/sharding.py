@@ -1,10 +1,7 @@
-"""Parameter groups every strategy shares, and FSDP set up so that they stay right.
+"""FSDP set up for lapo's models: its units, its dtypes, and a CPU mode.
 
-- Weight decay applies to matrices and conv kernels, not to biases and norm gains.
-  Which parameter is which is decided from the module as built (names and shapes),
-  before any wrapper renames or flattens it: FSDP with ``use_orig_params=True`` shows
-  each parameter as a 1-D shard of its flat parameter (or an empty tensor), so a
-  ``p.ndim >= 2`` test after wrapping would put every parameter in the no-decay group.
+- Weight-decay groups are decided from the module before FSDP wraps it
+  (`lapo.optim.decayed_names`), so they are the same under every strategy.
 - FSDP units: one per block (IMPALA stage, transformer block, U-Net res block) and one
   per observation encoder. The latent world model's EMA target is a copy of its online
   encoder, updated element by element outside any forward; as units of their own the
@@ -17,49 +14,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
-
-# Names wrappers insert into parameter names: FSDP, activation checkpointing,
-# torch.compile (as a wrapper module), DDP.
-WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def plain_name(name: str) -> str:
-    """A parameter's name as the unwrapped module spells it."""
-    for part in WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
-def decayed_names(module: nn.Module) -> set[str]:
-    """Names of the parameters that take weight decay: those of 2 or more dimensions.
-
-    Call on the module before any wrapper touches it (``configure_model`` time).
-    """
-    return {plain_name(n) for n, p in module.named_parameters() if p.ndim >= 2}
-
-
-def weight_decay_groups(
-    named_params: Iterable[tuple[str, torch.Tensor]], decayed: set[str], weight_decay: float
-) -> list[dict[str, Any]]:
-    """AdamW groups: the parameters named in `decayed` with `weight_decay`, the rest without.
-
-    `named_params` may come from a wrapped module; names are compared without the
-    wrappers' parts. Parameters that need no gradient are left out.
-    """
-    decay, no_decay = [], []
-    for name, p in named_params:
-        if p.requires_grad:
-            (decay if plain_name(name) in decayed else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def fsdp_units() -> set[type[nn.Module]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -49,7 +48,6 @@ from lapo.callbacks import (
     PeriodicCheckpoint,
     RNGState,
     StepProgressBar,
-    StopRequested,
 )
 from lapo.checkpoint import checkpoint_step, prune_checkpoints, resume_checkpoint
 from lapo.config import (
@@ -60,28 +58,13 @@ from lapo.config import (
     parse_overrides,
     save_config,
 )
-from lapo.errors import NonFiniteLossError
+from lapo.errors import NonFiniteSteps
 from lapo.io import atomic_write_json, remove_stale_temporaries
-from lapo.preempt import requeue_slurm_job
-from lapo.sharding import LapoFSDP, decayed_names, weight_decay_groups
+from lapo.optim import adamw, decayed_names, lr_lambda
+from lapo.preempt import StopRequested, requeue_slurm_job
+from lapo.sharding import LapoFSDP
 
 # --------------------------------------------------------------------------- the module side
-
-
-def lr_lambda(optim: OptimConfig, max_steps: int):
-    """Multiplier of ``optim.lr`` at each optimiser step: linear warm-up, then constant or cosine."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.schedule == "constant":
-            return 1.0
-        span = max(1, max_steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / span)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
-
-    return factor
 
 
 class StageModule(L.LightningModule):
@@ -98,7 +81,9 @@ class StageModule(L.LightningModule):
         self.optim_cfg = optim
         self.trainer_cfg = trainer_cfg
         self.compile_enabled = False  # set by `fit` once the hardware is known
-        self.nonfinite_steps = 0
+        self.nonfinite = NonFiniteSteps(
+            trainer_cfg.nan_policy, setting="trainer.nan_policy", warn=rank_zero_warn
+        )
         self._where: str | None = None  # step, batch and keys of the batch being trained on
 
     def configure_model(self) -> None:
@@ -118,8 +103,9 @@ class StageModule(L.LightningModule):
         # No weight decay on biases and norm gains (1-D tensors): decaying them only hurts.
         # Decided from the unwrapped module: under FSDP every parameter here is a 1-D shard.
         decayed = getattr(self, "_decayed", None) or decayed_names(self)
-        groups = weight_decay_groups(self.named_parameters(), decayed, self.optim_cfg.weight_decay)
-        opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas))
+        cfg = self.optim_cfg
+        opt = adamw(self.named_parameters(), decayed, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    betas=cfg.betas)  # fmt: skip
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.optim_cfg, self.trainer_cfg.max_steps)
         )
@@ -140,7 +126,7 @@ class StageModule(L.LightningModule):
             # A finite loss can still give inf/NaN gradients; AdamW would spread them into every
             # weight. (16-mixed is exempt: its grad scaler skips such steps by design.) The
             # norm is of the all-reduced gradients, so every rank takes the same decision.
-            self.nonfinite_event(f"gradient norm {float(norm)}")
+            self.nonfinite_event("gradient norm", float(norm))
             for p in self.parameters():
                 p.grad = None  # the optimiser skips parameters without a gradient
             return
@@ -169,19 +155,18 @@ class StageModule(L.LightningModule):
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return True
-        self.nonfinite_event(f"loss ({loss.item()})")
+        self.nonfinite_event("loss", loss.item())
         return False
 
-    def nonfinite_event(self, what: str) -> None:
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped so far for a non-finite loss or gradient."""
+        return self.nonfinite.count
+
+    def nonfinite_event(self, what: str, value: float) -> None:
         """A non-finite `what` at the current step: raise (nan_policy=stop) or warn and count."""
         where = getattr(self, "_where", None) or f"step {self.global_step}"
-        if self.trainer_cfg.nan_policy == "stop":
-            raise NonFiniteLossError(f"non-finite {what} at {where}; trainer.nan_policy=stop")
-        self.nonfinite_steps += 1
-        rank_zero_warn(
-            f"lapo: skipping a step with a non-finite {what} at {where} "
-            f"({self.nonfinite_steps} so far)"
-        )
+        self.nonfinite(what, value, where)
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
 
 

@@ -125,7 +125,7 @@ def test_overrides_parse_as_yaml_and_win_over_the_file():
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    from lapo.train import lr_lambda
+    from lapo.optim import lr_lambda
 
     f = lr_lambda(OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), max_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)

@@ -331,11 +331,11 @@ def test_latent_actions_recover_true_actions(bottleneck, min_acc):
     Four actions move a sprite; chance is 0.25. The world model must also beat copying
     the last frame. Settings are the ones lapo recommends for small moving sprites:
     a residual world model and its loss scaled by the copy baseline's, and the learning
-    rate schedule of `lapo pretrain` (cosine to zero, lapo.train.lr_lambda).
+    rate schedule of `lapo pretrain` (cosine to zero, lapo.optim.lr_lambda).
     """
     from lapo.config import OptimConfig
+    from lapo.optim import lr_lambda
     from lapo.probe import fit_probe
-    from lapo.train import lr_lambda
 
     torch.manual_seed(0)
     cfg = tiny_cfg(

@@ -1,7 +1,7 @@
 """Weight-decay groups and FSDP: the groups must not depend on how the module is wrapped.
 
 FSDP with ``use_orig_params=True`` shows every parameter as a 1-D shard under a name with
-``_fsdp_wrapped_module.`` inserted; `lapo.sharding` decides the groups from the unwrapped
+``_fsdp_wrapped_module.`` inserted; `lapo.optim` decides the groups from the unwrapped
 module. The slow test trains one step of the debug LAM under DDP and under FSDP (two gloo
 processes each, FSDP on CPU) and compares the optimiser's groups parameter by parameter.
 """
@@ -19,7 +19,8 @@ import torch
 
 from lapo.config import PretrainConfig, load_config
 from lapo.lam import LAMModule
-from lapo.sharding import decayed_names, fsdp_mixed_precision, plain_name, weight_decay_groups
+from lapo.optim import decayed_names, plain_name, weight_decay_groups
+from lapo.sharding import fsdp_mixed_precision
 from tests.datagen import make_dataset
 from tests.test_ddp import free_port
 
@@ -66,7 +67,7 @@ from pathlib import Path
 from lapo.config import PretrainConfig, load_config
 from lapo.data import VideoDataModule
 from lapo.lam import LAMModule, action_info
-from lapo.sharding import plain_name
+from lapo.optim import plain_name
 from lapo.train import fit, prepare_run
 
 seen = {}
