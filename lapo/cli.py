@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train-policy": ("lapo.policy", "stage 2: clone a latent policy from the IDM's latent actions"),
     "finetune": (
-        "lapo.finetune",
+        "lapo.finetune.command",
         "stage 3: fit the latent->action decoder (and policy) on labelled demos",
     ),
     "label": ("lapo.label", "pseudo-label a dataset with real actions using a fine-tuned run"),

@@ -1,10 +1,10 @@
 """Trained run directories, read and written without Lightning.
 
-| stage                        | files                                | loader        |
-| ---------------------------- | ------------------------------------ | ------------- |
-| 1 (`lapo pretrain`)          | `model.safetensors` + `model.json`   | `load_lam`    |
-| 2 (`lapo train-policy`)      | `policy.safetensors` + `policy.json` | `load_policy` |
-| 3 (`lapo finetune`, `rl`)    | `agent.safetensors` + `agent.json`   | `load_agent`  |
+| stage                        | files                                | loader              |
+| ---------------------------- | ------------------------------------ | ------------------- |
+| 1 (`lapo pretrain`)          | `model.safetensors` + `model.json`   | `load_lam`          |
+| 2 (`lapo train-policy`)      | `policy.safetensors` + `policy.json` | `load_policy`       |
+| 3 (`lapo finetune`, `rl`)    | `agent.safetensors` + `agent.json`   | `load_agent`        |
 
 Weights are safetensors and settings JSON (`export_model`, `save_agent`), written with
 `lapo.io.atomic_write`; loading them runs no pickle, so a run directory can be shared and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from lapo.agent import Agent, AgentError
 from lapo.checkpoint import CheckpointError
-from lapo.config import ModelConfig, PolicyModelConfig, from_dict
+from lapo.config import ConfigError, ModelConfig, PolicyModelConfig, from_dict, load_config, to_dict
 from lapo.io import atomic_write, atomic_write_json, file_sha256
 from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy
 
@@ -198,6 +199,16 @@ def policy_model_config(run_dir: str | Path) -> dict:
     return read_policy_meta(run_dir)["config"]["policy"]
 
 
+def check_policy_run(policy_run: str | Path, lam: LamRun) -> None:
+    """The stage-2 policy must have been cloned from this very LAM (same weights)."""
+    trained_on = read_policy_meta(policy_run)["extra"].get("lam", {})
+    if trained_on.get("sha256") not in (None, lam.sha256()):
+        raise ConfigError(
+            f"--policy {policy_run} was cloned from the LAM {trained_on.get('run')}, whose weights "
+            f"differ from --lam {lam.path}; its latent actions would mean something else"
+        )
+
+
 def load_policy(run_dir: str | Path, map_location: str | torch.device = "cpu") -> LatentPolicy:
     """The trained LatentPolicy of a stage-2 run, in eval mode, from RUN_P/policy.{json,safetensors}."""
     meta = read_policy_meta(run_dir)
@@ -329,3 +340,43 @@ def load_agent(run_dir: str | Path, map_location: str | torch.device = "cpu") ->
             f"unexpected {sorted(unexpected)[:6]}"
         )
     return agent.to(map_location).eval()
+
+
+# --------------------------------------------------------------------------- a run's inputs
+
+
+def check_run_dir(
+    cfg: Any,
+    run_dir: str | Path,
+    sources: dict,
+    *,
+    resume: bool,
+    config: str = "config.yaml",
+    free: tuple[str, ...] = (),
+    what: str = "run",
+) -> None:
+    """Before a stage-3 run writes anything: without `resume`, `run_dir` must hold no run;
+    with it, the run there was made with the settings `cfg` (but for the keys in `free`)
+    and the inputs `sources` (its ``sources.json``)."""
+    run_dir = Path(run_dir)
+    saved = run_dir / config
+    if not resume:
+        if any((run_dir / x).exists() for x in (config, "checkpoints", AGENT_META)):
+            raise CheckpointError(
+                f"{run_dir} already holds a {what}; pass --resume or choose another --out"
+            )
+        return
+    if not saved.is_file():
+        raise CheckpointError(
+            f"--resume: {run_dir} holds no {what} (no {config}); start without --resume"
+        )
+    old, new = to_dict(load_config(type(cfg), saved)), to_dict(cfg)
+    for key in new:
+        if key not in free and old[key] != new[key]:
+            raise ConfigError(f"{key}: {new[key]!r} differs from {old[key]!r} in {saved}; "
+                              "--resume needs the same settings")  # fmt: skip
+    old_sources = json.loads((run_dir / "sources.json").read_text())
+    if old_sources != sources:
+        raise ConfigError(
+            f"--resume: inputs {sources} differ from {old_sources} ({run_dir}/sources.json)"
+        )

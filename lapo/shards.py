@@ -281,6 +281,19 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def recorded_env_kwargs(dataset: str | Path) -> dict:
+    """How `lapo.record` rendered `dataset` (e.g. BabyAI's view), so rollouts can match it.
+
+    Empty for a dataset another tool made, or whose manifest cannot be read.
+    """
+    try:
+        made_by = read_manifest(dataset).get("made_by") or {}
+    except (OSError, ValueError):
+        return {}
+    kwargs = made_by.get("env_kwargs") if made_by.get("tool") == "lapo.record" else None
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
+
+
 def _key_and_ext(name: str) -> tuple[str, str] | None:
     """Tar member name -> (sample key, extension) as webdataset groups them; None: no extension."""
     base = name.rsplit("/", 1)[-1]

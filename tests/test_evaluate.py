@@ -238,18 +238,18 @@ def test_pipeline_end_to_end_with_label_budgets(babyai, tmp_path):
 def test_rollouts_render_as_the_labelled_data_was(tmp_path):
     """A run fitted on agent-view BabyAI data is rolled out in the agent's view, unasked."""
     from lapo.envs import episode_seeds, make_env
-    from lapo.finetune import _env_kwargs
+    from lapo.shards import recorded_env_kwargs
 
     data = tmp_path / "ego"
     record_dataset(SPEC, data, episodes=2, policy="expert", clip_frames=8, episodes_per_shard=2,
                    size=32, env_kwargs={"view": "agent"}, progress=False, verbose=False)  # fmt: skip
-    assert _env_kwargs(str(data)) == {"view": "agent"}
+    assert recorded_env_kwargs(data) == {"view": "agent"}
     torch.manual_seed(0)
     pcfg = PolicyModelConfig(impala_scale=1, hidden=16, target="continuous")
     policy = LatentPolicy(pcfg, context=2, image_size=32, latent_dim=7)
     space = read_manifest(data)["action_space"]
     agent = Agent(method="bc", action_space=space, context=2, policy=policy,
-                  info={"env_kwargs": _env_kwargs(str(data)), "image_shape": [32, 32]})  # fmt: skip
+                  info={"env_kwargs": recorded_env_kwargs(data), "image_shape": [32, 32]})  # fmt: skip
     save_agent(agent, tmp_path / "bc", policy_config=to_dict(pcfg))
     m = evaluate(tmp_path / "bc", tmp_path / "m.json", env=SPEC, episodes=1, max_steps=3,
                  device="cpu", progress=False)  # fmt: skip

@@ -35,7 +35,14 @@ from lapo.finetune import DecoderFit, Phase, Rows, finetune, run_phase
 from lapo.labelled import LabelledDataError, load_labelled
 from lapo.models import LatentActionModel, LatentPolicy
 from lapo.policy import lam_info, policy_extra
-from lapo.runs import POLICY_KIND, POLICY_NAME, export_model, load_agent, load_lam, read_lam
+from lapo.runs import (
+    POLICY_KIND,
+    POLICY_NAME,
+    export_model,
+    load_agent,
+    load_lam,
+    read_lam,
+)
 from tests.datagen import NUM_ACTIONS, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +122,7 @@ def test_a_spent_time_budget_ends_the_phase_evaluated_and_saved(tmp_path, monkey
 
     clock = iter(range(0, 10**6, 10))  # each look at the clock: 10 s later
 
-    monkeypatch.setattr("lapo.finetune.time.time", lambda: float(next(clock)))
+    monkeypatch.setattr("lapo.finetune.loop.time.time", lambda: float(next(clock)))
     cfg = FinetuneConfig(epochs=50, batch_size=32, lr=3e-3, progress=False, max_minutes=1.5)
     torch.manual_seed(0)
     train, val = _toy(400, True, 0), _toy(100, True, 1)

@@ -31,6 +31,7 @@ from lapo.config import ConfigError, RLConfig
 from lapo.models import ActionDecoder
 from lapo.runs import (
     build_policy,
+    check_policy_run,
     decoder_kwargs,
     load_agent,
     load_policy,
@@ -179,8 +180,6 @@ def build_agent(policy_run, space: dict, cfg: RLConfig, *, init=None, from_scrat
         policy = build_policy(pcfg, {**kw, "latent_dim": n, "num_codes": 0, "code_heads": 0})
         _zero_last(policy.head[-1])
         return Agent(method="bc", policy=policy, **common), {"policy_config": pcfg}
-    from lapo.finetune import check_policy_run
-
     lam_run = meta["extra"]["lam"]["run"]
     lam_meta = read_lam(lam_run)
     check_policy_run(policy_run, lam_meta)

@@ -18,7 +18,6 @@ which is saved before the run exits).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from pathlib import Path
@@ -32,13 +31,13 @@ from stable_baselines3.common.utils import set_random_seed
 from tqdm import tqdm
 
 from lapo.callbacks import RNGState
-from lapo.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
-from lapo.config import ConfigError, RLConfig, load_config, save_config, to_dict
+from lapo.checkpoint import atomic_torch_save, safe_torch_load
+from lapo.config import ConfigError, RLConfig, save_config
 from lapo.io import atomic_write_json
 from lapo.preempt import StopSignal, requeue_slurm_job
 from lapo.rl.env import make_vec_env
 from lapo.rl.net import ActorCriticNet, LatentActorCritic, action_space_dict, build_agent
-from lapo.runs import read_policy_meta, save_agent
+from lapo.runs import check_run_dir, read_policy_meta, save_agent
 
 FIELDS = ("frames", "updates", "episodes", "return_mean", "length_mean", "success_rate", "fps",
           "lr", "loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
@@ -125,26 +124,13 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _prepare(cfg: RLConfig, run_dir: Path, sources: dict, resume: bool) -> None:
-    saved = run_dir / CONFIG
+    """Refuse to overwrite a run; on resume insist on the same settings and inputs."""
+    check_run_dir(cfg, run_dir, sources, resume=resume, config=CONFIG, free=RESUME_FREE,
+                  what="lapo rl run")  # fmt: skip
     if resume:
-        if not saved.is_file():
-            raise CheckpointError(f"--resume: {run_dir} holds no lapo rl run (no {CONFIG})")
-        old, new = to_dict(load_config(RLConfig, saved)), to_dict(cfg)
-        for key in new:
-            if key not in RESUME_FREE and old[key] != new[key]:
-                raise ConfigError(f"{key}: {new[key]!r} differs from {old[key]!r} in {saved}; "
-                                  "--resume needs the same settings")  # fmt: skip
-        old_sources = json.loads((run_dir / "sources.json").read_text())
-        if old_sources != sources:
-            raise ConfigError(f"--resume: inputs {sources} differ from {old_sources} "
-                              f"({run_dir}/sources.json)")  # fmt: skip
         return
-    if saved.exists() or (run_dir / "checkpoints").exists() or (run_dir / "agent.json").exists():
-        raise CheckpointError(
-            f"{run_dir} already holds a run; pass --resume or choose another --out"
-        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
+    save_config(cfg, run_dir / CONFIG)
     atomic_write_json(run_dir / "sources.json", sources)
 
 
@@ -154,10 +140,10 @@ def _env_kwargs(cfg: RLConfig, spec, policy_run) -> dict:
         return {}
     if cfg.env_view:
         return {"view": cfg.env_view}
-    from lapo.finetune import _env_kwargs as recorded
+    from lapo.shards import recorded_env_kwargs
 
     data = read_policy_meta(policy_run)["config"].get("data", {}).get("path")
-    return {k: v for k, v in (recorded(data) if data else {}).items() if k == "view"}
+    return {k: v for k, v in (recorded_env_kwargs(data) if data else {}).items() if k == "view"}
 
 
 def _finite(x) -> bool:

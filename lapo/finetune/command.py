@@ -1,0 +1,76 @@
+"""``lapo finetune``: its flags, and the run they ask for."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lapo.config import FinetuneConfig, load_config, parse_overrides
+from lapo.finetune.stage import finetune
+from lapo.labelled import LabelledDataError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "finetune",
+        help="stage 3: fit the latent->action decoder (and policy) on labelled demos",
+        description="Stage 3 (Accelerate): fit a decoder from latent to true actions on a budget of "
+        "labelled transitions (and fine-tune the policy), or train a baseline. Writes RUN_F/config.yaml, "
+        "selection.json, metrics.jsonl, checkpoints/, agent.safetensors + agent.json, metrics.json. "
+        "Several processes (GPUs, or CPUs with gloo): accelerate launch --multi_gpu --num_processes N "
+        "-m lapo.cli finetune ...",
+    )
+    p.add_argument("--lam", help="stage-1 run directory (RUN); required for --method lapo")
+    p.add_argument(
+        "--policy", help="stage-2 run directory (RUN_P): the agent can act; see --finetune-policy"
+    )
+    p.add_argument("--labeled", "--labelled", dest="labeled", required=True,
+                   help="labelled dataset directory (shards + manifest.json with an action space)")  # fmt: skip
+    p.add_argument(
+        "--label-budget",
+        type=int,
+        help="labelled transitions to train on (sets label_budget, default "
+        f"{FinetuneConfig.label_budget}; 0: all outside the held-out split)",
+    )
+    p.add_argument("--out", required=True, help="run directory RUN_F")
+    p.add_argument(
+        "--method",
+        choices=["lapo", "idm-supervised", "bc"],
+        help=f"sets method (default {FinetuneConfig.method})",
+    )
+    p.add_argument(
+        "--finetune-policy",
+        action="store_true",
+        help="lapo: also fine-tune policy + decoder end to end",
+    )
+    p.add_argument(
+        "--config",
+        help="YAML file overriding the typed defaults (e.g. configs/finetune/lapo.yaml)",
+    )
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override any setting, e.g. --set epochs=5 decoder_hidden=64 model.image_size=32")  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                   help=f"sets mixed_precision (default {FinetuneConfig.mixed_precision})")  # fmt: skip
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """Defaults < --config YAML < --set pairs < explicit flags."""
+    tree = parse_overrides(args.overrides)
+    flags = {"method": args.method, "label_budget": args.label_budget, "mixed_precision": args.mixed_precision,
+             "finetune_policy": True if args.finetune_policy else None}  # fmt: skip
+    tree.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(FinetuneConfig, args.config, tree)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        finetune(cfg, args.out, args.labeled, lam=args.lam, policy=args.policy, resume=args.resume)
+    except LabelledDataError as e:  # e.g. a budget larger than the labels: one line, no traceback
+        print(f"lapo finetune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
