@@ -109,18 +109,18 @@ def procgen(a: argparse.Namespace) -> dict:
     )  # fmt: skip
     budgets = [int(b) for b in a.budgets.split(",")]
     ev = out / "eval"
-    # lapo: one decoder run (the largest budget) to evaluate, plus a refit per budget
-    # scored on the same held-out windows (lapo evaluate --label-budgets)
-    dec = out / "lapo_decoder"
+    # lapo: a decoder per budget (lapo finetune --label-budgets), scored on the same held-out
+    # windows (lapo evaluate --budget-runs); the largest budget's run is the one evaluated
+    lapo_ft = ["--config", CONFIGS / "finetune" / "lapo.yaml", "--set", f"seed={a.seed}"]
+    curve = out / "lapo_budgets"
     c.run(
-        ["lapo.cli", "finetune", "--lam", lam, "--labeled", train, "--label-budget", budgets[-1],
-         "--out", dec, "--config", CONFIGS / "finetune" / "lapo.yaml", "--set", f"seed={a.seed}"],
-        dec / "agent.json",
+        ["lapo.cli", "finetune", "--lam", lam, "--labeled", train, "--label-budgets", a.budgets,
+         "--out", curve, *lapo_ft],
+        curve / "budgets.json",
     )  # fmt: skip
     c.run(
-        ["lapo.cli", "evaluate", "--model", dec, "--labeled", held, "--split", "all",
-         "--label-budgets", a.budgets, "--lam", lam, "--budget-data", train,
-         "--out", ev / "lapo.json"],
+        ["lapo.cli", "evaluate", "--model", curve / f"budget-{budgets[-1]}", "--labeled", held,
+         "--split", "all", "--budget-runs", curve, "--out", ev / "lapo.json"],
         ev / "lapo.json",
     )  # fmt: skip
     idm = [
@@ -165,12 +165,12 @@ def procgen(a: argparse.Namespace) -> dict:
         )  # fmt: skip
         c.run(
             ["lapo.cli", "finetune", "--lam", lam_b, "--labeled", train, "--label-budget", b,
-             "--out", dec_b, "--config", CONFIGS / "finetune" / "lapo.yaml", "--set", f"seed={a.seed}"],
+             "--out", dec_b, *lapo_ft],
             dec_b / "agent.json",
         )  # fmt: skip
         c.run(
             ["lapo.cli", "evaluate", "--model", dec_b, "--labeled", held, "--split", "all",
-             "--lam", lam_b, "--out", ev / f"lapo_labels_{b}.json"],
+             "--out", ev / f"lapo_labels_{b}.json"],
             ev / f"lapo_labels_{b}.json",
         )  # fmt: skip
         semi[b] = metrics(ev / f"lapo_labels_{b}.json")

@@ -9,8 +9,8 @@ and inputs; otherwise it runs again, as does every stage after it that reads it
 
 record (unlabelled train set, labelled set, held-out set) -> pretrain (stage 1)
 -> train-policy (stage 2) -> finetune (stage 3, lapo) -> finetune (bc baseline,
-same labels) -> label (held-out slice) -> evaluate (each agent, with rollouts)
--> report.
+same labels) -> label (held-out slice) -> finetune budgets (a decoder per label
+budget) -> evaluate (each agent, with rollouts; the budgets' decoders) -> report.
 """
 
 from __future__ import annotations
@@ -206,9 +206,9 @@ class Pipeline:
             pol / "policy.safetensors",
             lambda: _metrics_line(pol / "metrics.json", ["val/latent_mse", "val/latent_mse_baseline", "val/code_acc"]),
         )  # fmt: skip
-        ft_common = ["--labeled", str(labeled), "--label-budget", str(sc.label_budget),
-                     "--config", str(CONFIGS / "finetune" / "demo.yaml"),
-                     "--set", f"epochs={sc.finetune_epochs}", "--set", f"seed={a.seed}"]  # fmt: skip
+        ft_settings = ["--labeled", str(labeled), "--config", str(CONFIGS / "finetune" / "demo.yaml"),
+                       "--set", f"epochs={sc.finetune_epochs}", "--set", f"seed={a.seed}"]  # fmt: skip
+        ft_common = ["--label-budget", str(sc.label_budget), *ft_settings]
         agent = self.out / "agent"
         self.run_stage(
             "finetune",
@@ -231,13 +231,20 @@ class Pipeline:
             labelled / "manifest.json",
             lambda: _dataset_line(labelled),
         )  # fmt: skip
+        budgets = self.out / "budgets"  # a decoder per label budget, for the curve
+        self.run_stage(
+            "finetune budgets",
+            ["lapo.cli", "finetune", "--lam", str(lam), "--label-budgets",
+             ",".join(map(str, sc.label_budgets)), "--out", str(budgets), *ft_settings],
+            budgets / "budgets.json",
+            lambda: f"{len(list(budgets.glob('budget-*/agent.json')))} decoders",
+        )  # fmt: skip
         ev = self.out / "eval"
         env_flags = ["--env", a.env, "--episodes", str(sc.eval_episodes)]
         self.run_stage(
             "evaluate",
             ["lapo.cli", "evaluate", "--model", str(agent), "--labeled", str(heldout), *env_flags,
-             "--label-budgets", ",".join(map(str, sc.label_budgets)), "--lam", str(lam),
-             "--budget-data", str(labeled), "--split", "all", "--out", str(ev / "lapo.json")],
+             "--budget-runs", str(budgets), "--split", "all", "--out", str(ev / "lapo.json")],
             ev / "lapo.json",
             lambda: _metrics_line(ev / "lapo.json", ["decoder_accuracy", "success_rate", "return_mean"]),
         )  # fmt: skip

@@ -30,10 +30,10 @@ BabyAI/MiniGrid, the episode terminated with reward > 0; Procgen, the game's
 ``prev_level_complete`` flag at the episode end. An episode cut by the step cap
 counts as no success.
 
-``--label-budgets 100,300,1000 --lam RUN`` refits a lapo decoder for each
-budget with lapo.finetune's library function (on ``--budget-data``, default
-``--labeled``; runs kept under ``<stem>_budgets/``) and scores each on the same
-held-out windows as ``decoder_accuracy``; ``label_budgets`` lists the results.
+``--budget-runs DIR`` scores the runs of a label-budget curve (``lapo finetune
+--label-budgets 100,300,1000 --out DIR``: one decoder per budget, trained there) on the
+same held-out windows as ``decoder_accuracy``; ``label_budgets`` lists the results.
+Evaluation trains nothing.
 
 Figures next to the JSON: ``<stem>_latents.png`` (latent actions in 2D by true
 action), ``<stem>_budgets.png``, ``<stem>_rollout.gif`` and ``<stem>_rollout.png``.
@@ -168,41 +168,24 @@ def offline_metrics(agent, res: dict, ids: list[tuple[str, int]], *, seed: int =
 # --------------------------------------------------------------------------- label budgets
 
 
-def budget_curve(agent_dir: str | Path, lam: str | Path, data: str | Path, budgets: list[int],
-                 windows, *, work_dir: Path, batch_size: int, device: str) -> list[dict]:  # fmt: skip
-    """Refit a lapo decoder per budget with lapo.finetune and score each on `windows`.
+def budget_curve(budget_runs: str | Path, windows, *, batch_size: int, device: str) -> list[dict]:
+    """Score each run of a label-budget curve (`lapo finetune --label-budgets`) on `windows`.
 
-    The settings are RUN_F's (config.yaml) with method lapo, no policy phase and the
-    budget changed. Runs go to work_dir/budget-N; a finished one is reused. A budget
-    larger than the labelled data holds is reported with an error instead.
+    A budget that has no run (more labels than the data holds) keeps its error.
     """
-    from lapo.config import FinetuneConfig, load_config, to_dict
-    from lapo.finetune import finetune
-    from lapo.labelled import LabelledDataError
-    from lapo.runs import load_agent
+    from lapo.runs import load_agent, read_budget_curve
 
-    saved = Path(agent_dir) / "config.yaml"
-    base = load_config(FinetuneConfig, saved) if saved.is_file() else FinetuneConfig()
     rows = []
-    for b in budgets:
-        run = work_dir / f"budget-{b}"
-        cfg = load_config(
-            FinetuneConfig, None,
-            {**to_dict(base), "label_budget": b, "method": "lapo", "finetune_policy": False},
-        )  # fmt: skip
-        try:
-            if not (run / "agent.json").is_file():
-                finetune(cfg, run, data, lam=lam, resume=(run / "config.yaml").is_file())
-        except LabelledDataError as e:
-            rows.append({"budget": b, "error": str(e)})
+    for row in read_budget_curve(budget_runs):
+        if "run" not in row:
+            rows.append(row)
             continue
-        fitted = load_agent(run).to(device)
+        fitted = load_agent(row["run"]).to(device)
         res = collect(fitted, windows, batch_size=batch_size, device=device, progress=False)
         discrete = fitted.action_space["type"] == "discrete"
         key = "decoder_accuracy" if discrete else "decoder_mse"
-        rows.append(
-            {"budget": b, key: _score(res["label"], res["true"], discrete), "run": str(run)}
-        )
+        score = _score(res["label"], res["true"], discrete)
+        rows.append({"budget": row["budget"], key: score, "run": row["run"]})
     return rows
 
 
@@ -249,9 +232,7 @@ def evaluate(
     env_size: int | None = None,
     env_view: str | None = None,
     greedy: bool = True,
-    label_budgets: list[int] | None = None,
-    lam: str | Path | None = None,
-    budget_data: str | Path | None = None,
+    budget_runs: str | Path | None = None,
     split: str = "heldout",
     max_windows: int | None = None,
     batch_size: int = 256,
@@ -265,8 +246,8 @@ def evaluate(
 
     if labeled is None and env is None:
         raise ValueError("lapo evaluate: give --labeled DATASET, --env SPEC, or both")
-    if label_budgets and (labeled is None or lam is None):
-        raise ValueError("lapo evaluate: --label-budgets needs --labeled and --lam RUN (stage 1)")
+    if budget_runs is not None and labeled is None:
+        raise ValueError("lapo evaluate: --budget-runs needs --labeled (the held-out windows)")
     if split not in ("heldout", "all"):
         raise ValueError(f"lapo evaluate: --split must be heldout or all, got {split!r}")
     if device == "auto":
@@ -305,12 +286,10 @@ def evaluate(
                                    action_names=names if isinstance(names, list) else None,
                                    title=f"latent actions of held-out windows ({agent.method})")  # fmt: skip
             plots["latents"] = str(path)
-        if label_budgets:
+        if budget_runs is not None:
             from lapo.plots import plot_budget_curve
 
-            rows = budget_curve(model, lam, budget_data or labeled, label_budgets, windows,
-                                work_dir=json_path.parent / f"{stem}_budgets",
-                                batch_size=batch_size, device=device)  # fmt: skip
+            rows = budget_curve(budget_runs, windows, batch_size=batch_size, device=device)
             metrics["label_budgets"] = rows
             key = "decoder_accuracy" if agent.action_space["type"] == "discrete" else "decoder_mse"
             ok = [r for r in rows if r.get(key) is not None]
@@ -392,13 +371,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--sample", action="store_true", help="sample actions from the policy instead of argmax"
     )
     p.add_argument(
-        "--label-budgets",
-        default="",
-        help="comma-separated budgets, e.g. 100,300,1000: refit the decoder per budget",
-    )
-    p.add_argument("--lam", help="stage-1 run (RUN) for --label-budgets")
-    p.add_argument(
-        "--budget-data", help="labelled dataset the budget decoders train on (default: --labeled)"
+        "--budget-runs",
+        metavar="DIR",
+        help="the label-budget curve: score the runs of `lapo finetune --label-budgets ... --out "
+        "DIR` on the held-out windows",
     )
     p.add_argument("--batch-size", type=int, default=256, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -410,25 +386,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
-def parse_budgets(text: str) -> list[int]:
-    try:
-        budgets = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise ValueError(
-            f"lapo evaluate: --label-budgets {text!r}: expected integers like 100,300"
-        ) from None
-    if any(b < 1 for b in budgets):
-        raise ValueError(f"lapo evaluate: --label-budgets {text!r}: budgets must be >= 1")
-    return budgets
-
-
 def run(args: argparse.Namespace) -> int:
     metrics = evaluate(
         args.model, args.out, labeled=args.labeled, env=args.env, episodes=args.episodes,
         max_steps=args.max_steps, env_size=args.env_size, env_view=args.env_view,
         greedy=not args.sample,
-        label_budgets=parse_budgets(args.label_budgets), lam=args.lam,
-        budget_data=args.budget_data, split=args.split, max_windows=args.max_windows,
+        budget_runs=args.budget_runs, split=args.split, max_windows=args.max_windows,
         batch_size=args.batch_size, device=args.device, seed=args.seed,
         progress=not args.no_progress,
     )  # fmt: skip

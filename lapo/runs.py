@@ -5,6 +5,7 @@
 | 1 (`lapo pretrain`)          | `model.safetensors` + `model.json`   | `load_lam`          |
 | 2 (`lapo train-policy`)      | `policy.safetensors` + `policy.json` | `load_policy`       |
 | 3 (`lapo finetune`, `rl`)    | `agent.safetensors` + `agent.json`   | `load_agent`        |
+| 3 (`--label-budgets`)        | `budgets.json` + a run per budget    | `read_budget_curve` |
 
 Weights are safetensors and settings JSON (`export_model`, `save_agent`), written with
 `lapo.io.atomic_write`; loading them runs no pickle, so a run directory can be shared and
@@ -35,6 +36,7 @@ LAM_KIND = "lam"  # RUN/model.safetensors + RUN/model.json
 POLICY_KIND = POLICY_NAME = "policy"  # RUN_P/policy.safetensors + RUN_P/policy.json
 AGENT_WEIGHTS, AGENT_META = "agent.safetensors", "agent.json"
 AGENT_FORMAT_VERSION = 1
+BUDGET_CURVE = "budgets.json"  # DIR/budgets.json of `lapo finetune --label-budgets`
 
 
 # --------------------------------------------------------------------------- exported models
@@ -380,3 +382,21 @@ def check_run_dir(
         raise ConfigError(
             f"--resume: inputs {sources} differ from {old_sources} ({run_dir}/sources.json)"
         )
+
+
+# --------------------------------------------------------------------------- a label-budget curve
+
+
+def read_budget_curve(directory: str | Path) -> list[dict]:
+    """The rows of ``DIR/budgets.json`` (`lapo finetune --label-budgets`): each
+    ``{"budget": N, "run": DIR/budget-N}`` or ``{"budget": N, "error": why it has no run}``."""
+    path = Path(directory) / BUDGET_CURVE
+    if not path.is_file():
+        raise AgentError(
+            f"{path} does not exist: {directory} holds no finished `lapo finetune --label-budgets`"
+        )
+    rows = json.loads(path.read_text()).get("rows")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "budget" in r for r in rows):
+        raise AgentError(f'{path}: expected {{"rows": [{{"budget": N, "run": ...}}, ...]}}')
+    # runs are named relative to DIR, which may have moved since
+    return [{**r, "run": str(Path(directory) / r["run"])} if "run" in r else r for r in rows]

@@ -84,7 +84,8 @@ def test_commands_are_repeatable(demo_dir: Path) -> None:
     commands = json.loads((demo_dir / "commands.json").read_text())
     stages = [c["stage"] for c in commands]
     assert stages[:3] == ["record train", "record labeled", "record heldout"]
-    for needed in ("pretrain", "train-policy", "finetune", "finetune bc", "label", "evaluate"):
+    for needed in ("pretrain", "train-policy", "finetune", "finetune bc", "label",
+                   "finetune budgets", "evaluate"):  # fmt: skip
         assert needed in stages
     md = (demo_dir / "report.md").read_text()
     for c in commands:
@@ -141,6 +142,6 @@ def test_other_settings_rerun_and_the_report_follows(demo_dir: Path) -> None:
     md = (demo_dir / "report.md").read_text()
     assert before["pretrain"]["command"] not in md
     assert all(c["command"] in md for c in after.values())
-    assert "reused: ran" in md and "5 of 10 stages were reused" in md
+    assert "reused: ran" in md and "5 of 11 stages were reused" in md
     assert "World model after training (step 6)" in md
     test_report_numbers_equal_metrics(demo_dir)

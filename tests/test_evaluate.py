@@ -2,8 +2,8 @@
 
 The fast tests evaluate real, untrained stage-3 runs written with lapo.agent (see
 tests/test_label.py), recomputing the metrics here from windows cut
-independently; the slow one runs the whole chain (pretrain, finetune, evaluate
-with label budgets) through the library and the CLI.
+independently; the slow one runs the whole chain (pretrain, finetune, the label-budget
+runs, evaluate) through the library and the CLI.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def test_env_without_a_policy_is_refused(babyai, tmp_path):
         evaluate(tmp_path / "nopol", tmp_path / "m.json", env=SPEC, device="cpu", progress=False)
 
 
-@pytest.mark.slow  # Lightning pretrain + Accelerate finetunes + a CLI process: ~1-2 min
+@pytest.mark.slow  # Lightning pretrain + Accelerate finetunes + CLI processes: ~1-2 min
 def test_pipeline_end_to_end_with_label_budgets(babyai, tmp_path):
     from lapo.config import FinetuneConfig, PretrainConfig, load_config
     from lapo.finetune import finetune
@@ -215,11 +215,21 @@ def test_pipeline_end_to_end_with_label_budgets(babyai, tmp_path):
     pretrain(cfg, tmp_path / "lam")
     ft = load_config(FinetuneConfig, None, {"label_budget": 30, "epochs": 2, "progress": False})
     finetune(ft, tmp_path / "ft", babyai, lam=tmp_path / "lam")
+    # the curve's decoders are trained by lapo finetune; lapo evaluate only scores them
+    budgets = tmp_path / "budgets"
+    lapo = [sys.executable, "-m", "lapo.cli"]
+    res = subprocess.run(
+        [*lapo, "finetune", "--lam", str(tmp_path / "lam"), "--labeled", str(babyai),
+         "--label-budgets", "10,30,100000", "--set", "epochs=2", "progress=false",
+         "--out", str(budgets)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in budgets.glob("budget-*")) == ["budget-10", "budget-30"]
     out = tmp_path / "eval" / "lapo.json"
     res = subprocess.run(
-        [sys.executable, "-m", "lapo.cli", "evaluate", "--model", str(tmp_path / "ft"),
-         "--labeled", str(babyai), "--label-budgets", "10,30,100000", "--lam", str(tmp_path / "lam"),
-         "--device", "cpu", "--no-progress", "--out", str(out)],
+        [*lapo, "evaluate", "--model", str(tmp_path / "ft"), "--labeled", str(babyai),
+         "--budget-runs", str(budgets), "--device", "cpu", "--no-progress", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]

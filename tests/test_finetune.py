@@ -31,7 +31,7 @@ from lapo.config import (
     load_config,
     to_dict,
 )
-from lapo.finetune import DecoderFit, Phase, Rows, finetune, run_phase
+from lapo.finetune import DecoderFit, Phase, Rows, finetune, fit_budget_curve, run_phase
 from lapo.labelled import LabelledDataError, load_labelled
 from lapo.models import LatentActionModel, LatentPolicy
 from lapo.policy import lam_info, policy_extra
@@ -41,6 +41,7 @@ from lapo.runs import (
     export_model,
     load_agent,
     load_lam,
+    read_budget_curve,
     read_lam,
 )
 from tests.datagen import NUM_ACTIONS, make_dataset
@@ -313,6 +314,28 @@ def test_settings_are_checked_before_any_work(data, lam_run, tmp_path):
     with pytest.raises(LabelledDataError, match="budget 100000 exceeds"):
         finetune(debug_cfg("method=bc", "label_budget=100000"), tmp_path / "e", data)
     assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+def test_budget_curve_fits_one_run_per_budget_and_reuses_finished_ones(data, lam_run, tmp_path):
+    curve = tmp_path / "curve"
+    rows = fit_budget_curve(debug_cfg(), curve, data, [20, BUDGET, 100000], lam=lam_run)
+    assert [r["budget"] for r in rows] == [20, BUDGET, 100000]
+    assert "exceeds" in rows[2]["error"] and not (curve / "budget-100000").exists()
+    for b in (20, BUDGET):
+        sel = json.loads((curve / f"budget-{b}" / "selection.json").read_text())
+        assert sum(len(r) for r in sel["train_rows"].values()) == b
+        assert load_agent(curve / f"budget-{b}").method == "lapo"
+    assert [r.get("run") for r in read_budget_curve(curve)] == [
+        str(curve / "budget-20"),
+        str(curve / f"budget-{BUDGET}"),
+        None,
+    ]
+    # again: the finished runs are reused as they are; other settings are refused, naming the key
+    trained = (curve / "budget-20" / "metrics.jsonl").read_text()
+    assert fit_budget_curve(debug_cfg(), curve, data, [20], lam=lam_run) == rows[:1]
+    assert (curve / "budget-20" / "metrics.jsonl").read_text() == trained
+    with pytest.raises(ConfigError, match="epochs"):
+        fit_budget_curve(debug_cfg("epochs=1"), curve, data, [20], lam=lam_run)
 
 
 def test_command_line_with_flags_over_config(data, tmp_path):

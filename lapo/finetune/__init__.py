@@ -28,7 +28,8 @@ replays the rest of that epoch in the same order, so the result equals an
 uninterrupted run's. A NaN/inf loss or gradient skips the step or stops the run
 (``nan_policy``); it never reaches the weights. The result is RUN_F/agent.safetensors +
 agent.json (self-contained: `lapo label --model RUN_F` needs nothing else) and
-RUN_F/metrics.json.
+RUN_F/metrics.json. ``--label-budgets 100,300,1000`` makes one such run per budget
+for the label-budget curve (`lapo.finetune.budgets`).
 
 | module        | concern                                                        |
 | ------------- | -------------------------------------------------------------- |
@@ -37,12 +38,14 @@ RUN_F/metrics.json.
 | `loop`        | one phase: epochs, resume, stop signal, non-finite steps       |
 | `plan`        | a method -> the agent and its phases                           |
 | `stage`       | one run: check inputs, select labels, train, save RUN_F        |
+| `budgets`     | one run per label budget (the label-budget curve)              |
 | `command`     | the ``lapo finetune`` flags                                    |
 
 Stage 3 imports no Lightning: optimiser, schedule, the non-finite rule and the stop
 signal are the ones stages 1 and 2 use (`lapo.optim`, `lapo.errors`, `lapo.preempt`).
 """
 
+from lapo.finetune.budgets import budget_run, fit_budget_curve
 from lapo.finetune.loop import EpochSampler, Phase, heldout_metrics, run_phase
 from lapo.finetune.objectives import BCFit, DecoderFit, IDMFit, PolicyFit, Rows, extract_latents
 from lapo.finetune.plan import Plan, make_plan, window_shape
@@ -57,9 +60,11 @@ __all__ = [
     "Plan",
     "PolicyFit",
     "Rows",
+    "budget_run",
     "extract_latents",
     "final_metrics",
     "finetune",
+    "fit_budget_curve",
     "heldout_metrics",
     "make_accelerator",
     "make_plan",

@@ -1,4 +1,4 @@
-"""``lapo finetune``: its flags, and the run they ask for."""
+"""``lapo finetune``: its flags, and the run (or the runs of a label-budget curve) they ask for."""
 
 from __future__ import annotations
 
@@ -6,8 +6,20 @@ import argparse
 import sys
 
 from lapo.config import FinetuneConfig, load_config, parse_overrides
+from lapo.finetune.budgets import fit_budget_curve
 from lapo.finetune.stage import finetune
 from lapo.labelled import LabelledDataError
+
+
+def parse_budgets(text: str) -> list[int]:
+    """``100,300,1000`` -> [100, 300, 1000]; each a budget of at least 1."""
+    try:
+        budgets = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers like 100,300") from None
+    if not budgets or any(b < 1 for b in budgets):
+        raise argparse.ArgumentTypeError(f"{text!r}: budgets must be integers >= 1")
+    return budgets
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -17,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Stage 3 (Accelerate): fit a decoder from latent to true actions on a budget of "
         "labelled transitions (and fine-tune the policy), or train a baseline. Writes RUN_F/config.yaml, "
         "selection.json, metrics.jsonl, checkpoints/, agent.safetensors + agent.json, metrics.json. "
+        "With --label-budgets, one such run per budget for the label-budget curve. "
         "Several processes (GPUs, or CPUs with gloo): accelerate launch --multi_gpu --num_processes N "
         "-m lapo.cli finetune ...",
     )
@@ -26,13 +39,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--labeled", "--labelled", dest="labeled", required=True,
                    help="labelled dataset directory (shards + manifest.json with an action space)")  # fmt: skip
-    p.add_argument(
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
         "--label-budget",
         type=int,
         help="labelled transitions to train on (sets label_budget, default "
         f"{FinetuneConfig.label_budget}; 0: all outside the held-out split)",
     )
-    p.add_argument("--out", required=True, help="run directory RUN_F")
+    budget.add_argument(
+        "--label-budgets",
+        type=parse_budgets,
+        metavar="N,N,...",
+        help="the label-budget curve: one run per budget, OUT/budget-N, listed in OUT/budgets.json "
+        "(score them with lapo evaluate --budget-runs OUT); finished runs are reused, begun ones "
+        "resumed",
+    )
+    p.add_argument("--out", required=True,
+                   help="run directory RUN_F (with --label-budgets: the directory of its runs)")  # fmt: skip
     p.add_argument(
         "--method",
         choices=["lapo", "idm-supervised", "bc"],
@@ -68,6 +91,10 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.label_budgets:
+        fit_budget_curve(cfg, args.out, args.labeled, args.label_budgets, lam=args.lam,
+                         policy=args.policy)  # fmt: skip
+        return 0
     try:
         finetune(cfg, args.out, args.labeled, lam=args.lam, policy=args.policy, resume=args.resume)
     except LabelledDataError as e:  # e.g. a budget larger than the labels: one line, no traceback
