@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lapo.config import DataConfig  # noqa: E402
 from lapo.data import list_shards, make_loader  # noqa: E402
-from lapo.shards import iter_tar_samples  # noqa: E402
+from lapo.tars import iter_tar_samples  # noqa: E402
 from lapo.windows import window_starts  # noqa: E402
 
 

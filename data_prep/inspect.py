@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lapo.shards import load_npy, read_manifest, validate_dataset
+from lapo.shards import load_npy, read_manifest
+from lapo.validate import validate_dataset
 
 
 class _Stats:

@@ -6,7 +6,7 @@
 SRC is searched recursively for .mp4 .webm .avi .mkv files. ``NAME.actions.npy``
 beside ``NAME.mp4`` holds one action row per *source* frame (row t: the action
 taken after frame t). Rerunning the same command after an interruption resumes
-it. The library code lives in :mod:`lapo.ingest`.
+it. The library code lives in :mod:`lapo.ingest` and :mod:`lapo.ingest_plan`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import re
 import shlex
 import sys
 
-from lapo.ingest import IngestError, IngestOptions, ingest
+from lapo.ingest import ingest
+from lapo.ingest_plan import IngestError, IngestOptions
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30})

@@ -3,8 +3,9 @@
 ``make_loader`` gives one rank's loader of windows without Lightning
 (Accelerate, labelling, evaluation); ``VideoDataModule`` does the same for
 Lightning, with rank and world size from the trainer. How shards become
-windows is in ``lapo.stream`` (splitting, the webdataset pipeline, resume) and
-``lapo.windows`` (checking, decoding and cutting one clip).
+windows is in ``lapo.stream`` (splitting, the webdataset pipeline),
+``lapo.loader`` (epochs and mid-epoch resume) and ``lapo.windows`` (checking,
+decoding and cutting one clip).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import webdataset as wds
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lapo.config import DataConfig
+from lapo.loader import WindowLoader
 from lapo.shards import MANIFEST, read_manifest
 from lapo.split import SplitError, read_keys, split_by_source
-from lapo.stream import WindowDataset, WindowLoader, share, split_note, split_plan
+from lapo.stream import WindowDataset, share, split_note, split_plan
 from lapo.windows import BadDataWarning, DatasetError, LoaderStats
 
 __all__ = [

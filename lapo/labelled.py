@@ -12,14 +12,9 @@ ids, clip keys and the seed (never of file order):
    exactly N.
 
 A transition is row t (the action after o[t], leading to o[t+g], g =
-frame_gap). The clips of one source (a recording) are laid on one frame axis by
-their ``start`` and cut into episodes where ``dones`` is set: a row with dones
-ends its episode and is never a transition, and a clip may hold the end of one
-episode and the start of the next. A window may reach into the previous clip
-for its context; before an episode's first frame (or a gap in the clips) the
-context repeats that frame, the convention of `lapo label` and of rollouts at
-an episode start. So every labelled transition is usable, and each belongs to
-exactly one clip (the one with the latest start at or before t).
+frame_gap), found on the frame axis of its recording (`lapo.timeline`): a row
+with dones ends its episode and is never a transition, and a window at an
+episode start repeats its first frame, as in `lapo label` and rollouts.
 
 Loading (`load_windows`) decodes each needed clip once and keeps only the
 frames some window uses, as one uint8 tensor plus an index of k+1 frame rows
@@ -40,45 +35,13 @@ from tqdm import tqdm
 
 from lapo.shards import load_npy, read_manifest
 from lapo.split import held_out
+from lapo.tars import index_tar, read_member
+from lapo.timeline import ClipRef, EpisodeRef, Timeline, build_timeline, split_episodes
 from lapo.windows import BadSample, load_clip
 
 
 class LabelledDataError(ValueError):
     """The labelled dataset cannot give what was asked (too few labels, bad clips)."""
-
-
-@dataclass
-class ClipRef:
-    """Where one clip lives and what its rows say (no frames: those are decoded on demand)."""
-
-    key: str
-    shard: str
-    start: int
-    num_frames: int
-    episode: str  # the json's episode (of the clip's first frame)
-    members: dict[str, tuple[int, int]]  # extension -> (byte offset, size) inside the tar
-    has_actions: bool
-    dones: np.ndarray | None  # (T,) bool
-
-
-@dataclass
-class Timeline:
-    """All clips of one source on one frame axis (clip ``start`` is the frame number)."""
-
-    source: str
-    clips: list[ClipRef]  # sorted by start
-    frame_owner: np.ndarray  # (L,) clip holding each frame, -1: none; the latest start wins
-    action_owner: np.ndarray  # (L,) clip holding each action row, -1: none
-    done: np.ndarray  # (L,) the step after frame f ends its episode
-    first: np.ndarray  # (L,) earliest frame a window ending at f may use (episode start, gap)
-
-
-@dataclass
-class EpisodeRef:
-    id: str
-    source: str
-    rows: np.ndarray  # labelled transition rows t (frame numbers of the source)
-    owner: np.ndarray  # clip index (in the timeline) owning each row
 
 
 @dataclass
@@ -101,66 +64,6 @@ class LabelledIndex:
 # --------------------------------------------------------------------------- scanning
 
 
-def _tar_members(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """key -> {extension: (offset, size)}; reads headers only, no member data."""
-    out: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(shard, mode="r") as tar:
-        for m in tar:
-            base = m.name.rsplit("/", 1)[-1]
-            if m.isfile() and "." in base:
-                key, ext = base.split(".", 1)
-                prefix = m.name[: len(m.name) - len(base)]
-                out.setdefault(prefix + key, {})[ext] = (m.offset_data, m.size)
-    return out
-
-
-def _read(shard: str, span: tuple[int, int]) -> bytes:
-    with open(shard, "rb") as f:
-        f.seek(span[0])
-        return f.read(span[1])
-
-
-def _timeline(source: str, clips: list[ClipRef]) -> Timeline:
-    clips = sorted(clips, key=lambda c: (c.start, c.key))
-    length = max(c.start + c.num_frames for c in clips)
-    frame_owner = np.full(length, -1, np.int64)
-    action_owner = np.full(length, -1, np.int64)
-    done = np.zeros(length, bool)
-    for i, c in enumerate(clips):
-        span = slice(c.start, c.start + c.num_frames)
-        frame_owner[span] = i
-        if c.has_actions:
-            action_owner[span] = i
-        if c.dones is not None:
-            done[span] |= c.dones
-    have = frame_owner >= 0
-    first = np.zeros(length, np.int64)
-    for f in range(1, length):  # a window reaches back no further than an episode end or a gap
-        first[f] = f if (done[f - 1] or not have[f - 1]) else first[f - 1]
-    return Timeline(source, clips, frame_owner, action_owner, done, first)
-
-
-def _episodes(tl: Timeline, gap: int) -> list[EpisodeRef]:
-    """Split a timeline at dones into episodes holding their labelled transition rows."""
-    length = len(tl.frame_owner)
-    have = np.concatenate([tl.frame_owner >= 0, np.zeros(gap, bool)])  # (L + gap,)
-    done = np.concatenate([tl.done, np.zeros(gap, bool)])
-    t = np.arange(length)
-    ok = (tl.action_owner >= 0) & have[t + gap]
-    for j in range(gap):  # every step t+j -> t+j+1 up to the target frame stays in the episode
-        ok &= have[t + j] & ~done[t + j]
-    number = np.concatenate([[0], np.cumsum(tl.done[:-1])])  # (L,) episode number of each frame
-    out = []
-    for e in np.unique(number[ok]).tolist():
-        rows = t[ok & (number == e)]
-        begin = int(np.flatnonzero(number == e)[0])
-        clip = tl.clips[tl.frame_owner[begin]] if tl.frame_owner[begin] >= 0 else None
-        # the json names the episode of a clip's first frame; elsewhere the id is positional
-        eid = clip.episode if clip is not None and clip.start == begin else f"{tl.source}@{begin}"
-        out.append(EpisodeRef(eid, tl.source, rows, tl.frame_owner[rows]))
-    return out
-
-
 def scan_labelled(path: str | Path, *, context: int, frame_gap: int = 1) -> LabelledIndex:
     """Index the labelled transitions of a dataset directory (json and npy members only)."""
     path = Path(path)
@@ -176,7 +79,7 @@ def scan_labelled(path: str | Path, *, context: int, frame_gap: int = 1) -> Labe
         if not shard.is_file():
             raise LabelledDataError(f"{shard}: listed in {path}/manifest.json but missing")
         try:
-            clips = _tar_members(shard)
+            clips = index_tar(shard)
         except (tarfile.TarError, OSError, EOFError) as e:
             why = (str(e).splitlines() or [type(e).__name__])[-1].strip("- ")
             raise LabelledDataError(f"{shard}: not a readable tar file: {why}") from e
@@ -184,11 +87,11 @@ def scan_labelled(path: str | Path, *, context: int, frame_gap: int = 1) -> Labe
             if "json" not in members or "mp4" not in members:
                 raise LabelledDataError(f"{shard}: clip {key}: no json or mp4 member")
             try:  # the labelled set is loaded at start-up: a damaged clip is an error naming it
-                meta = json.loads(_read(str(shard), members["json"]))
+                meta = json.loads(read_member(shard, members["json"]))
                 n, start = int(meta["num_frames"]), int(meta.get("start", 0))
                 dones = None
                 if "dones.npy" in members:
-                    dones = load_npy(_read(str(shard), members["dones.npy"])).astype(bool)
+                    dones = load_npy(read_member(shard, members["dones.npy"])).astype(bool)
             except (ValueError, TypeError, KeyError, AttributeError) as e:
                 raise LabelledDataError(
                     f"{shard}: clip {key}: unreadable json or dones.npy: {type(e).__name__}: {e}"
@@ -204,10 +107,10 @@ def scan_labelled(path: str | Path, *, context: int, frame_gap: int = 1) -> Labe
                 members, "actions.npy" in members, dones,
             )  # fmt: skip
             by_source.setdefault(source, []).append(clip)
-    timelines = {s: _timeline(s, by_source[s]) for s in sorted(by_source)}
+    timelines = {s: build_timeline(s, by_source[s]) for s in sorted(by_source)}
     episodes: dict[str, EpisodeRef] = {}
     for tl in timelines.values():
-        for ep in _episodes(tl, frame_gap):
+        for ep in split_episodes(tl, frame_gap):
             if ep.id in episodes:  # the same episode name in two sources: make both unique
                 ep.id = f"{ep.source}@{ep.rows[0]}"
             episodes[ep.id] = ep
@@ -356,7 +259,7 @@ def _decode(clip: ClipRef, space: dict, size: tuple[int, int]):
     sample = {"__key__": clip.key}
     for ext in ("mp4", "json", "actions.npy", "dones.npy"):
         if ext in clip.members:
-            sample[ext] = _read(clip.shard, clip.members[ext])
+            sample[ext] = read_member(clip.shard, clip.members[ext])
     try:
         return load_clip(sample, action_space=space, frame_size=size)
     except BadSample as e:
@@ -370,7 +273,6 @@ def load_windows(
     k, g, space = index.context, index.frame_gap, index.action_space
     size = (int(index.manifest["height"]), int(index.manifest["width"]))
     discrete = space["type"] == "discrete"
-    offsets = np.arange(-(k - 1), 2) * g  # (k+1,): context -(k-1)g .. 0, then the next frame +g
     by_source: dict[str, list[str]] = {}
     for eid in sorted(rows):
         by_source.setdefault(index.episodes[eid].source, []).append(eid)
@@ -380,7 +282,7 @@ def load_windows(
     for source, eids in sorted(by_source.items()):
         tl = index.timelines[source]
         r = np.concatenate([np.asarray(rows[e], np.int64) for e in eids])  # (n,)
-        win = np.maximum(r[:, None] + offsets[None, :], tl.first[r][:, None])  # (n, k+1)
+        win = tl.windows(r, k, g)  # (n, k+1) frame numbers, the first frame repeated
         need = np.unique(win)  # sorted frame numbers
         buf = torch.empty((len(need), 3, *size), dtype=torch.uint8)  # (F_s, 3, H, W)
         shape = (len(r),) if discrete else (len(r), space["dim"])

@@ -48,11 +48,11 @@ from lapo.io import atomic_write_json, remove_stale_temporaries
 from lapo.shards import (
     clip_key,
     clip_sample,
-    iter_tar_samples,
     shard_name,
     write_manifest,
     write_shard,
 )
+from lapo.tars import iter_tar_samples
 
 FILLER_ACTION = 0
 ARGS_FILE = "record_args.json"  # the settings of a recording, checked when it is resumed

@@ -3,9 +3,10 @@
 `lapo evaluate --env SPEC` runs `--episodes` episodes of each policy, in lockstep
 so the agent sees one batch per step. Episode i of either policy starts from
 `lapo.envs.episode_seeds(seed, i)`: both policies meet the same levels, and a
-rerun the same ones. The policy acts from the k latest frames, the first frame
-repeated at an episode start (the convention of `lapo label` and
-`lapo.labelled`). Each episode is cut at `max_steps`.
+rerun the same ones. The policy acts from the context it was trained on, o[t-(k-1)g],
+..., o[t] (g = the run's frame gap), the first frame repeated at an episode start
+(`lapo.windows.padded_context`, as in `lapo label` and `lapo.labelled`). Each
+episode is cut at `max_steps`.
 
 Success is the env adapter's `info["success"]` at the episode end: BabyAI /
 MiniGrid, terminated with reward > 0; Procgen, the game's
@@ -17,21 +18,24 @@ are completed.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 from einops import rearrange
 from tqdm import tqdm
 
 from lapo.envs import episode_seeds, make_env, make_policy
+from lapo.windows import padded_context
 
 
 def play(spec: str, choose, *, episodes: int, seed: int, size: int, context: int,
-         max_steps: int, record: bool = False, progress: bool = True, desc: str = "rollouts",
-         env_kwargs: dict | None = None) -> dict:  # fmt: skip
+         max_steps: int, frame_gap: int = 1, record: bool = False, progress: bool = True,
+         desc: str = "rollouts", env_kwargs: dict | None = None) -> dict:  # fmt: skip
     """Run `episodes` seeded episodes in lockstep; `choose(contexts, alive, rngs, envs)` acts.
 
-    contexts: uint8 (B, k, 3, H, W) of the live episodes (the k latest frames, the
-    first frame repeated at the start); alive: their episode numbers; rngs, envs: the
+    contexts: uint8 (B, k, 3, H, W) of the live episodes (o[t-(k-1)g], ..., o[t] at step
+    t, the first frame repeated at the start); alive: their episode numbers; rngs, envs: the
     per-episode policy generators and environments. It returns B action ids. Episode i
     starts from `episode_seeds(seed, i)`, whatever the policy, so two policies
     meet the same levels. Returns per-episode returns, successes and lengths, plus
@@ -39,11 +43,11 @@ def play(spec: str, choose, *, episodes: int, seed: int, size: int, context: int
     (e.g. ``{"view": "agent"}``: render as the training data was).
     """
     envs = [make_env(spec, size=size, seed=seed, **(env_kwargs or {})) for _ in range(episodes)]
-    history, rngs = [], []
+    reach = (context - 1) * frame_gap + 1  # frames a context spans
+    history, rngs = [], []  # the latest `reach` frames of each episode
     for i, env in enumerate(envs):
         env_seed, rng = episode_seeds(seed, i)
-        frame = env.reset(seed=env_seed)
-        history.append([frame] * context)
+        history.append(deque([env.reset(seed=env_seed)], maxlen=reach))
         rngs.append(rng)
     returns = np.zeros(episodes)
     success = np.zeros(episodes, dtype=bool)
@@ -55,13 +59,18 @@ def play(spec: str, choose, *, episodes: int, seed: int, size: int, context: int
         alive = np.flatnonzero(~done)
         if len(alive) == 0:
             break
-        ctx = torch.from_numpy(np.stack([np.stack(history[i][-context:]) for i in alive]))
+        steps = length[alive]  # (B,) frame number of each live episode's latest frame
+        index = padded_context(steps, np.zeros_like(steps), context, frame_gap)  # (B, k)
+        held = np.array([len(history[i]) for i in alive])  # (B,) frames in each history
+        index -= (steps + 1 - held)[:, None]  # frame number -> place in the history
+        ctx = torch.from_numpy(np.stack([np.stack([history[i][j] for j in row])
+                                         for i, row in zip(alive, index.tolist())]))  # fmt: skip
         actions = choose(rearrange(ctx, "b k h w c -> b k c h w"), alive, rngs, envs)  # (B,)
         for i, a in zip(alive.tolist(), actions):
             frame, reward, ended, info = envs[i].step(int(a))
             returns[i] += reward
             length[i] += 1
-            history[i] = history[i][-(context - 1) :] + [frame] if context > 1 else [frame]
+            history[i].append(frame)
             if record and i == 0:
                 film_actions.append(int(a))
                 if not ended or info.get("terminal_frame", True):
@@ -111,7 +120,8 @@ def rollout_metrics(agent, spec: str, *, episodes: int, seed: int, size: int, ma
         return [randoms[i](None) for i in alive.tolist()]
 
     common = dict(episodes=episodes, seed=seed, size=size, context=agent.context,
-                  max_steps=max_steps, progress=progress, env_kwargs=env_kwargs)  # fmt: skip
+                  frame_gap=agent.frame_gap, max_steps=max_steps, progress=progress,
+                  env_kwargs=env_kwargs)  # fmt: skip
     mine = play(spec, agent_choose, record=True, desc="rollouts (agent)", **common)
     rand = play(spec, random_choose, desc="rollouts (random)", **common)
     metrics = {

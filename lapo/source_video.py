@@ -21,7 +21,7 @@ from lapo.shards import action_space_of, clip_key, clip_sample, normalize_action
 from lapo.video import open_video_file, resample_index, square_frame
 
 if TYPE_CHECKING:
-    from lapo.ingest import IngestOptions
+    from lapo.ingest_plan import IngestOptions
 
 ACTIONS_SUFFIX = ".actions.npy"
 

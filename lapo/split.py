@@ -26,7 +26,7 @@ import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lapo.shards import iter_shard_keys
+from lapo.tars import iter_shard_keys
 
 _CLIP_SUFFIX = re.compile(r"__c\d{5}$")
 SHOWN = 8  # source names listed in the log line

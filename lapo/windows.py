@@ -10,6 +10,11 @@ A window never contains a transition that ends an episode: ``dones[j]`` marks
 the step j -> j+1 as terminal, so rows s .. s+k*g-1 must all be False (every
 step between the first and the last frame, skipped ones included).
 
+The training stream cuts only windows that fit inside a clip. Readers that need a
+window for every transition (`lapo label`, the labelled set of stage 3, rollouts)
+also make windows at an episode's first frames: `padded_context` gives their frame
+numbers, the episode's first frame standing in for the frames before it.
+
 This module is the per-sample half of the loader (``lapo.data`` streams shards
 into it); everything here runs inside a DataLoader worker.
 """
@@ -206,6 +211,33 @@ def window_starts(num_frames: int, dones: np.ndarray | None, context: int, gap: 
         return starts
     ends = np.concatenate([[0], np.cumsum(dones, dtype=np.int64)])  # ends[j] = dones in rows < j
     return starts[ends[starts + span] == ends[starts]]
+
+
+def episode_first(dones: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    """The first frame of each frame's episode, over a run of L frames: int64 (L,).
+
+    ``dones[j]`` ends an episode after frame j, so frame j+1 starts the next one. A frame
+    that follows an absent one (``present`` False: a gap between clips) starts one too,
+    since nothing before the gap can be shown.
+    """
+    n = len(dones)
+    starts = np.ones(n, dtype=bool)  # (L,) frame f begins an episode
+    starts[1:] = np.asarray(dones[:-1], dtype=bool)
+    if present is not None:
+        starts[1:] |= ~np.asarray(present[:-1], dtype=bool)
+    return np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+
+
+def padded_context(rows: np.ndarray, first: np.ndarray, context: int, gap: int) -> np.ndarray:
+    """Frame numbers of the k context frames of each row t, o[t-(k-1)g], ..., o[t]: (T, k).
+
+    ``first`` (T,) is the first frame of each row's episode (`episode_first`); a context
+    frame before it is that frame, so a window at an episode start repeats its first
+    frame and never shows the previous episode.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    ctx = rows[:, None] + np.arange(-(context - 1), 1)[None, :] * gap  # (T, k)
+    return np.maximum(ctx, np.asarray(first, dtype=np.int64)[:, None])
 
 
 def pick_starts(starts: np.ndarray, limit: int, rng: np.random.Generator | None) -> np.ndarray:

@@ -238,7 +238,7 @@ def assert_same_sample(a: dict, b: dict, where: str = "") -> None:
 
 def assert_same_shard(a: Path, b: Path) -> None:
     """Two shard files hold the same clips in the same order (videos by decoded frames)."""
-    from lapo.shards import iter_tar_samples
+    from lapo.tars import iter_tar_samples
 
     sa, sb = list(iter_tar_samples(a)), list(iter_tar_samples(b))
     assert [s["__key__"] for s in sa] == [s["__key__"] for s in sb], (a, b)

@@ -33,7 +33,9 @@ from lapo.config import DataConfig
 from lapo.data import DatasetError, make_loader
 from lapo.label import label_dataset
 from lapo.labelled import LabelledDataError, load_windows, scan_labelled
-from lapo.shards import clip_sample, iter_tar_samples, read_manifest, validate_dataset
+from lapo.shards import clip_sample, read_manifest
+from lapo.tars import iter_tar_samples
+from lapo.validate import validate_dataset
 from lapo.windows import BadDataWarning
 from tests.datagen import NUM_ACTIONS, make_dataset
 from tests.test_data import all_windows
@@ -440,7 +442,8 @@ def test_commands_name_a_missing_dataset_in_one_line(tmp_path, capsys):
 def test_shard_videos_skips_and_reports_each_bad_source_video(tmp_path):
     """Faults in a video folder not already in tests/test_shard_videos.py (garbage bytes,
     actions of the wrong length, non-video files are)."""
-    from lapo.ingest import IngestOptions, ingest
+    from lapo.ingest import ingest
+    from lapo.ingest_plan import IngestOptions
     from tests.test_shard_videos import write_video
 
     src = tmp_path / "src"
@@ -473,7 +476,8 @@ def test_shard_videos_skips_and_reports_each_bad_source_video(tmp_path):
 
 
 def test_shard_videos_with_mixed_action_kinds_stops_before_any_work(tmp_path):
-    from lapo.ingest import IngestError, IngestOptions, ingest
+    from lapo.ingest import ingest
+    from lapo.ingest_plan import IngestError, IngestOptions
     from tests.test_shard_videos import write_video
 
     src = tmp_path / "src"

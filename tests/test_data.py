@@ -37,8 +37,8 @@ from lapo.data import (
     split_train_val,
 )
 from lapo.ring import BatchRing
-from lapo.shards import iter_tar_samples
 from lapo.stream import rank_portion
+from lapo.tars import iter_tar_samples
 from lapo.windows import BadDataWarning
 from tests.datagen import frame_episode, frame_time, make_dataset
 from tests.test_ddp import ROOT, free_port

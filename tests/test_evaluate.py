@@ -28,7 +28,8 @@ from lapo.models.common import psnr
 from lapo.record import record_dataset
 from lapo.rollouts import play
 from lapo.runs import load_agent, save_agent
-from lapo.shards import iter_tar_samples, load_npy, read_manifest
+from lapo.shards import load_npy, read_manifest
+from lapo.tars import iter_tar_samples
 from lapo.video import decode_video_bytes
 from tests.datagen import make_dataset
 from tests.test_label import write_agent

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 from lapo.config import DataConfig
 from lapo.data import DatasetError, make_loader
-from lapo.shards import iter_tar_samples, npy_bytes
+from lapo.shards import npy_bytes
+from lapo.tars import iter_tar_samples
 from tests.datagen import NUM_ACTIONS, frame_time, make_dataset
 
 EXAMPLES = int(os.environ.get("LAPO_FUZZ_EXAMPLES", "25"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_prep.inspect import inspect_dataset, main
-from lapo import shards
+from lapo import shards, tars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_broken_dataset(dataset, tmp_path, capsys):
 def test_corrupt_clip_found_with_decode(dataset, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
-    samples = list(shards.iter_tar_samples(dataset / "shard-000000.tar"))
+    samples = list(tars.iter_tar_samples(dataset / "shard-000000.tar"))
     samples[1]["mp4"] = b"\x00" * 500
     info = shards.write_shard(bad / shards.shard_name(0), samples)
     shards.write_manifest(

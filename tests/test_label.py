@@ -22,12 +22,15 @@ from data_prep.inspect import inspect_dataset
 from lapo.agent import Agent
 from lapo.config import DataConfig, ModelConfig, PolicyModelConfig, to_dict
 from lapo.data import make_loader
-from lapo.label import label_dataset, window_index
+from lapo.label import label_dataset
+from lapo.label_shard import window_index
 from lapo.labelled import scan_labelled
 from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy
 from lapo.record import record_dataset
 from lapo.runs import load_agent, save_agent
-from lapo.shards import iter_tar_samples, load_npy, read_manifest, validate_dataset
+from lapo.shards import load_npy, read_manifest
+from lapo.tars import iter_tar_samples
+from lapo.validate import validate_dataset
 from lapo.video import decode_video_bytes
 from tests.datagen import make_dataset
 

@@ -23,7 +23,8 @@ from lapo.labelled import (
     select_budget,
 )
 from lapo.record import record_dataset
-from lapo.shards import iter_tar_samples, load_npy, read_manifest
+from lapo.shards import load_npy, read_manifest
+from lapo.tars import iter_tar_samples
 from lapo.video import decode_video_bytes
 from tests.datagen import frame_episode, frame_time, make_dataset
 

@@ -32,7 +32,9 @@ from data_prep.record import main as record_main
 from data_prep.shard_videos import main as shard_main
 from lapo.cli import main as lapo_main
 from lapo.record import record_dataset
-from lapo.shards import iter_tar_samples, read_manifest, validate_dataset
+from lapo.shards import read_manifest
+from lapo.tars import iter_tar_samples
+from lapo.validate import validate_dataset
 from tests.datagen import (
     NUM_ACTIONS,
     assert_same_manifest,

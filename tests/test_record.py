@@ -13,7 +13,8 @@ import webdataset as wds
 from data_prep.record import main as record_cli
 from lapo.envs import episode_seeds, make_env
 from lapo.record import clip_starts, record_dataset
-from lapo.shards import load_npy, read_manifest, validate_dataset
+from lapo.shards import load_npy, read_manifest
+from lapo.validate import validate_dataset
 from lapo.video import decode_video_bytes, encode_video
 from tests.datagen import assert_same_manifest, assert_same_sample, assert_same_shard
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from data_prep.shard_videos import main, parse_bytes
-from lapo import shards
-from lapo.ingest import IngestError, IngestOptions, find_videos, ingest, unique_stems
+from lapo import shards, tars, validate
+from lapo.ingest import ingest
+from lapo.ingest_plan import IngestError, IngestOptions, find_videos, unique_stems
 from lapo.video import decode_video_bytes
 from tests.datagen import assert_same_sample, assert_same_shard
 
@@ -79,7 +80,7 @@ def read_dataset(out: Path) -> dict[str, dict]:
     m = shards.read_manifest(out)
     samples = {}
     for s in m["shards"]:
-        for sample in shards.iter_tar_samples(out / s["name"]):
+        for sample in tars.iter_tar_samples(out / s["name"]):
             assert sample["__key__"] not in samples, f"duplicate {sample['__key__']}"
             samples[sample["__key__"]] = sample
     return samples
@@ -117,7 +118,7 @@ def test_ingest_folder(video_dir, tmp_path, capsys):
     assert "4 videos ok, 2 skipped" in captured.out
 
     m = shards.read_manifest(out)
-    assert shards.validate_dataset(out, decode=True) == []
+    assert validate.validate_dataset(out, decode=True) == []
     assert m["height"] == m["width"] == 32 and m["fps"] == 15
     assert m["action_space"] == {"type": "discrete", "n": 6}
     assert {s["video"] for s in m["made_by"]["skipped"]} == {"corrupt.mp4", "mismatch.mp4"}
@@ -202,7 +203,7 @@ def test_pad_mode_and_other_options_refuse_old_plan(video_dir, tmp_path):
         overwrite=True,
         log=lambda s: None,
     )
-    assert shards.validate_dataset(out) == []
+    assert validate.validate_dataset(out) == []
 
 
 def test_bad_options_fail_fast(tmp_path, capsys):
@@ -249,7 +250,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, capsys):
     capsys.readouterr()
     assert main([str(src), str(out), *RESUME_ARGS]) == 0
     assert f"{len(partial)} shards reused" in capsys.readouterr().out
-    assert shards.validate_dataset(out) == []
+    assert validate.validate_dataset(out) == []
     a, b = read_dataset(ref), read_dataset(out)
     assert sorted(a) == sorted(b) and len(a) == sum(expected_clips(t, 8) for t in lengths)
     for key in a:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lapo import shards
+from lapo import shards, tars, validate
 from lapo.video import decode_video_bytes
 from tests.datagen import assert_same_shard
 
@@ -119,14 +119,14 @@ def test_shard_and_manifest_round_trip(tmp_path, continuous):
     m = shards.read_manifest(tmp_path)
     assert m["num_samples"] == 5 and m["num_frames"] == 50 and m["format_version"] == 1
     assert [s["name"] for s in m["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
-    samples = list(shards.iter_tar_samples(tmp_path / "shard-000000.tar"))
+    samples = list(tars.iter_tar_samples(tmp_path / "shard-000000.tar"))
     assert [s["__key__"] for s in samples] == ["ep_0__c00000", "ep_1__c00000", "ep_2__c00000"]
     s = samples[1]
     assert set(s) == {"__key__", "mp4", "json", "actions.npy", "rewards.npy", "dones.npy"}
     np.testing.assert_array_equal(shards.load_npy(s["dones.npy"]), np.arange(10) == 9)
     clip = decode_video_bytes(s["mp4"])
     assert np.abs(clip.astype(int) - frames(10, seed=1).astype(int)).mean() < 8
-    assert shards.validate_dataset(tmp_path, decode=True) == []
+    assert validate.validate_dataset(tmp_path, decode=True) == []
 
 
 def test_shards_are_reproducible(tmp_path):
@@ -162,7 +162,7 @@ def test_validate_finds_problems(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     (tmp_path / "shard-000001.tar").rename(tmp_path / "shard-000009.tar")
     (tmp_path / "shard-000003.tar.tmp").write_bytes(b"x")
-    problems = shards.validate_dataset(tmp_path)
+    problems = validate.validate_dataset(tmp_path)
     text = "\n".join(problems)
     assert "shard-000000.tar: 30 frames, manifest says 31" in text
     assert "shard-000001.tar: listed in the manifest but missing" in text
@@ -174,8 +174,8 @@ def test_validate_truncated_tar_and_missing_manifest(tmp_path):
     make_dataset(tmp_path)
     p = tmp_path / "shard-000000.tar"
     p.write_bytes(p.read_bytes()[:3000])
-    assert any("shard-000000.tar" in x for x in shards.validate_dataset(tmp_path))
-    assert "no manifest.json" in shards.validate_dataset(tmp_path / "nowhere")[0]
+    assert any("shard-000000.tar" in x for x in validate.validate_dataset(tmp_path))
+    assert "no manifest.json" in validate.validate_dataset(tmp_path / "nowhere")[0]
 
 
 def test_validate_checks_actions_against_space(tmp_path):
@@ -183,7 +183,7 @@ def test_validate_checks_actions_against_space(tmp_path):
     m = json.loads((tmp_path / "manifest.json").read_text())
     m["action_space"] = {"type": "discrete", "n": 3}
     (tmp_path / "manifest.json").write_text(json.dumps(m))
-    assert any("[0, 3)" in p for p in shards.validate_dataset(tmp_path))
+    assert any("[0, 3)" in p for p in validate.validate_dataset(tmp_path))
 
 
 def test_action_spaces():

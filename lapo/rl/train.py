@@ -161,6 +161,7 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
     run_dir = Path(run_dir)
     meta = read_policy_meta(policy_run)  # a missing RUN_P fails here, naming it
     context, image_size = int(meta["extra"]["kwargs"]["context"]), int(meta["extra"]["kwargs"]["image_size"])  # fmt: skip
+    gap = int(meta["extra"].get("frame_gap", 1))  # the context spacing the policy learnt on
     size = cfg.env_size or image_size
     env_kwargs = _env_kwargs(cfg, env, policy_run)
     ckpts = _checkpoints(run_dir) if resume else []
@@ -168,7 +169,8 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
     frames0 = int(state["frames"]) if state else 0
     try:
         venv = make_vec_env(env, num_envs=cfg.num_envs, context=context, size=size, seed=cfg.seed,
-                            first=frames0, kind=cfg.vec_env, env_kwargs=env_kwargs)  # fmt: skip
+                            first=frames0, kind=cfg.vec_env, env_kwargs=env_kwargs,
+                            frame_gap=gap)  # fmt: skip
     except EnvError as e:
         raise ConfigError(f"--env: {e}") from None
     space = action_space_dict(venv.action_space)
