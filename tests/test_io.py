@@ -1,19 +1,15 @@
-"""lapo.io's atomic writes, and the import boundary lapo.io and lapo.runs make possible:
-labelling, evaluation and stage 3 load no Lightning."""
+"""lapo.io's atomic writes: a reader sees the old file or the new one, never half of one.
+(The import boundary they make possible is held by tests/test_layers.py.)"""
 
 from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lapo.io import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -54,11 +50,3 @@ def test_stale_temporaries_of_one_file_or_of_a_whole_directory(tmp_path):
     ]
     assert os.listdir(tmp_path) == ["a.tar"]
 
-
-def test_label_evaluate_and_stage_3_load_no_lightning():
-    probe = (
-        "import sys, lapo.label, lapo.evaluate, lapo.finetune, lapo.runs, lapo.checkpoint; "
-        "print('lightning' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "False", out.stderr
