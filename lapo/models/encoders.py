@@ -195,25 +195,21 @@ class SpaceTimeEncoder(nn.Module):
 
 
 def build_encoder(
-    kind: str,
-    *,
-    num_frames: int,
-    image_size: int,
-    out_dim: int,
-    in_channels: int = 3,
-    impala_scale: int = 4,
-    patch_size: int = 8,
-    tf_dim: int = 256,
-    tf_depth: int = 4,
-    tf_heads: int = 4,
+    cfg, *, num_frames: int, image_size: int, out_dim: int, in_channels: int = 3
 ) -> nn.Module:
-    """The encoder named by `kind` ("impala" or "transformer") for windows of `num_frames`."""
+    """The encoder that `cfg` names for windows of `num_frames`.
+
+    cfg: any settings object with the encoder fields (``encoder``, ``impala_scale``,
+    ``patch_size``, ``tf_dim``, ``tf_depth``, ``tf_heads``): lapo.config's ModelConfig for
+    the IDM and world model, PolicyModelConfig for the latent policy.
+    """
+    kind = cfg.encoder
     if kind == "impala":
         return ImpalaEncoder(
             num_frames=num_frames,
             image_size=image_size,
             out_dim=out_dim,
-            scale=impala_scale,
+            scale=cfg.impala_scale,
             in_channels=in_channels,
         )
     if kind == "transformer":
@@ -221,10 +217,10 @@ def build_encoder(
             num_frames=num_frames,
             image_size=image_size,
             out_dim=out_dim,
-            patch_size=patch_size,
-            dim=tf_dim,
-            depth=tf_depth,
-            heads=tf_heads,
+            patch_size=cfg.patch_size,
+            dim=cfg.tf_dim,
+            depth=cfg.tf_depth,
+            heads=cfg.tf_heads,
             in_channels=in_channels,
         )
     raise ValueError(

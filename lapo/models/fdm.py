@@ -158,16 +158,7 @@ class LatentFDM(nn.Module):
         super().__init__()
         e = cfg.embed_dim
         self.encoder = build_encoder(
-            cfg.encoder,
-            num_frames=context,
-            image_size=cfg.image_size,
-            out_dim=e,
-            in_channels=in_channels,
-            impala_scale=cfg.impala_scale,
-            patch_size=cfg.patch_size,
-            tf_dim=cfg.tf_dim,
-            tf_depth=cfg.tf_depth,
-            tf_heads=cfg.tf_heads,
+            cfg, num_frames=context, image_size=cfg.image_size, out_dim=e, in_channels=in_channels
         )
         self.target = copy.deepcopy(self.encoder).requires_grad_(False)
         self.predictor = nn.Sequential(

@@ -22,16 +22,11 @@ class IDM(nn.Module):
         super().__init__()
         self.context = context
         self.encoder = build_encoder(
-            cfg.encoder,
+            cfg,
             num_frames=context + 1,
             image_size=cfg.image_size,
             out_dim=cfg.embed_dim,
             in_channels=in_channels,
-            impala_scale=cfg.impala_scale,
-            patch_size=cfg.patch_size,
-            tf_dim=cfg.tf_dim,
-            tf_depth=cfg.tf_depth,
-            tf_heads=cfg.tf_heads,
         )
         self.head = nn.Linear(cfg.embed_dim, cfg.latent_dim)
 

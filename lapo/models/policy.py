@@ -48,16 +48,11 @@ class LatentPolicy(nn.Module):
         self.num_codes = num_codes
         self.code_heads = code_heads
         self.encoder = build_encoder(
-            cfg.encoder,
+            cfg,
             num_frames=context,
             image_size=image_size,
             out_dim=cfg.hidden,
             in_channels=in_channels,
-            impala_scale=cfg.impala_scale,
-            patch_size=cfg.patch_size,
-            tf_dim=cfg.tf_dim,
-            tf_depth=cfg.tf_depth,
-            tf_heads=cfg.tf_heads,
         )
         out = latent_dim if cfg.target == "continuous" else code_heads * num_codes
         self.head = nn.Sequential(
