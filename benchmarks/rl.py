@@ -1,6 +1,6 @@
 """`lapo rl` against plain stable-baselines3 PPO: env frames per second, same env and network.
 
-    python benchmarks/rl.py                                  # procgen:bigfish, configs/rl/cpu.yaml
+    python benchmarks/rl.py                                  # procgen:bigfish, lapo/configs/rl/cpu.yaml
     python benchmarks/rl.py --env babyai:BabyAI-GoToObj-v0 --frames 8192
     python benchmarks/rl.py --policy runs/bigfish-policy     # a trained stage-2 run
 
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lapo.rl  # noqa: E402,F401  (imports stable-baselines3 with gym's notice hidden)
 from lapo.config import (  # noqa: E402
+    CONFIGS,
     PolicyConfig,
     PretrainConfig,
     RLConfig,
@@ -45,18 +46,17 @@ from lapo.runs import (  # noqa: E402
     POLICY_KIND,
     POLICY_NAME,
     export_model,
+    lam_info,
     load_lam,
+    policy_extra,
     read_lam,
     read_policy_meta,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def untrained_runs(root: Path, lam_config: str, policy_config: str) -> Path:
     """An untrained LAM and latent policy, exported as stages 1 and 2 do; returns RUN_P."""
     from lapo.models import LatentActionModel, LatentPolicy
-    from lapo.policy import lam_info, policy_extra
 
     torch.manual_seed(0)
     cfg = load_config(PretrainConfig, lam_config)
@@ -112,10 +112,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--env", default="procgen:bigfish", help="env spec, as lapo rl --env")
-    p.add_argument("--config", default=str(ROOT / "configs/rl/cpu.yaml"), help="RL settings")
+    p.add_argument("--config", default=str(CONFIGS / "rl/cpu.yaml"), help="RL settings")
     p.add_argument("--policy", help="a stage-2 run (default: untrained, from the two configs)")
-    p.add_argument("--lam-config", default=str(ROOT / "configs/lam/procgen_cpu.yaml"))
-    p.add_argument("--policy-config", default=str(ROOT / "configs/policy/debug.yaml"))
+    p.add_argument("--lam-config", default=str(CONFIGS / "lam/procgen_cpu.yaml"))
+    p.add_argument("--policy-config", default=str(CONFIGS / "policy/debug.yaml"))
     p.add_argument("--frames", type=int, default=4096, help="env frames per timed run")
     p.add_argument("--repeats", type=int, default=2, help="alternating (plain, lapo) pairs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")

@@ -2,9 +2,9 @@
 
     python benchmarks/train_step.py                         # procgen config, CPU, batch 4
     python benchmarks/train_step.py --batch 16 --steps 5
-    python benchmarks/train_step.py --config configs/lam/procgen_cpu.yaml --batch 32 --steps 6 \
+    python benchmarks/train_step.py --config lapo/configs/lam/procgen_cpu.yaml --batch 32 --steps 6 \
         --runs plain,plain-nchw                             # what trainer.channels_last gains
-    python benchmarks/train_step.py --config configs/lam/debug.yaml --steps 50   # tiny model:
+    python benchmarks/train_step.py --config lapo/configs/lam/debug.yaml --steps 50   # tiny model:
                                                             # the framework's share is largest here
     python benchmarks/train_step.py --accelerator gpu --batch 128 --runs lightning --warmup 5
                                                             # the config's precision and compile
@@ -13,7 +13,7 @@
 Both runs train the same model (same seed) with the same optimiser, schedule, gradient
 clipping and NaN check on the same synthetic uint8 batches of the config's shape
 (B, k+1, 3, S, S), held in memory so that data loading costs nothing. The Lightning run
-uses `lapo.train.build_trainer`, i.e. the trainer `lapo pretrain` runs (checkpoint,
+uses `lapo.trainer.build_trainer`, i.e. the trainer `lapo pretrain` runs (checkpoint,
 signal and logging callbacks included; checkpoints and validation fall outside the timed
 steps). Repeats alternate the two so that load from other jobs hits both alike.
 
@@ -44,7 +44,7 @@ import lightning as L  # noqa: E402
 from lapo.callbacks import GracefulStop  # noqa: E402
 from lapo.config import PretrainConfig, load_config  # noqa: E402
 from lapo.lam import LAMModule  # noqa: E402
-from lapo.train import build_trainer, resolve_hardware  # noqa: E402
+from lapo.trainer import build_trainer, resolve_hardware  # noqa: E402
 
 NUM_ACTIONS = 15  # Procgen's action count
 
@@ -141,7 +141,7 @@ def main() -> None:
     )
     p.add_argument(
         "--config",
-        default="configs/lam/procgen.yaml",
+        default="lapo/configs/lam/procgen.yaml",
         help="stage-1 YAML whose model and frame size to time",
     )
     p.add_argument(

@@ -3,133 +3,16 @@
     python -m data_prep.record procgen:bigfish --episodes 64 --out data/bigfish --policy sticky
     python -m data_prep.record babyai:BabyAI-GoToLocal-v0 --episodes 500 --policy expert --out data/goto
 
-A thin front over `lapo.record.record_dataset`; see that module for the frame /
-action alignment and how episodes become clips and shards. Rerunning the same
+The same command as ``lapo record`` (`lapo.record_command`); see `lapo.record` for the
+frame / action alignment and how episodes become clips and shards. Rerunning the same
 command after an interruption finishes the missing shards only.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from lapo.cli import HelpFormatter
-from lapo.envs import POLICIES, PROCGEN_GAMES, EnvError
-from lapo.record import record_dataset
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_prep.record",
-        description="Record episodes of a Procgen game or a BabyAI/MiniGrid level as a sharded clip dataset.",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument(
-        "spec",
-        help=f"environment: procgen:<game> ({', '.join(PROCGEN_GAMES)}), babyai:<env-id> "
-        "(e.g. babyai:BabyAI-GoToLocal-v0) or minigrid:<env-id> (e.g. minigrid:MiniGrid-Empty-8x8-v0)",
-    )
-    p.add_argument("--out", required=True, help="output dataset directory (created; resumable)")
-    p.add_argument("--episodes", type=int, default=64, help="number of episodes to record")
-    p.add_argument(
-        "--policy",
-        choices=POLICIES,
-        default="random",
-        help="random: uniform actions; sticky: a random action held 1-4 steps; "
-        "expert: the BabyAI bot (babyai:* only)",
-    )
-    p.add_argument(
-        "--epsilon",
-        type=float,
-        default=0.0,
-        help="probability of replacing each action by a uniform random one (default 0); "
-        "with --policy expert this gives the varied moves a latent action model learns from",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="run seed; episode e is seeded from (seed, e)"
-    )
-    p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    p.add_argument(
-        "--clip-frames", type=int, default=64, help="frames per clip (one webdataset sample)"
-    )
-    p.add_argument(
-        "--clip-overlap",
-        type=int,
-        default=1,
-        help="frames shared by consecutive clips of an episode (1 keeps every transition)",
-    )
-    p.add_argument("--episodes-per-shard", type=int, default=16, help="episodes in each shard file")
-    p.add_argument("--workers", type=int, default=1, help="processes recording shards in parallel")
-    p.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="cut episodes after this many actions (default: the environment's own limit)",
-    )
-    p.add_argument("--fps", type=float, default=15.0, help="frame rate written into the mp4 clips")
-    p.add_argument(
-        "--distribution-mode",
-        default=None,
-        choices=("easy", "hard", "extreme", "memory", "exploration"),
-        help="procgen only: level distribution (default easy)",
-    )
-    p.add_argument(
-        "--num-levels",
-        type=int,
-        default=None,
-        help="procgen only: play only levels [start, start+N) (default 0: any level)",
-    )
-    p.add_argument(
-        "--view",
-        default=None,
-        choices=("full", "agent"),
-        help="babyai/minigrid only: full top-down grid (default) or the agent's 7x7 view",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    family = a.spec.partition(":")[0]
-    env_kwargs = {}
-    for flag, key, families in (
-        ("--distribution-mode", "distribution_mode", ("procgen",)),
-        ("--num-levels", "num_levels", ("procgen",)),
-        ("--view", "view", ("babyai", "minigrid")),
-    ):
-        value = getattr(a, key)
-        if value is None:
-            continue
-        if family not in families:
-            parser.exit(
-                2, f"record: error: {flag} applies to {'/'.join(families)} only, not {a.spec}\n"
-            )
-        env_kwargs[key] = value
-    try:
-        record_dataset(
-            a.spec,
-            a.out,
-            episodes=a.episodes,
-            policy=a.policy,
-            epsilon=a.epsilon,
-            seed=a.seed,
-            size=a.size,
-            clip_frames=a.clip_frames,
-            clip_overlap=a.clip_overlap,
-            episodes_per_shard=a.episodes_per_shard,
-            workers=a.workers,
-            max_episode_steps=a.max_steps,
-            fps=a.fps,
-            env_kwargs=env_kwargs,
-            progress=not a.no_progress,
-        )
-    except (EnvError, ValueError, OSError) as e:  # OSError: full disk, unwritable --out
-        # one line: the usage block would bury the message (argparse's own errors keep it)
-        parser.exit(2, f"record: error: {e}\n")
-    return 0
-
+from lapo.record_command import main
 
 if __name__ == "__main__":
     sys.exit(main())

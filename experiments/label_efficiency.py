@@ -36,11 +36,9 @@ import shlex
 import time
 from pathlib import Path
 
-from lapo.cli import HelpFormatter, RawHelpFormatter
+from lapo.cli_args import HelpFormatter, RawHelpFormatter
+from lapo.config import CONFIGS
 from lapo.stages import run_step
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
 
 
 class Chain:
@@ -310,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "--bottleneck",
         default=None,
         choices=["vq", "fsq", "continuous"],
-        help="stage-1 bottleneck (default: the one in configs/lam/procgen_cpu.yaml)",
+        help="stage-1 bottleneck (default: the one in lapo/configs/lam/procgen_cpu.yaml)",
     )
     pg.add_argument(
         "--image-size",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from label_efficiency import CONFIGS, Chain
 
-from lapo.cli import HelpFormatter
+from lapo.cli_args import HelpFormatter
 
 METHODS = {"latent": [], "scratch": ["--from-scratch"]}
 

@@ -15,12 +15,10 @@
 from __future__ import annotations
 
 import pickle
-import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
@@ -29,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lapo.checkpoint import CheckpointError, atomic_torch_save, prune_checkpoints, refusal
 from lapo.preempt import StopRequested, StopSignal
+from lapo.resume import rng_state, set_rng_state
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -227,43 +226,15 @@ class RNGState(Callback):
         self._pending: dict | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        version, internal, gauss_next = random.getstate()
-        state = {
-            "torch": torch.get_rng_state(),
-            "numpy": {
-                "kind": kind,
-                "keys": torch.from_numpy(keys.astype(np.int64)),
-                "pos": int(pos),
-                "has_gauss": int(has_gauss),
-                "gauss": float(gauss),
-            },
-            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return rng_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
         state, self._pending = self._pending, None
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        n = state["numpy"]
-        keys = n["keys"].numpy().astype(np.uint32)
-        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-        py = state["python"]
-        random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
-        cuda = state.get("cuda")
-        if (
-            cuda is not None
-            and torch.cuda.is_available()
-            and len(cuda) == torch.cuda.device_count()
-        ):
-            torch.cuda.set_rng_state_all(cuda)
+        if state is not None:
+            set_rng_state(state)
 
 
 class KeyLog(Callback):

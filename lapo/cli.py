@@ -10,7 +10,7 @@ A subcommand module exposes two functions::
 Only the module of the subcommand being run is imported, so ``lapo --help`` is quick
 and a subcommand whose module is missing or broken does not take the others down:
 running it prints what is missing instead. Every subcommand's ``--help`` shows the
-defaults of its flags (`HelpFormatter`).
+defaults of its flags (`lapo.cli_args.HelpFormatter`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ import importlib
 import sys
 from types import ModuleType
 
+from lapo.cli_args import HelpFormatter
+
 # name -> (module, one-line help shown by `lapo --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "record": (
+        "lapo.record_command",
+        "record environment episodes as a dataset (the same as python -m data_prep.record)",
+    ),
     "pretrain": (
         "lapo.lam",
         "stage 1: train the latent action model (IDM + world model) on unlabelled video",
@@ -48,7 +54,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 TRAINING_COMMANDS = ("pretrain", "train-policy", "finetune", "rl")
 
 EPILOG = (
-    "Settings come from typed defaults, then --config YAML, then --set key=value.\n"
+    "Settings come from typed defaults, then --config YAML, then --set key=value, then the\n"
+    "flags that name a setting (--label-budget, --episodes, ...).\n"
     "Run `lapo SUBCOMMAND --help` for a subcommand's flags."
 )
 
@@ -60,23 +67,6 @@ def _version() -> str:
         return version("lapo")
     except PackageNotFoundError:
         return "unknown (not installed)"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with each flag's default, where there is one to show and its help does not
-    already say it (no "(default: None)", "(default: False)" on switches or empty ones)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        empty = default is None or default is False or default in ("", [], ())
-        if empty or "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
-
-
-class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
-    """`HelpFormatter` for a description laid out by hand (kept as written)."""
 
 
 class _SubcommandParser(argparse.ArgumentParser):

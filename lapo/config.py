@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -18,6 +19,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from lapo.io import atomic_write_text
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The YAML recipes shipped with lapo (package data): ``CONFIGS / "lam" / "debug.yaml"``."""
 
 
 class ConfigError(ValueError):
@@ -239,7 +243,7 @@ class TrainerConfig:
     compile: bool = False
     """torch.compile the models (GPU only; ignored with a warning on CPU)."""
     channels_last: bool = True
-    """Keep convolution weights (and so activations) in channels-last layout: faster convolutions on CPU (oneDNN) and GPU; 21% off a configs/lam/procgen_cpu.yaml step of batch 32 on 2 CPU cores (benchmarks/train_step.py --runs plain,plain-nchw). Not applied under FSDP, which flattens parameters."""
+    """Keep convolution weights (and so activations) in channels-last layout: faster convolutions on CPU (oneDNN) and GPU; 21% off a lapo/configs/lam/procgen_cpu.yaml step of batch 32 on 2 CPU cores (benchmarks/train_step.py --runs plain,plain-nchw). Not applied under FSDP, which flattens parameters."""
     log_every_n_steps: int = 10
     """Scalar logging interval."""
     val_every_n_steps: int = 200
@@ -550,6 +554,76 @@ class RLConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
 
 
+@dataclass
+class EvaluateConfig:
+    """`lapo evaluate`: a stage-3 run scored on held-out labelled windows and in closed-loop rollouts."""
+
+    split: Literal["heldout", "all"] = "heldout"
+    """Labelled windows scored: the episodes `lapo finetune` held out (the run's seed and val_fraction), or every episode but one, for a dataset the run never trained on."""
+    max_windows: int | None = None
+    """At most this many held-out windows, a seeded subset (None: the run's val_max; 0: all)."""
+    batch_size: int = 256
+    """Windows per forward pass."""
+    episodes: int = 20
+    """Rollout episodes, seeded 0..N-1; the random policy plays the same seeds."""
+    max_steps: int = 500
+    """Step cap per rollout episode; an episode cut by it counts as no success."""
+    env_size: int = 0
+    """Frame size the env renders (0: that of the labelled data the run was fine-tuned on, else the model's)."""
+    env_view: Literal["", "full", "agent"] = ""
+    """babyai/minigrid: top-down grid or the agent's view ("": as the run's labelled data was recorded)."""
+    greedy: bool = True
+    """Rollouts take the policy's most likely action; false samples from it."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:1, ..."""
+    seed: int = 0
+    """Seed of the rollouts and of the probe's split of the held-out windows."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.max_windows is None or self.max_windows >= 0,
+            "max_windows",
+            "must be >= 0 (0: all)",
+        )
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.episodes >= 1, "episodes", "must be >= 1")
+        _check(self.max_steps >= 1, "max_steps", "must be >= 1")
+        _check(
+            self.env_size == 0 or (self.env_size >= 8 and self.env_size % 2 == 0),
+            "env_size",
+            f"must be 0 or an even number >= 8, got {self.env_size}",
+        )
+
+
+@dataclass
+class LabelConfig:
+    """`lapo label`: pseudo-label a dataset with a stage-3 run's IDM and decoder."""
+
+    workers: int = 1
+    """Worker processes, each labelling whole shards (1: in this process)."""
+    batch_size: int = 256
+    """Windows per forward pass."""
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK where a GPU is there), cpu, cuda:0, ..."""
+    rank: int | None = None
+    """This process's rank among those sharing the shards (None: RANK or SLURM_PROCID, else 0)."""
+    world_size: int | None = None
+    """Processes sharing the shards, each taking every world_size-th one (None: WORLD_SIZE or SLURM_NTASKS, else 1)."""
+    merge_timeout: float = 3600.0
+    """Seconds rank 0 waits for the other ranks' shards before it writes manifest.json."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 0, "workers", "must be >= 0 (0 or 1: in this process)")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.rank is None or self.rank >= 0, "rank", "must be >= 0")
+        _check(self.world_size is None or self.world_size >= 1, "world_size", "must be >= 1")
+        _check(self.merge_timeout >= 0, "merge_timeout", "must be >= 0")
+
+
 # --------------------------------------------------------------------------- machinery
 
 
@@ -643,7 +717,8 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(tree, "data.path", v)``: ``tree["data"]["path"] = v``, making sections as needed."""
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
@@ -664,7 +739,7 @@ def parse_overrides(pairs: list[str] | None) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"{key.strip()}: {_yaml_fault(e)}") from None
-        _set_dotted(tree, key.strip(), value)
+        set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -704,12 +779,22 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: list[str] | dict | None = None
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | dict | None = None,
+    *,
+    inherit: Callable[[dict], dict] | None = None,
 ) -> T:
-    """Defaults of `cls`, overridden by the YAML at `path`, overridden by `overrides`."""
+    """Defaults of `cls`, overridden by the YAML at `path`, overridden by `overrides`.
+
+    `inherit` maps those merged settings to defaults taken from elsewhere (stage 2's window
+    from its LAM run), which apply wherever neither the YAML nor `overrides` set a key.
+    """
     tree: dict = read_yaml(path) if path else {}
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     tree = _merge(tree, extra)
+    if inherit is not None:
+        tree = _merge(inherit(tree), tree)
     where = f" (in {path})" if path else ""
     try:
         return from_dict(cls, tree)

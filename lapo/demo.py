@@ -23,10 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lapo.config import CONFIGS
 from lapo.report import write_report
 from lapo.stages import read_stamp, run_step
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -169,7 +168,7 @@ class Pipeline:
         expert = self.env_kind == "babyai"  # the BabyAI bot; other envs get sticky random moves
         eps = self.args.epsilon if self.args.epsilon is not None else (0.25 if expert else 0.0)
         argv = [
-            "data_prep.record", self.args.env, "--episodes", str(episodes),
+            "lapo.cli", "record", self.args.env, "--episodes", str(episodes),
             "--policy", "expert" if expert else "sticky", "--seed", str(seed), "--out", str(out),
             "--workers", str(self.args.workers), "--episodes-per-shard", str(max(1, episodes // 4)),
         ]  # fmt: skip
@@ -269,7 +268,7 @@ class Pipeline:
 
 
 def _user_facing(argv: list[str]) -> list[str]:
-    """`lapo.cli pretrain ...` -> `lapo pretrain ...`; `data_prep.x` -> `python -m data_prep.x`.
+    """`lapo.cli pretrain ...` -> `lapo pretrain ...`; any other module `m` -> `python -m m`.
 
     Paths inside the current directory are shown relative to it, as a user would type them.
     """

@@ -37,6 +37,8 @@ Evaluation trains nothing.
 
 Figures next to the JSON: ``<stem>_latents.png`` (latent actions in 2D by true
 action), ``<stem>_budgets.png``, ``<stem>_rollout.gif`` and ``<stem>_rollout.png``.
+The JSON's ``config`` holds the settings used: `EvaluateConfig` (lapo/config.py) <
+--config YAML < --set key=value < the flags that set one (--episodes, --split, ...).
 """
 
 from __future__ import annotations
@@ -45,151 +47,15 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from lapo.cli import RawHelpFormatter
+from lapo.cli_args import RawHelpFormatter, add_config_arguments, config_from_args
+from lapo.config import EvaluateConfig, FinetuneConfig, load_config, to_dict
+from lapo.heldout import budget_curve, collect, heldout_split, offline_metrics
 from lapo.io import atomic_write_json
-from lapo.labelled import load_windows, scan_labelled, select_budget
-from lapo.models.common import psnr
-from lapo.models.quantizers import code_histogram, perplexity_from_counts, usage_from_counts
-from lapo.probe import fit_probe
 from lapo.rollouts import rollout_metrics
+from lapo.runs import load_agent
 from lapo.shards import read_manifest
-
-# --------------------------------------------------------------------------- held-out data
-
-
-def heldout_split(agent, labeled: str | Path, *, seed: int, val_fraction: float, max_windows: int):
-    """(LabelledWindows of the held-out episodes, their Selection), as lapo finetune split them."""
-    index = scan_labelled(labeled, context=agent.context, frame_gap=getattr(agent, "frame_gap", 1))
-    # the held-out episodes do not depend on the budget: 1 asks for the smallest training set
-    sel = select_budget(index, 1, seed, val_fraction, val_max=max_windows)
-    return load_windows(index, sel.val, desc="held-out windows"), sel
-
-
-@torch.no_grad()
-def collect(agent, windows, *, batch_size: int, device: str, progress: bool = True) -> dict:
-    """Run the agent over held-out windows; keep only small per-window results.
-
-    Returns numpy arrays: true (N,) or (N, D); label (decoder's action) and act
-    (policy's action) or None; latent (N, latent_dim) or None; codes (N, heads) or
-    None; psnr sums for the world model and the copy baseline.
-    """
-    lapo_lam = agent.lam if agent.method == "lapo" else None
-    can_label = agent.method != "bc"
-    can_act = agent.has_policy
-    out: dict = {"true": [], "label": [], "act": [], "latent": [], "codes": []}
-    fdm_sum = copy_sum = 0.0
-    has_fdm = False
-    n = len(windows)
-    bar = tqdm(total=n, desc="evaluate held-out", unit="win", disable=not progress)
-    for i in range(0, n, batch_size):
-        idx = torch.arange(i, min(i + batch_size, n))
-        frames = windows.frames[windows.index[idx]].to(device)  # (B, k+1, 3, H, W) uint8
-        out["true"].append(windows.actions[idx])
-        if can_label:
-            out["label"].append(agent.label(frames)["action"].cpu())
-        if can_act:
-            out["act"].append(agent.act(frames[:, :-1], greedy=True).cpu())  # context o[..t]
-        if lapo_lam is not None:
-            enc = lapo_lam.encode(frames)
-            out["latent"].append(enc["latent"].float().cpu())
-            if enc["codes"] is not None:
-                out["codes"].append(enc["codes"].cpu())
-            pred = lapo_lam.predict_next(frames[:, :-1], enc["latent"])  # (B, 3, S, S) or None
-            if pred is not None:
-                has_fdm = True
-                x = lapo_lam.prepare(frames)  # (B, k+1, 3, S, S) float in [0, 1]
-                fdm_sum += psnr(pred, x[:, -1]).item() * len(idx)  # psnr is a batch mean
-                copy_sum += psnr(x[:, -2], x[:, -1]).item() * len(idx)
-        bar.update(len(idx))
-    bar.close()
-    res = {k: (torch.cat(v).numpy() if v else None) for k, v in out.items()}
-    res["n"] = n
-    res["fdm_psnr"] = fdm_sum / n if has_fdm else None
-    res["fdm_psnr_copy_baseline"] = copy_sum / n if has_fdm else None
-    return res
-
-
-def _score(pred: np.ndarray | None, true: np.ndarray, discrete: bool) -> float | None:
-    if pred is None or len(true) == 0:
-        return None
-    if discrete:
-        return float((pred == true).mean())
-    return float(((pred.astype(np.float64) - true) ** 2).mean())
-
-
-def offline_metrics(agent, res: dict, ids: list[tuple[str, int]], *, seed: int = 0) -> dict:
-    """Metrics of `collect`'s results (see the module docstring for each key)."""
-    discrete = agent.action_space["type"] == "discrete"
-    true = res["true"]
-    m: dict = {"heldout_windows": int(res["n"]), "heldout_episodes": len({e for e, _ in ids})}
-    if discrete:
-        m["decoder_accuracy"] = _score(res["label"], true, True)
-        m["policy_accuracy"] = _score(res["act"], true, True)
-        counts = np.bincount(true, minlength=agent.action_space["n"])
-        m["heldout_action_histogram"] = counts.tolist()
-        # the best constant guess on these very windows: what a decoder must beat
-        m["decoder_majority_baseline"] = float(counts.max() / len(true)) if len(true) else None
-    else:
-        m["decoder_mse"] = _score(res["label"], true, False)
-        m["policy_mse"] = _score(res["act"], true, False)
-    m["fdm_psnr"] = res["fdm_psnr"]
-    m["fdm_psnr_copy_baseline"] = res["fdm_psnr_copy_baseline"]
-    probe_keys = (
-        ("probe_accuracy", "probe_majority_baseline")
-        if discrete
-        else ("probe_mse", "probe_mean_baseline_mse")
-    )
-    m.update(dict.fromkeys(probe_keys))
-    if res["latent"] is not None:
-        p = fit_probe(
-            torch.from_numpy(res["latent"]),
-            torch.from_numpy(true),
-            num_actions=agent.action_space["n"] if discrete else 0,
-            keys=[e for e, _ in ids],  # whole episodes to one side when there are enough
-            seed=seed,
-        )
-        if p:
-            src = ("probe_acc", "probe_majority") if discrete else ("probe_mse", "probe_mse_mean")
-            m[probe_keys[0]], m[probe_keys[1]] = p[src[0]], p[src[1]]
-    m["codebook_perplexity"] = m["codebook_usage"] = None
-    lam = agent.lam if agent.method == "lapo" else None
-    if res["codes"] is not None and lam is not None and lam.num_codes > 0:
-        counts = code_histogram(torch.from_numpy(res["codes"]), lam.num_codes)  # (heads, codes)
-        m["codebook_perplexity"] = float(perplexity_from_counts(counts))
-        m["codebook_usage"] = float(usage_from_counts(counts))
-        m["codebook_size"] = int(lam.num_codes)
-    return m
-
-
-# --------------------------------------------------------------------------- label budgets
-
-
-def budget_curve(budget_runs: str | Path, windows, *, batch_size: int, device: str) -> list[dict]:
-    """Score each run of a label-budget curve (`lapo finetune --label-budgets`) on `windows`.
-
-    A budget that has no run (more labels than the data holds) keeps its error.
-    """
-    from lapo.runs import load_agent, read_budget_curve
-
-    rows = []
-    for row in read_budget_curve(budget_runs):
-        if "run" not in row:
-            rows.append(row)
-            continue
-        fitted = load_agent(row["run"]).to(device)
-        res = collect(fitted, windows, batch_size=batch_size, device=device, progress=False)
-        discrete = fitted.action_space["type"] == "discrete"
-        key = "decoder_accuracy" if discrete else "decoder_mse"
-        score = _score(res["label"], res["true"], discrete)
-        rows.append({"budget": row["budget"], key: score, "run": row["run"]})
-    return rows
-
-
-# --------------------------------------------------------------------------- the command
 
 
 def _frame_size(agent) -> int:
@@ -201,14 +67,14 @@ def _frame_size(agent) -> int:
     return int(part.image_size)
 
 
-def _env_kwargs(agent, env: str, view: str | None) -> dict:
+def _env_kwargs(agent, env: str, view: str) -> dict:
     """Rendering options of the labelled data the run was fitted on (BabyAI's view), if the
     rollout env is of the same family; `view` (--env-view) overrides."""
     grid = env.startswith(("babyai:", "minigrid:"))
-    if view is not None and not grid:
+    if view and not grid:
         raise ValueError(f"lapo evaluate: --env-view applies to babyai/minigrid, not {env}")
     kwargs = dict(agent.info.get("env_kwargs") or {}) if grid else {}
-    if view is not None:
+    if view:
         kwargs["view"] = view
     return kwargs
 
@@ -221,35 +87,84 @@ def _out_paths(out: str | Path) -> tuple[Path, str]:
     return out, out.stem
 
 
+def _offline(cfg: EvaluateConfig, agent, model: Path, labeled: str | Path,
+             budget_runs: str | Path | None, device: str, json_path: Path, stem: str
+             ) -> tuple[dict, dict]:  # fmt: skip
+    """Metrics and figures of the held-out windows of `labeled` (and of the budget curve)."""
+    from lapo.plots import plot_budget_curve, plot_latents_2d
+
+    saved = model / "config.yaml"  # the split rule of the run: its seed and val_fraction
+    ft = load_config(FinetuneConfig, saved) if saved.is_file() else FinetuneConfig()
+    val_max = ft.val_max if cfg.max_windows is None else cfg.max_windows
+    frac = 1.0 - 1e-9 if cfg.split == "all" else ft.val_fraction  # "all": every episode but one
+    windows, sel = heldout_split(
+        agent, labeled, seed=ft.seed, val_fraction=frac, max_windows=val_max
+    )
+    res = collect(agent, windows, batch_size=cfg.batch_size, device=device, progress=cfg.progress)
+    metrics = offline_metrics(agent, res, windows.ids, seed=cfg.seed)
+    metrics["labeled"] = str(Path(labeled).resolve())
+    metrics["split"] = {"rule": "lapo.labelled.select_budget", "seed": ft.seed,
+                        "val_fraction": frac, "heldout_episodes": sel.heldout_episodes}  # fmt: skip
+    plots: dict[str, str] = {}
+    discrete = agent.action_space["type"] == "discrete"
+    if res["latent"] is not None and len(res["latent"]):
+        names = (read_manifest(labeled).get("made_by") or {}).get("action_meanings")
+        path = plot_latents_2d(res["latent"], res["true"] if discrete else None,
+                               json_path.parent / f"{stem}_latents.png",
+                               action_names=names if isinstance(names, list) else None,
+                               title=f"latent actions of held-out windows ({agent.method})")  # fmt: skip
+        plots["latents"] = str(path)
+    if budget_runs is not None:
+        rows = budget_curve(budget_runs, windows, batch_size=cfg.batch_size, device=device)
+        metrics["label_budgets"] = rows
+        key = "decoder_accuracy" if discrete else "decoder_mse"
+        ok = [r for r in rows if r.get(key) is not None]
+        if ok:
+            path = plot_budget_curve(
+                [r["budget"] for r in ok], [r[key] for r in ok],
+                json_path.parent / f"{stem}_budgets.png",
+                ylabel=key.replace("_", " ") + " (held out)",
+                baseline=metrics.get("decoder_majority_baseline"),
+            )  # fmt: skip
+            plots["budgets"] = str(path)
+    return metrics, plots
+
+
+def _online(cfg: EvaluateConfig, agent, env: str, device: str, json_path: Path, stem: str
+            ) -> tuple[dict, dict]:  # fmt: skip
+    """Rollout metrics of the agent and of a random policy in `env`, and the rollout figures."""
+    from lapo.plots import save_rollout_gif, save_rollout_strip
+
+    roll, mine = rollout_metrics(agent, env, episodes=cfg.episodes, seed=cfg.seed,
+                                 size=cfg.env_size or _frame_size(agent), max_steps=cfg.max_steps,
+                                 greedy=cfg.greedy, device=device, progress=cfg.progress,
+                                 env_kwargs=_env_kwargs(agent, env, cfg.env_view))  # fmt: skip
+    gif = save_rollout_gif(mine["frames"], json_path.parent / f"{stem}_rollout.gif")
+    strip = save_rollout_strip(mine["frames"], json_path.parent / f"{stem}_rollout.png",
+                               actions=mine["actions"],
+                               title=f"{env} episode 0: return {mine['returns'][0]:.2f}")  # fmt: skip
+    return roll, {"rollout_gif": str(gif), "rollout_strip": str(strip)}
+
+
 def evaluate(
+    cfg: EvaluateConfig,
     model: str | Path,
     out: str | Path,
     *,
     labeled: str | Path | None = None,
     env: str | None = None,
-    episodes: int = 20,
-    max_steps: int = 500,
-    env_size: int | None = None,
-    env_view: str | None = None,
-    greedy: bool = True,
     budget_runs: str | Path | None = None,
-    split: str = "heldout",
-    max_windows: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    seed: int = 0,
-    progress: bool = True,
 ) -> dict:
-    """Evaluate the run `model`; write the metrics JSON at `out` (plus figures); return it."""
-    from lapo.config import FinetuneConfig, load_config
-    from lapo.runs import load_agent
+    """Evaluate the run `model`; write the metrics JSON at `out` (plus figures); return it.
 
+    `labeled` gives the offline metrics on its held-out episodes, `env` the rollouts,
+    `budget_runs` (with `labeled`) the scores of a label-budget curve's runs.
+    """
     if labeled is None and env is None:
         raise ValueError("lapo evaluate: give --labeled DATASET, --env SPEC, or both")
     if budget_runs is not None and labeled is None:
         raise ValueError("lapo evaluate: --budget-runs needs --labeled (the held-out windows)")
-    if split not in ("heldout", "all"):
-        raise ValueError(f"lapo evaluate: --split must be heldout or all, got {split!r}")
+    device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     json_path, stem = _out_paths(out)
@@ -261,61 +176,20 @@ def evaluate(
             f"lapo evaluate: --env needs a run that can act, and {model} ({agent.method}) has no "
             "policy; finetune with --policy RUN_P (lapo) or --method bc"
         )
-    saved = Path(model) / "config.yaml"
-    ft = load_config(FinetuneConfig, saved) if saved.is_file() else FinetuneConfig()
     metrics: dict = {"model": str(Path(model).resolve()), "method": agent.method,
                      "action_space": agent.action_space}  # fmt: skip
     plots: dict[str, str] = {}
     if labeled is not None:
-        val_max = ft.val_max if max_windows is None else max_windows
-        frac = 1.0 - 1e-9 if split == "all" else ft.val_fraction  # "all": every episode but one
-        windows, sel = heldout_split(
-            agent, labeled, seed=ft.seed, val_fraction=frac, max_windows=val_max
-        )
-        res = collect(agent, windows, batch_size=batch_size, device=device, progress=progress)
-        metrics.update(offline_metrics(agent, res, windows.ids, seed=seed))
-        metrics["labeled"] = str(Path(labeled).resolve())
-        metrics["split"] = {"rule": "lapo.labelled.select_budget", "seed": ft.seed,
-                            "val_fraction": frac, "heldout_episodes": sel.heldout_episodes}  # fmt: skip
-        if res["latent"] is not None and len(res["latent"]):
-            from lapo.plots import plot_latents_2d
-
-            true = res["true"] if agent.action_space["type"] == "discrete" else None
-            names = (read_manifest(labeled).get("made_by") or {}).get("action_meanings")
-            path = plot_latents_2d(res["latent"], true, json_path.parent / f"{stem}_latents.png",
-                                   action_names=names if isinstance(names, list) else None,
-                                   title=f"latent actions of held-out windows ({agent.method})")  # fmt: skip
-            plots["latents"] = str(path)
-        if budget_runs is not None:
-            from lapo.plots import plot_budget_curve
-
-            rows = budget_curve(budget_runs, windows, batch_size=batch_size, device=device)
-            metrics["label_budgets"] = rows
-            key = "decoder_accuracy" if agent.action_space["type"] == "discrete" else "decoder_mse"
-            ok = [r for r in rows if r.get(key) is not None]
-            if ok:
-                path = plot_budget_curve(
-                    [r["budget"] for r in ok], [r[key] for r in ok],
-                    json_path.parent / f"{stem}_budgets.png",
-                    ylabel=key.replace("_", " ") + " (held out)",
-                    baseline=metrics.get("decoder_majority_baseline"),
-                )  # fmt: skip
-                plots["budgets"] = str(path)
+        found, figures = _offline(cfg, agent, Path(model), labeled, budget_runs, device,
+                                  json_path, stem)  # fmt: skip
+        metrics.update(found)
+        plots.update(figures)
     if env is not None:
-        size = env_size or _frame_size(agent)
-        env_kwargs = _env_kwargs(agent, env, env_view)
-        roll, mine = rollout_metrics(agent, env, episodes=episodes, seed=seed, size=size,
-                                     max_steps=max_steps, greedy=greedy, device=device,
-                                     progress=progress, env_kwargs=env_kwargs)  # fmt: skip
-        metrics.update(roll)
-        from lapo.plots import save_rollout_gif, save_rollout_strip
-
-        gif = save_rollout_gif(mine["frames"], json_path.parent / f"{stem}_rollout.gif")
-        strip = save_rollout_strip(mine["frames"], json_path.parent / f"{stem}_rollout.png",
-                                   actions=mine["actions"],
-                                   title=f"{env} episode 0: return {mine['returns'][0]:.2f}")  # fmt: skip
-        plots["rollout_gif"], plots["rollout_strip"] = str(gif), str(strip)
+        found, figures = _online(cfg, agent, env, device, json_path, stem)
+        metrics.update(found)
+        plots.update(figures)
     metrics["plots"] = plots
+    metrics["config"] = to_dict(cfg)
     metrics["seconds"] = time.time() - t0
     atomic_write_json(json_path, metrics)
     return metrics
@@ -323,6 +197,7 @@ def evaluate(
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``lapo evaluate`` parser (lapo.cli's subcommand protocol)."""
+    d = EvaluateConfig
     p = sub.add_parser(
         "evaluate",
         help="probe accuracy, decoder accuracy, world-model PSNR, env returns",
@@ -341,29 +216,29 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--split",
         choices=["heldout", "all"],
-        default="heldout",
-        help="heldout: the episodes lapo finetune holds out (default); all: every episode "
-        "but one, for a dataset the run never trained on",
+        help="heldout: the episodes lapo finetune holds out; all: every episode but one, for a "
+        f"dataset the run never trained on (sets split, default: {d.split})",
     )
     p.add_argument(
         "--max-windows",
         type=int,
-        default=None,
-        help="cap on held-out windows (default: the run's val_max; 0: all)",
+        help="cap on held-out windows (sets max_windows; default: the run's val_max; 0: all)",
     )
     p.add_argument("--env", help="environment for closed-loop rollouts: procgen:GAME or babyai:ID")
-    p.add_argument("--episodes", type=int, default=20, help="rollout episodes (seeded 0..N-1)")
-    p.add_argument("--max-steps", type=int, default=500, help="step cap per rollout episode")
+    p.add_argument(
+        "--episodes", type=int, help=f"rollout episodes, seeded 0..N-1 (default: {d.episodes})"
+    )
+    p.add_argument(
+        "--max-steps", type=int, help=f"step cap per rollout episode (default: {d.max_steps})"
+    )
     p.add_argument(
         "--env-size",
         type=int,
-        default=None,
         help="frame size of the env (default: that of the data the run was fine-tuned on)",
     )
     p.add_argument(
         "--env-view",
         choices=("full", "agent"),
-        default=None,
         help="babyai/minigrid: top-down grid or the agent's own view (default: as the labelled "
         "data the run was fitted on was recorded)",
     )
@@ -376,25 +251,28 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="the label-budget curve: score the runs of `lapo finetune --label-budgets ... --out "
         "DIR` on the held-out windows",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0, help="seed of rollouts and the probe")
+    p.add_argument(
+        "--batch-size", type=int, help=f"windows per forward pass (default: {d.batch_size})"
+    )
+    p.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... (default: {d.device})")
+    p.add_argument("--seed", type=int, help=f"seed of rollouts and the probe (default: {d.seed})")
     p.add_argument(
         "--out", required=True, help="metrics JSON path (figures go next to it), or a directory"
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return p  # fmt: skip
+    add_config_arguments(p, example_set="episodes=50 max_steps=200 env_view=agent")
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = evaluate(
-        args.model, args.out, labeled=args.labeled, env=args.env, episodes=args.episodes,
-        max_steps=args.max_steps, env_size=args.env_size, env_view=args.env_view,
-        greedy=not args.sample,
-        budget_runs=args.budget_runs, split=args.split, max_windows=args.max_windows,
-        batch_size=args.batch_size, device=args.device, seed=args.seed,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    flags = {"split": args.split, "max_windows": args.max_windows, "episodes": args.episodes,
+             "max_steps": args.max_steps, "env_size": args.env_size, "env_view": args.env_view,
+             "greedy": False if args.sample else None, "batch_size": args.batch_size,
+             "device": args.device, "seed": args.seed,
+             "progress": False if args.no_progress else None}  # fmt: skip
+    cfg = config_from_args(EvaluateConfig, args, flags)
+    metrics = evaluate(cfg, args.model, args.out, labeled=args.labeled, env=args.env,
+                       budget_runs=args.budget_runs)  # fmt: skip
     keys = ("decoder_accuracy", "decoder_mse", "probe_accuracy", "fdm_psnr", "fdm_psnr_copy_baseline",
             "codebook_perplexity", "return_mean", "success_rate", "random_return_mean",
             "random_success_rate")  # fmt: skip

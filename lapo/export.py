@@ -38,6 +38,7 @@ from lapo.runs import (
     load_agent,
     load_lam,
     load_policy,
+    policy_extra,
 )
 
 # exported kind -> the file stem training writes it under
@@ -131,7 +132,6 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Exported:
         kind = LAM_KIND
     elif "lam" in hp:  # lapo.policy.PolicyModule: the LAM run gives the policy's shape
         from lapo.models import LatentPolicy
-        from lapo.policy import policy_extra  # imports Lightning: only for a stage-2 checkpoint
 
         cfg = from_dict(PolicyConfig, hp["config"])
         lam_run = Path(hp["lam"]["run"])

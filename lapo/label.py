@@ -47,8 +47,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lapo.cli import RawHelpFormatter
-from lapo.config import ConfigError
+from lapo.cli_args import RawHelpFormatter, add_config_arguments, config_from_args
+from lapo.config import ConfigError, LabelConfig
 from lapo.label_shard import label_shard
 from lapo.shards import read_manifest, write_manifest
 from lapo.tars import iter_shard_keys, iter_tar_samples
@@ -262,6 +262,7 @@ def label_dataset(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = LabelConfig
     p.add_argument(
         "--model", required=True, help="fine-tuned run directory (RUN_F from lapo finetune)"
     )
@@ -270,24 +271,23 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="new dataset directory for the labelled shards")
     p.add_argument(
-        "--workers", type=int, default=1, help="worker processes, each labelling whole shards"
+        "--workers",
+        type=int,
+        help=f"worker processes, each labelling whole shards (default: {d.workers})",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="windows per forward pass")
+    p.add_argument(
+        "--batch-size", type=int, help=f"windows per forward pass (default: {d.batch_size})"
+    )
     p.add_argument(
         "--device",
-        default="auto",
-        help="auto (cuda:LOCAL_RANK if a GPU is there), cpu, cuda:0, ...",
+        help=f"auto (cuda:LOCAL_RANK if a GPU is there), cpu, cuda:0, ... (default: {d.device})",
     )
     p.add_argument(
-        "--rank",
-        type=int,
-        default=None,
-        help="this process's rank (default: RANK or SLURM_PROCID, else 0)",
+        "--rank", type=int, help="this process's rank (default: RANK or SLURM_PROCID, else 0)"
     )
     p.add_argument(
         "--world-size",
         type=int,
-        default=None,
         help="processes sharing the shards (default: WORLD_SIZE or SLURM_NTASKS, else 1)",
     )
     p.add_argument(
@@ -296,18 +296,22 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--merge-timeout",
         type=float,
-        default=3600.0,
-        help="seconds rank 0 waits for the other ranks' shards",
+        help=f"seconds rank 0 waits for the other ranks' shards (default: {d.merge_timeout})",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_arguments(p, example_set="batch_size=512 workers=4")
     return p  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
+    flags = {"workers": args.workers, "batch_size": args.batch_size, "device": args.device,
+             "rank": args.rank, "world_size": args.world_size, "merge_timeout": args.merge_timeout,
+             "progress": False if args.no_progress else None}  # fmt: skip
+    cfg = config_from_args(LabelConfig, args, flags)
     manifest = label_dataset(
-        args.model, args.data, args.out, workers=args.workers, batch_size=args.batch_size,
-        rank=args.rank, world_size=args.world_size, device=args.device, merge_only=args.merge,
-        merge_timeout=args.merge_timeout, progress=not args.no_progress,
+        args.model, args.data, args.out, workers=cfg.workers, batch_size=cfg.batch_size,
+        rank=cfg.rank, world_size=cfg.world_size, device=cfg.device, merge_only=args.merge,
+        merge_timeout=cfg.merge_timeout, progress=cfg.progress,
     )  # fmt: skip
     if manifest is not None:
         print(f"labelled {manifest['num_samples']} clips, {manifest['num_frames']} frames "

@@ -6,16 +6,16 @@ and, when the val windows carry true actions, an online probe from latent action
 true actions (``val/probe_acc`` against ``val/probe_majority``), and the health checks
 of `lapo.health`: the world model's error with shuffled and zeroed latent actions
 (``val/latent_gain_db``), the latent's spread across windows (``val/latent_spread``)
-and, past a warm-up, a warning naming each failed check. The final verdict goes to
-RUN/metrics.json as ``health``. Every
-``image_every_n_steps`` an image strip o[t] | predicted o[t+1] | true o[t+1] goes to
-the loggers and to ``RUN/images/``, and at the end of training one more,
+and, past a warm-up, a warning naming each failed check (`lapo.lam_validation` sums all
+of these over the pass and across ranks). The final verdict goes to RUN/metrics.json as
+``health``. Every ``image_every_n_steps`` an image strip o[t] | predicted o[t+1] |
+true o[t+1] goes to the loggers and to ``RUN/images/``, and at the end of training one more,
 ``RUN/images/final-{val|train}-stepN.png``, shows the trained model (on held-out windows
 when a validation batch was seen, else on the last training batch).
 
 At the end of training the model is exported to ``RUN/model.safetensors`` +
 ``RUN/model.json``; `lapo.runs.load_lam` rebuilds it from those two files alone (no pickle).
-Command: ``lapo pretrain --config configs/lam/procgen.yaml --data DATASET --out RUN``.
+Command: ``lapo pretrain --config lapo/configs/lam/procgen.yaml --data DATASET --out RUN``.
 """
 
 from __future__ import annotations
@@ -25,36 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from einops import rearrange
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from PIL import Image
 from torch import Tensor
 
+from lapo.cli_args import add_run_arguments, config_from_args
 from lapo.config import ConfigError, FinetuneConfig, PretrainConfig, to_dict
-from lapo.health import (
-    THRESHOLDS,
-    assess,
-    codebook_churn,
-    latent_gain_db,
-    latent_spread,
-    warning_text,
-)
+from lapo.health import THRESHOLDS, assess, codebook_churn, warning_text
 from lapo.labelled import LabelledWindows, load_windows, scan_labelled, select_budget
-from lapo.models import LatentActionModel, code_histogram, perplexity_from_counts, usage_from_counts
-from lapo.probe import fit_probe
+from lapo.lam_validation import ValidationSums, probe_scores
+from lapo.models import LatentActionModel
 from lapo.runs import LAM_KIND, export_model
 from lapo.sharding import full_params
-from lapo.train import (
-    StageModule,
-    add_run_arguments,
-    config_from_args,
-    final_metrics,
-    fit,
-    prepare_run,
-    write_metrics,
-)
+from lapo.train import StageModule, final_metrics, fit, prepare_run, write_metrics
 
 STRIP_ROWS = 4  # samples shown in an image strip
 
@@ -137,80 +122,26 @@ class LAMModule(StageModule):
 
     # ------------------------------------------------------------------ validation
 
-    # Ranks may hold different numbers of val batches (few val shards, many ranks), so
-    # nothing here may run a collective per batch: sums are kept locally and exchanged
-    # once, unconditionally, at the end of the pass.
-
     def on_validation_epoch_start(self) -> None:
-        self._val_sums: dict[str, float] = {}
-        self._val_n = 0
-        self._val_counts = None
-        self._val_probe = []
-        self._val_health: dict = {}  # sums for the health checks (lapo.health)
+        self._val = ValidationSums()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         frames = batch["frames"]  # (B, k+1, C, H, W) uint8
-        actions, has_action = batch.get("actions"), batch.get("has_action")
-        b = frames.shape[0]
-        _, logs, pred_next = self.model.loss(frames, actions, has_action)
-        for k, v in logs.items():
-            self._val_sums[k] = self._val_sums.get(k, 0.0) + float(v) * b
-        self._val_n += b
+        _, logs, pred_next = self.model.loss(frames, batch.get("actions"), batch.get("has_action"))
         if batch_idx == 0 and pred_next is not None:
             self.log_strip(frames, pred_next, "val")
+        self._val.add(self.model, batch, logs, self.model.encode(frames), batch_idx)
 
-        enc = self.model.encode(frames)
-        codes = enc["codes"]  # (B, heads) long or None
-        if codes is not None and self.model.num_codes > 0:
-            counts = code_histogram(codes, self.model.num_codes).cpu()  # (heads, num_codes)
-            self._val_counts = counts if self._val_counts is None else self._val_counts + counts
-        self._accumulate_health(frames, enc["latent"], batch_idx)
-        if actions is not None and has_action is not None and bool(has_action.any()):
-            keep = has_action.bool()  # (B,)
-            keys = [k for k, m in zip(batch.get("key", [""] * b), keep.tolist()) if m]
-            starts = batch.get("start")
-            starts = [int(s) for s in starts[keep.cpu().numpy()]] if starts is not None else None
-            self._val_probe.append(
-                (enc["latent"][keep].float().cpu(), actions[keep].cpu(), keys, starts)
-            )
-
-    def _accumulate_health(self, frames: Tensor, latent: Tensor, batch_idx: int) -> None:
-        """Sums for `lapo.health`: world-model error with true/shuffled/zeroed z, z moments."""
-        h, b = self._val_health, latent.shape[0]
-        # every rank runs the same forward passes per batch, whatever its size (FSDP)
-        errors = self.model.latent_dependence(frames, latent, seed=batch_idx)
-        if b >= 2:  # one window has no other window's latent to borrow
-            for k, v in errors.items():
-                h[k] = h.get(k, 0.0) + float(v) * b
-            h["n"] = h.get("n", 0) + b
-        z = latent.detach().double().cpu()  # (B, D)
-        h["z_sum"] = h.get("z_sum", 0.0) + z.sum(0)  # (D,)
-        h["z_sq"] = h.get("z_sq", 0.0) + z.pow(2).sum(0)  # (D,)
-        h["z_n"] = h.get("z_n", 0) + b
-
-    @staticmethod
-    def _health_metrics(parts: list[dict]) -> dict[str, float]:
-        """Every rank's health sums -> val metrics (latent_gain_db, latent_spread, ...)."""
-        sums: dict = {}
-        for part in parts:
-            for k, v in part.items():
-                sums[k] = sums.get(k, 0.0) + v
-        out: dict[str, float] = {}
-        n = sums.pop("n", 0)
-        z_sum, z_sq, z_n = sums.pop("z_sum", None), sums.pop("z_sq", None), sums.pop("z_n", 0)
-        if n:
-            means = {k: float(v) / n for k, v in sums.items()}
-            out.update({k: v for k, v in means.items() if k.endswith(("_shuffled", "_zeroed"))})
-            for name, suffix in (
-                ("latent_gain_db", "_shuffled"),
-                ("latent_zero_gain_db", "_zeroed"),
-            ):
-                gain = latent_gain_db(means, suffix)
-                if gain is not None:
-                    out[name] = gain
-        if z_n >= 2:
-            out["latent_spread"] = latent_spread(z_sum, z_sq, z_n)
-        return out
+    def on_validation_epoch_end(self) -> None:
+        val, collected = self._val.finish()  # the same on every rank: no sync_dist needed
+        for k, v in val.items():
+            self.log(f"val/{k}", v)
+        if collected is not None:  # rank zero
+            scores = probe_scores(collected, num_actions=self.model_kwargs["num_actions"],
+                                  seed=self.cfg.trainer.seed, device=self.device)  # fmt: skip
+            for k, v in scores.items():
+                self.log(f"val/{k}", v, rank_zero_only=True)
+            self._check_health({**val, **scores})
 
     def _check_health(self, val: dict[str, float]) -> None:
         """Rank zero: log how many checks fail and, past the warm-up, warn naming them."""
@@ -223,53 +154,6 @@ class LAMModule(StageModule):
         if health["failed"] and warm:
             rank_zero_warn(warning_text(health, step=self.global_step))
             self.health_warned_step = self.global_step
-
-    def on_validation_epoch_end(self) -> None:
-        parts = _all_gather((self._val_sums, self._val_n, self._val_counts, self._val_health))
-        val: dict[str, float] = {}  # this pass's metrics, for the health check
-        n = sum(p[1] for p in parts)
-        if n > 0:  # every rank computes the same means: no sync_dist needed
-            keys = sorted({k for p in parts for k in p[0]})
-            for k in keys:
-                val[k] = sum(p[0].get(k, 0.0) for p in parts) / n
-                self.log(f"val/{k}", val[k])
-        counts = [p[2] for p in parts if p[2] is not None]
-        if counts:
-            total = torch.stack(counts).sum(0)  # (heads, num_codes) over the whole val pass
-            val["codebook_perplexity"] = float(perplexity_from_counts(total))
-            self.log("val/codebook_perplexity", val["codebook_perplexity"])
-            self.log("val/codebook_usage", usage_from_counts(total))
-        for k, v in self._health_metrics([p[3] for p in parts]).items():
-            val[k] = v
-            self.log(f"val/{k}", v)
-
-        collected = _gather_to_zero(self._val_probe)
-        if collected is not None:  # rank zero
-            val.update(self._probe(collected))
-            self._check_health(val)
-
-    def _probe(self, collected: list) -> dict[str, float]:
-        """Rank zero: fit the latent -> true action probe on the gathered val windows."""
-        if not collected:  # no val window carries an action
-            return {}
-        latents = torch.cat([c[0] for c in collected])  # (N, D)
-        actions = torch.cat([c[1] for c in collected])  # (N,) or (N, A)
-        keys = [k for c in collected for k in c[2]]
-        # the val pass repeats windows when the held-out data is short: each counts once
-        ids = None
-        if all(keys) and all(c[3] is not None for c in collected):
-            ids = list(zip(keys, (s for c in collected for s in c[3])))
-        scores = fit_probe(
-            latents.to(self.device),
-            actions.to(self.device),
-            num_actions=self.model_kwargs["num_actions"],
-            keys=keys if all(keys) else None,
-            windows=ids,
-            seed=self.cfg.trainer.seed,
-        )
-        for k, v in scores.items():
-            self.log(f"val/{k}", v, rank_zero_only=True)
-        return scores
 
     # ------------------------------------------------------------------ images
 
@@ -346,30 +230,6 @@ class LAMModule(StageModule):
                 state_dict=weights,
             )
         self.log_final_strip()
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_gather(obj: object) -> list:
-    """Every rank's `obj`, in rank order, on every rank ([obj] without a process group)."""
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _gather_to_zero(items: list) -> list | None:
-    """All ranks' `items` concatenated on rank 0 (None on the other ranks)."""
-    if not _distributed():
-        return items
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(items, out, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    return [x for part in out for x in part]
 
 
 # --------------------------------------------------------------------------- the command
@@ -470,7 +330,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(PretrainConfig, args)
+    cfg = config_from_args(PretrainConfig, args, {"data.path": args.data})
     if not cfg.data.path:
         raise SystemExit(
             "lapo pretrain: no dataset; pass --data DATASET (or set data.path in the config)"

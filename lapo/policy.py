@@ -25,7 +25,6 @@ Command: ``lapo train-policy --lam RUN --data DATASET --out RUN_P``.
 from __future__ import annotations
 
 import argparse
-import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,36 +35,24 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
 from lapo.checkpoint import CheckpointError
-from lapo.config import (
-    ConfigError,
-    PolicyConfig,
-    load_config,
-    parse_overrides,
-    read_yaml,
-    to_dict,
-)
+from lapo.cli_args import add_run_arguments, config_from_args
+from lapo.config import ConfigError, PolicyConfig, load_config, to_dict
 from lapo.models import LatentActionModel, LatentPolicy
-from lapo.runs import POLICY_KIND, POLICY_NAME, LamRun, export_model, read_lam
-from lapo.train import StageModule, add_run_arguments, fit, prepare_run, write_metrics
+from lapo.runs import (
+    POLICY_KIND,
+    POLICY_NAME,
+    LamRun,
+    export_model,
+    lam_info,
+    policy_extra,
+    read_lam,
+)
+from lapo.train import StageModule, fit, prepare_run, write_metrics
 
 LAM_PREFIX = "lam."  # the frozen LAM's keys in the LightningModule's state dict
 
 
 # --------------------------------------------------------------------------- the LAM it clones
-
-
-def lam_info(lam: LamRun) -> dict[str, Any]:
-    """What policy.json and the checkpoints record about the LAM: where, which, its shape."""
-    return {
-        "run": str(lam.path.resolve()),
-        "sha256": lam.sha256(),
-        "bottleneck": lam.bottleneck,
-        "latent_dim": lam.latent_dim,
-        "in_channels": lam.in_channels,
-        "context": lam.context,
-        "frame_gap": lam.frame_gap,
-        "image_size": lam.image_size,
-    }
 
 
 def check_config(cfg: PolicyConfig, lam: LamRun) -> None:
@@ -85,6 +72,16 @@ def check_config(cfg: PolicyConfig, lam: LamRun) -> None:
         )
 
 
+def lam_window(tree: dict) -> dict:
+    """Defaults from the LAM run that `tree` names: its ``data.context`` and ``data.frame_gap``
+    (the policy learns the IDM's labels of the LAM's own windows)."""
+    lam = tree.get("lam")
+    if not lam:
+        return {}
+    run = read_lam(lam)
+    return {"data": {"context": run.context, "frame_gap": run.frame_gap}}
+
+
 def load_policy_config(
     path: str | Path | None = None, overrides: list[str] | dict | None = None
 ) -> PolicyConfig:
@@ -93,16 +90,7 @@ def load_policy_config(
     ``data.context`` and ``data.frame_gap`` take the LAM run's values unless the YAML or
     the overrides set them (then `check_config` insists they agree).
     """
-    tree = copy.deepcopy(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
-    raw = read_yaml(path) if path else {}
-    lam = tree.get("lam") or raw.get("lam")
-    if lam:
-        run = read_lam(lam)
-        given = [d for d in (raw.get("data"), tree.get("data")) if isinstance(d, dict)]
-        for key in ("context", "frame_gap"):
-            if not any(key in d for d in given):
-                tree.setdefault("data", {})[key] = getattr(run, key)
-    return load_config(PolicyConfig, path, tree)
+    return load_config(PolicyConfig, path, overrides, inherit=lam_window)
 
 
 # --------------------------------------------------------------------------- the LightningModule
@@ -268,24 +256,7 @@ def latent_metrics(pred: Tensor, enc: dict, lam: LatentActionModel, target: str)
     return out
 
 
-# --------------------------------------------------------------------------- the run directory
-
-
-def policy_extra(policy: LatentPolicy, lam_info: dict) -> dict:
-    """policy.json's ``extra``: the constructor arguments and where the labels came from."""
-    return {
-        "kwargs": {
-            "context": policy.context,
-            "image_size": policy.image_size,
-            "latent_dim": policy.latent_dim,
-            "num_codes": policy.num_codes,
-            "code_heads": policy.code_heads,
-            "in_channels": lam_info["in_channels"],
-        },
-        "target": policy.target,
-        "frame_gap": lam_info["frame_gap"],
-        "lam": lam_info,
-    }
+# --------------------------------------------------------------------------- the run
 
 
 def _warn_frame_size(dm: Any, lam: LamRun) -> None:
@@ -354,12 +325,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    tree = parse_overrides(args.overrides)
-    if args.data:  # set directly, not through YAML parsing: a path like `2024` stays a string
-        tree.setdefault("data", {})["path"] = str(args.data)
-    if args.lam:
-        tree["lam"] = str(args.lam)
-    cfg = load_policy_config(args.config, tree)
+    flags = {"data.path": args.data, "lam": args.lam}
+    cfg = config_from_args(PolicyConfig, args, flags, inherit=lam_window)
     if not cfg.lam:
         raise SystemExit("lapo train-policy: no LAM; pass --lam RUN (a lapo pretrain run)")
     if not cfg.data.path:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lapo.agent import Agent, AgentError
 from lapo.checkpoint import CheckpointError
-from lapo.config import ConfigError, ModelConfig, PolicyModelConfig, from_dict, load_config, to_dict
+from lapo.config import ConfigError, ModelConfig, PolicyModelConfig, from_dict
 from lapo.io import atomic_write, atomic_write_json, file_sha256
 from lapo.models import ActionDecoder, LatentActionModel, LatentPolicy
 
@@ -188,6 +188,20 @@ def build_lam(config: dict, kwargs: dict) -> LatentActionModel:
     return LatentActionModel(cfg, **kwargs, sync_codebook=False)
 
 
+def lam_info(lam: LamRun) -> dict[str, Any]:
+    """What policy.json and stage 2's checkpoints record about the LAM: where, which, its shape."""
+    return {
+        "run": str(lam.path.resolve()),
+        "sha256": lam.sha256(),
+        "bottleneck": lam.bottleneck,
+        "latent_dim": lam.latent_dim,
+        "in_channels": lam.in_channels,
+        "context": lam.context,
+        "frame_gap": lam.frame_gap,
+        "image_size": lam.image_size,
+    }
+
+
 # --------------------------------------------------------------------------- stage 2: the policy
 
 
@@ -232,6 +246,16 @@ def policy_kwargs(policy: LatentPolicy) -> dict:
         "latent_dim": policy.latent_dim,
         "num_codes": policy.num_codes,
         "code_heads": policy.code_heads,
+    }
+
+
+def policy_extra(policy: LatentPolicy, lam_info: dict) -> dict:
+    """policy.json's ``extra``: the constructor arguments and where the labels came from."""
+    return {
+        "kwargs": {**policy_kwargs(policy), "in_channels": lam_info["in_channels"]},
+        "target": policy.target,
+        "frame_gap": lam_info["frame_gap"],
+        "lam": lam_info,
     }
 
 
@@ -342,46 +366,6 @@ def load_agent(run_dir: str | Path, map_location: str | torch.device = "cpu") ->
             f"unexpected {sorted(unexpected)[:6]}"
         )
     return agent.to(map_location).eval()
-
-
-# --------------------------------------------------------------------------- a run's inputs
-
-
-def check_run_dir(
-    cfg: Any,
-    run_dir: str | Path,
-    sources: dict,
-    *,
-    resume: bool,
-    config: str = "config.yaml",
-    free: tuple[str, ...] = (),
-    what: str = "run",
-) -> None:
-    """Before a stage-3 run writes anything: without `resume`, `run_dir` must hold no run;
-    with it, the run there was made with the settings `cfg` (but for the keys in `free`)
-    and the inputs `sources` (its ``sources.json``)."""
-    run_dir = Path(run_dir)
-    saved = run_dir / config
-    if not resume:
-        if any((run_dir / x).exists() for x in (config, "checkpoints", AGENT_META)):
-            raise CheckpointError(
-                f"{run_dir} already holds a {what}; pass --resume or choose another --out"
-            )
-        return
-    if not saved.is_file():
-        raise CheckpointError(
-            f"--resume: {run_dir} holds no {what} (no {config}); start without --resume"
-        )
-    old, new = to_dict(load_config(type(cfg), saved)), to_dict(cfg)
-    for key in new:
-        if key not in free and old[key] != new[key]:
-            raise ConfigError(f"{key}: {new[key]!r} differs from {old[key]!r} in {saved}; "
-                              "--resume needs the same settings")  # fmt: skip
-    old_sources = json.loads((run_dir / "sources.json").read_text())
-    if old_sources != sources:
-        raise ConfigError(
-            f"--resume: inputs {sources} differ from {old_sources} ({run_dir}/sources.json)"
-        )
 
 
 # --------------------------------------------------------------------------- a label-budget curve

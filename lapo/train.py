@@ -1,31 +1,23 @@
 """Lightning plumbing shared by the pretraining stages (1: latent action model, 2: policy).
 
 A stage supplies a `StageModule` subclass (its loss and metrics) and a DataModule;
-this file turns a `TrainerConfig` into a Trainer and runs it:
+`prepare_run` checks and creates the run directory and `fit` trains on the Trainer
+`lapo.trainer` builds for the `TrainerConfig`:
 
-- hardware: bf16 and torch.compile on GPU; on CPU both fall back with a warning.
-- distribution: DDP (gloo on CPU, NCCL on GPU) or FSDP (`lapo.sharding`); under Slurm
-  the SLURMEnvironment wires the ranks.
 - preemption: SIGTERM / SIGUSR1 only set a flag; all ranks stop at the same step
   boundary, save ``last.ckpt`` once, and under Slurm SIGUSR1 also requeues the job
-  (``#SBATCH --signal=SIGUSR1@90``). Lightning's own signal handling is off: it ran
-  collectives inside the handler.
+  (``#SBATCH --signal=SIGUSR1@90``).
 - checkpoints: ``RUN/checkpoints/step-XXXXXXX.ckpt`` every ``ckpt_every_n_steps`` (the
   newest ``keep_checkpoints`` kept), ``last.ckpt`` and ``best.ckpt``, all written
   atomically; ``--resume`` restores the one holding the highest step.
-- logs: TensorBoard + CSV under ``RUN/logs`` (W&B when installed and asked for).
 - safety: NaN/inf losses (and NaN/inf gradients) are skipped (and counted) or stop the run
   naming the step, so a non-finite value never reaches the weights or a checkpoint;
-  resumed runs restore the RNG too (`RNGState`), and checkpoints load with
+  resumed runs restore the RNG too (`lapo.callbacks.RNGState`), and checkpoints load with
   ``weights_only=True`` only.
 """
 
 from __future__ import annotations
 
-import argparse
-import inspect
-import logging
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,35 +26,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
-from torch.nn.parallel import DistributedDataParallel
 
-from lapo.callbacks import (
-    AtomicCheckpointIO,
-    BestCheckpoint,
-    GracefulStop,
-    KeyLog,
-    PeriodicCheckpoint,
-    RNGState,
-    StepProgressBar,
-)
+from lapo.callbacks import GracefulStop
 from lapo.checkpoint import checkpoint_step, prune_checkpoints, resume_checkpoint
-from lapo.config import (
-    ConfigError,
-    OptimConfig,
-    TrainerConfig,
-    load_config,
-    parse_overrides,
-    save_config,
-)
+from lapo.config import OptimConfig, TrainerConfig, save_config
 from lapo.errors import NonFiniteSteps
 from lapo.io import atomic_write_json, remove_stale_temporaries
 from lapo.optim import adamw, decayed_names, lr_lambda
 from lapo.preempt import StopRequested, requeue_slurm_job
-from lapo.sharding import LapoFSDP
+from lapo.trainer import build_trainer, check_hardware, resolve_hardware
 
 # --------------------------------------------------------------------------- the module side
 
@@ -170,182 +143,7 @@ class StageModule(L.LightningModule):
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
 
 
-# --------------------------------------------------------------------------- the trainer side
-
-
-@dataclass
-class Hardware:
-    accelerator: str
-    precision: str
-    compile: bool
-
-
-def resolve_hardware(cfg: TrainerConfig) -> Hardware:
-    """Pick the accelerator; on CPU drop bf16/fp16 and compile with a warning."""
-    accel = cfg.accelerator
-    if accel == "auto":
-        accel = "gpu" if torch.cuda.is_available() else "cpu"
-    if accel in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"trainer.accelerator: {accel} but torch sees no CUDA device (use cpu or auto)"
-        )
-    precision, compile_ = cfg.precision, cfg.compile
-    if accel == "cpu":
-        if precision != "32-true":
-            warnings.warn(
-                f"lapo: trainer.precision={precision} is ignored on CPU; using 32-true",
-                stacklevel=2,
-            )
-            precision = "32-true"
-        if compile_:
-            warnings.warn("lapo: trainer.compile=true is ignored on CPU", stacklevel=2)
-            compile_ = False
-    return Hardware(accel, precision, compile_)
-
-
-def _num_processes(cfg: TrainerConfig, hw: Hardware) -> int:
-    if isinstance(cfg.devices, int) and cfg.devices > 0:
-        per_node = cfg.devices
-    elif hw.accelerator == "cpu":
-        per_node = 1
-    else:  # "auto" or -1: every visible GPU
-        per_node = torch.cuda.device_count()
-    return per_node * cfg.num_nodes
-
-
-def make_strategy(cfg: TrainerConfig, hw: Hardware) -> str | Strategy:
-    if cfg.strategy == "fsdp":
-        return LapoFSDP(precision=hw.precision, cpu=hw.accelerator == "cpu")
-    if cfg.strategy == "auto" and _num_processes(cfg, hw) <= 1:
-        return "auto"
-    # No buffer broadcast at each forward: the only buffers (VQ codebooks) are all-reduced
-    # by the quantiser itself, and Lightning runs validation through the DDP wrapper, where
-    # a broadcast hangs as soon as ranks hold different numbers of val batches.
-    no_sync = (
-        {"forward_sync_buffers": False}  # torch >= 2.13 (still syncs once at init)
-        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        else {"broadcast_buffers": False}
-    )
-    return DDPStrategy(
-        process_group_backend="gloo" if hw.accelerator == "cpu" else None,
-        find_unused_parameters=cfg.strategy == "ddp_find_unused_parameters_true",
-        **no_sync,
-    )
-
-
-def make_loggers(cfg: TrainerConfig, run_dir: Path) -> list[Logger]:
-    logs = run_dir / "logs"
-    out: list[Logger] = []
-    for name in cfg.loggers:
-        if name == "tensorboard":
-            out.append(
-                TensorBoardLogger(save_dir=logs, name="tensorboard", default_hp_metric=False)
-            )
-        elif name == "csv":
-            out.append(CSVLogger(save_dir=logs, name="csv"))
-        elif name == "wandb":
-            try:
-                import wandb  # noqa: F401
-                from lightning.pytorch.loggers import WandbLogger
-            except ImportError:
-                rank_zero_warn(
-                    "lapo: trainer.loggers includes wandb but wandb is not installed; skipping it"
-                )
-                continue
-            out.append(
-                WandbLogger(project=cfg.wandb_project, name=run_dir.name, save_dir=str(logs))
-            )
-    return out
-
-
-def _not_an_advert(record: logging.LogRecord) -> bool:
-    """Lightning's tips for its paid services ("💡 Tip: ... litlogger / litmodels")."""
-    return "Tip: For seamless" not in record.getMessage()
-
-
-def build_trainer(cfg: TrainerConfig, run_dir: Path, hw: Hardware, stop: GracefulStop) -> L.Trainer:
-    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _not_an_advert not in rank_zero_log.filters:
-        rank_zero_log.addFilter(_not_an_advert)
-    ckpt_dir = run_dir / "checkpoints"
-    callbacks: list[Any] = [
-        RNGState(),  # first: its state is taken before any other callback draws a number
-        PeriodicCheckpoint(ckpt_dir, cfg.ckpt_every_n_steps, cfg.keep_checkpoints),
-        stop,
-    ]
-    if cfg.best_checkpoint_metric:
-        callbacks.append(BestCheckpoint(ckpt_dir, cfg.best_checkpoint_metric))
-    if cfg.progress:
-        callbacks.append(StepProgressBar())
-    if cfg.log_keys:
-        callbacks.append(KeyLog(run_dir / "debug"))
-    loggers = make_loggers(cfg, run_dir)
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        # the ranks' wiring only: requeueing is GracefulStop's (Lightning's saves inside
-        # the signal handler, which deadlocks when the signal lands in a collective)
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer = L.Trainer(
-        accelerator=hw.accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=make_strategy(cfg, hw),
-        precision=hw.precision,
-        max_steps=cfg.max_steps,
-        max_epochs=-1,
-        # the train loader is a resampled stream of fixed length, so validation is
-        # scheduled in global steps rather than in epochs
-        val_check_interval=cfg.val_every_n_steps,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=cfg.sanity_val_steps,
-        log_every_n_steps=cfg.log_every_n_steps,
-        logger=loggers or False,
-        callbacks=callbacks,
-        plugins=plugins,
-        default_root_dir=run_dir,
-        enable_progress_bar=cfg.progress,
-        # "warn": deterministic kernels where torch has them, a warning where it has not
-        deterministic="warn" if cfg.deterministic else None,
-        # the loader splits shards by rank itself; a DistributedSampler would not apply
-        use_distributed_sampler=False,
-        benchmark=hw.accelerator != "cpu" and not cfg.deterministic,
-    )
-    disable_lightning_signals(trainer)
-    return trainer
-
-
-def disable_lightning_signals(trainer: L.Trainer) -> None:
-    """Keep Lightning from installing signal handlers of its own during ``fit``.
-
-    Its SIGTERM handler broadcasts to the other ranks, and its Slurm requeue handler saves a
-    checkpoint (a barrier), both from inside the handler: when the signal interrupts a
-    rank in the middle of another collective (a checkpoint save, say), the ranks wait on
-    each other for ever. `GracefulStop` owns SIGTERM and SIGUSR1 instead.
-    """
-    connector = getattr(trainer, "_signal_connector", None)
-    if connector is None or not hasattr(connector, "register_signal_handlers"):
-        raise RuntimeError(
-            "lapo.train: this Lightning version has no Trainer._signal_connector; its signal "
-            "handlers would run collectives inside a signal handler"
-        )
-    connector.register_signal_handlers = lambda: None
-
-
-def check_hardware(cfg: TrainerConfig) -> None:
-    """Settings this machine or launch cannot honour, as `ConfigError`s naming the key."""
-    hw = resolve_hardware(cfg)
-    make_strategy(cfg, hw)
-    gpus = torch.cuda.device_count()
-    if hw.accelerator in ("gpu", "cuda") and isinstance(cfg.devices, int) and cfg.devices > gpus:
-        raise ConfigError(f"trainer.devices: {cfg.devices} GPUs asked for, {gpus} visible")
-    cluster = SLURMEnvironment.detect() or "TORCHELASTIC_RUN_ID" in os.environ
-    if cfg.num_nodes > 1 and not cluster and "NODE_RANK" not in os.environ:
-        # Lightning would wait forever for the other nodes to join
-        raise ConfigError(
-            f"trainer.num_nodes: {cfg.num_nodes} nodes but this process was not started by Slurm "
-            "(srun), torchrun, or with NODE_RANK/MASTER_ADDR set; launch it with one of those, "
-            "or use num_nodes=1"
-        )
+# --------------------------------------------------------------------------- running a stage
 
 
 def prepare_run(
@@ -480,47 +278,3 @@ def write_metrics(trainer: L.Trainer, run_dir: Path, extra: dict | None = None) 
     if trainer.is_global_zero:
         atomic_write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics
-
-
-# --------------------------------------------------------------------------- command-line flags
-
-
-def add_run_arguments(p: argparse.ArgumentParser, *, default_config: str | None = None) -> None:
-    """Flags every Lightning stage shares: --config, --data, --out, --resume, --set."""
-    p.add_argument(
-        "--config",
-        default=default_config,
-        help="YAML file overriding the typed defaults"
-        + (f" (default: {default_config})" if default_config else ""),
-    )
-    p.add_argument(
-        "--data",
-        help="dataset directory (shards + manifest.json) or shard URL pattern; sets data.path",
-    )
-    p.add_argument(
-        "--out", required=True, help="run directory: checkpoints, logs, config.yaml, metrics.json"
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the checkpoint in --out holding the highest step (checkpoints/last.ckpt, "
-        "step-*.ckpt, best.ckpt, or an older Slurm hpc_ckpt_*.ckpt)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any setting, e.g. --set trainer.max_steps=100 model.bottleneck=fsq",
-    )
-
-
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """Typed config from --config, then --set pairs, then --data (a wrong key fails here, before data)."""
-    tree = parse_overrides(args.overrides)
-    if getattr(args, "data", None):
-        # set directly, not through YAML parsing: a path like `2024` or `yes` must stay a string
-        tree.setdefault("data", {})["path"] = str(args.data)
-    return load_config(cls, args.config, tree)

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from lapo.agent import Agent
-from lapo.config import PolicyModelConfig, to_dict
+from lapo.config import EvaluateConfig, PolicyModelConfig, to_dict
 from lapo.evaluate import evaluate
 from lapo.labelled import select_budget
 from lapo.models import LatentPolicy
@@ -36,6 +37,7 @@ from tests.test_label import write_agent
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "babyai:BabyAI-GoToLocal-v0"
+QUIET = EvaluateConfig(device="cpu", progress=False)
 KEYS = ("probe_accuracy", "probe_majority_baseline", "decoder_accuracy", "fdm_psnr",
         "fdm_psnr_copy_baseline", "codebook_perplexity", "codebook_usage", "return_mean",
         "success_rate", "random_return_mean", "random_success_rate")  # fmt: skip
@@ -58,8 +60,8 @@ def run(tmp_path_factory, babyai) -> Path:
 @pytest.fixture(scope="module")
 def metrics(tmp_path_factory, babyai, run) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("eval") / "m.json"
-    evaluate(run, out, labeled=babyai, env=SPEC, episodes=3, max_steps=10, device="cpu",
-             progress=False)  # fmt: skip
+    cfg = EvaluateConfig(episodes=3, max_steps=10, device="cpu", progress=False)
+    evaluate(cfg, run, out, labeled=babyai, env=SPEC)
     return json.loads(out.read_text()), out
 
 
@@ -176,8 +178,8 @@ def test_bc_run_reports_policy_metrics_and_null_latent_ones(babyai, tmp_path):
     space = read_manifest(babyai)["action_space"]
     agent = Agent(method="bc", action_space=space, context=2, policy=policy)
     save_agent(agent, tmp_path / "bc", policy_config=to_dict(pcfg))
-    m = evaluate(tmp_path / "bc", tmp_path / "out", labeled=babyai, env=SPEC, episodes=2,
-                 max_steps=5, device="cpu", progress=False)  # fmt: skip
+    cfg = EvaluateConfig(episodes=2, max_steps=5, device="cpu", progress=False)
+    m = evaluate(cfg, tmp_path / "bc", tmp_path / "out", labeled=babyai, env=SPEC)
     assert (tmp_path / "out" / "metrics.json").is_file()  # --out as a directory
     assert m["decoder_accuracy"] is None and m["fdm_psnr"] is None and m["probe_accuracy"] is None
     assert 0.0 <= m["policy_accuracy"] <= 1.0
@@ -188,7 +190,7 @@ def test_continuous_actions_give_mse_keys(tmp_path):
     ds = make_dataset(tmp_path / "dg", shards=4, clips_per_shard=2, clip_frames=16, size=32,
                       actions="continuous", episode_len=(5, 9))  # fmt: skip
     run = write_agent(tmp_path / "run", ds.action_space)
-    m = evaluate(run, tmp_path / "m.json", labeled=ds.path, device="cpu", progress=False)
+    m = evaluate(QUIET, run, tmp_path / "m.json", labeled=ds.path)
     for key in ("decoder_mse", "policy_mse", "probe_mse", "probe_mean_baseline_mse", "fdm_psnr"):
         assert isinstance(m[key], float) and m[key] >= 0, key
     assert "decoder_accuracy" not in m
@@ -202,7 +204,7 @@ def test_env_without_a_policy_is_refused(babyai, tmp_path):
     save_agent(agent, tmp_path / "nopol", lam_config=meta["lam"]["config"],
                lam_kwargs=meta["lam"]["kwargs"])  # fmt: skip
     with pytest.raises(ValueError, match="no policy"):
-        evaluate(tmp_path / "nopol", tmp_path / "m.json", env=SPEC, device="cpu", progress=False)
+        evaluate(QUIET, tmp_path / "nopol", tmp_path / "m.json", env=SPEC)
 
 
 @pytest.mark.slow  # Lightning pretrain + Accelerate finetunes + CLI processes: ~1-2 min
@@ -211,7 +213,7 @@ def test_pipeline_end_to_end_with_label_budgets(babyai, tmp_path):
     from lapo.finetune import finetune
     from lapo.lam import pretrain
 
-    cfg = load_config(PretrainConfig, ROOT / "configs" / "lam" / "debug.yaml",
+    cfg = load_config(PretrainConfig, ROOT / "lapo" / "configs" / "lam" / "debug.yaml",
                       [f"data.path={babyai}", "data.context=2", "trainer.max_steps=2"])  # fmt: skip
     pretrain(cfg, tmp_path / "lam")
     ft = load_config(FinetuneConfig, None, {"label_budget": 30, "epochs": 2, "progress": False})
@@ -262,8 +264,8 @@ def test_rollouts_render_as_the_labelled_data_was(tmp_path):
     agent = Agent(method="bc", action_space=space, context=2, policy=policy,
                   info={"env_kwargs": recorded_env_kwargs(data), "image_shape": [32, 32]})  # fmt: skip
     save_agent(agent, tmp_path / "bc", policy_config=to_dict(pcfg))
-    m = evaluate(tmp_path / "bc", tmp_path / "m.json", env=SPEC, episodes=1, max_steps=3,
-                 device="cpu", progress=False)  # fmt: skip
+    cfg = EvaluateConfig(episodes=1, max_steps=3, device="cpu", progress=False)
+    m = evaluate(cfg, tmp_path / "bc", tmp_path / "m.json", env=SPEC)
     assert m["env_kwargs"] == {"view": "agent"}
     first = np.asarray(Image.open(tmp_path / "m_rollout.gif").convert("RGB"))
     env_seed, _ = episode_seeds(0, 0)
@@ -271,12 +273,11 @@ def test_rollouts_render_as_the_labelled_data_was(tmp_path):
     top = make_env(SPEC, size=32).reset(env_seed)
     err = lambda a, b: np.abs(a.astype(int) - b.astype(int)).mean()  # noqa: E731
     assert err(first, ego) < err(first, top)
-    m = evaluate(tmp_path / "bc", tmp_path / "full.json", env=SPEC, env_view="full", episodes=1,
-                 max_steps=3, device="cpu", progress=False)  # fmt: skip
+    m = evaluate(replace(cfg, env_view="full"), tmp_path / "bc", tmp_path / "full.json", env=SPEC)
     assert m["env_kwargs"] == {"view": "full"}
     with pytest.raises(ValueError, match="env-view"):
-        evaluate(tmp_path / "bc", tmp_path / "x.json", env="procgen:bigfish", env_view="agent",
-                 episodes=1, max_steps=2, device="cpu", progress=False)  # fmt: skip
+        evaluate(replace(cfg, env_view="agent"), tmp_path / "bc", tmp_path / "x.json",
+                 env="procgen:bigfish")  # fmt: skip
 
 
 def test_latent_scatter_spreads_piled_codes_so_every_point_shows(tmp_path):

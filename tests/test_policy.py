@@ -26,19 +26,20 @@ from lapo.config import ConfigError, ModelConfig, PolicyConfig, PretrainConfig, 
 from lapo.io import file_sha256
 from lapo.lam import pretrain
 from lapo.models import LatentActionModel
-from lapo.policy import (
-    PolicyModule,
-    check_config,
+from lapo.policy import PolicyModule, check_config, load_policy_config, train_policy
+from lapo.runs import (
     lam_info,
-    load_policy_config,
-    train_policy,
+    load_lam,
+    load_policy,
+    policy_model_config,
+    read_lam,
+    read_policy_meta,
 )
-from lapo.runs import load_lam, load_policy, policy_model_config, read_lam, read_policy_meta
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-LAM_DEBUG = ROOT / "configs" / "lam" / "debug.yaml"
-DEBUG = ROOT / "configs" / "policy" / "debug.yaml"
+LAM_DEBUG = ROOT / "lapo" / "configs" / "lam" / "debug.yaml"
+DEBUG = ROOT / "lapo" / "configs" / "policy" / "debug.yaml"
 LAPO = [sys.executable, "-m", "lapo.cli"]
 K = 2  # the test LAM's context: two frames, so "the first k" and "all but the last" differ
 
@@ -250,7 +251,7 @@ def test_policy_never_sees_the_next_frame(lam_run, data):
 
 
 def test_every_policy_yaml_parses(lam_run):
-    for path in sorted((ROOT / "configs" / "policy").glob("*.yaml")):
+    for path in sorted((ROOT / "lapo" / "configs" / "policy").glob("*.yaml")):
         cfg = load_policy_config(path, [f"lam={lam_run}"])
         assert cfg.policy.target in ("continuous", "codes"), path
 

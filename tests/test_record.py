@@ -238,6 +238,27 @@ def test_cli_records_and_rejects_unknown_env(tmp_path, capsys):
     assert "BabyAI-KeyCorridor" not in err and not (tmp_path / "y").exists()
 
 
+def test_lapo_record_is_the_same_command(tmp_path, capsys):
+    """`lapo record` (what `lapo demo` runs) records what `python -m data_prep.record` does
+    and reports a flag of another env family in one line, writing nothing."""
+    from lapo.cli import main as lapo_main
+
+    argv = ["procgen:bigfish", "--episodes", "2", "--max-steps", "8", "--clip-frames", "4",
+            "--no-progress"]  # fmt: skip
+    assert lapo_main(["record", *argv, "--out", str(tmp_path / "a")]) == 0
+    assert record_cli([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "record_args.json").read_text() == (
+        tmp_path / "b" / "record_args.json"
+    ).read_text()
+    capsys.readouterr()
+    assert lapo_main(["record", *argv, "--view", "agent", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "lapo record: error: --view applies to babyai/minigrid only, not procgen:bigfish\n"
+    )
+    assert not (tmp_path / "c").exists()
+
+
 def test_epsilon_expert_detours_replay_and_still_succeed(tmp_path):
     """--epsilon swaps some expert moves for random ones; the bot replans and still wins."""
     kw = dict(episodes=6, policy="expert", seed=1, clip_frames=64, episodes_per_shard=6)

@@ -27,7 +27,7 @@ from lapo.runs import load_agent
 from tests.test_finetune import write_lam, write_policy
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "rl" / "debug.yaml"
+DEBUG = ROOT / "lapo" / "configs" / "rl" / "debug.yaml"
 STEPS = 8  # toy episode length: best return 8, random 8/3
 KILL = {"at": None, "n": 0}  # the toy env sends SIGTERM to this process at its `at`-th step
 
@@ -236,6 +236,7 @@ def test_an_interrupted_run_resumes_to_the_same_frames(runs, tmp_path):
 
 
 def test_cli_on_a_real_env_and_lapo_evaluate_reads_the_result(runs, tmp_path, capsys):
+    from lapo.config import EvaluateConfig
     from lapo.evaluate import evaluate
 
     out, env = tmp_path / "cli", "minigrid:MiniGrid-Empty-5x5-v0"
@@ -244,7 +245,8 @@ def test_cli_on_a_real_env_and_lapo_evaluate_reads_the_result(runs, tmp_path, ca
     assert main(argv) == 0
     assert "done at 64 frames" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["frames"] == 64
-    m = evaluate(out, tmp_path / "eval.json", env=env, episodes=2, max_steps=10, progress=False)
+    cfg = EvaluateConfig(episodes=2, max_steps=10, progress=False)
+    m = evaluate(cfg, out, tmp_path / "eval.json", env=env)
     assert m["method"] == "lapo" and m["episodes"] == 2 and "return_mean" in m
 
 

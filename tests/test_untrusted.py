@@ -37,12 +37,19 @@ from lapo.config import (
 )
 from lapo.finetune import finetune
 from lapo.models import LatentActionModel, LatentPolicy
-from lapo.policy import lam_info, policy_extra
-from lapo.runs import export_model, load_agent, load_lam, load_policy, read_lam
+from lapo.runs import (
+    export_model,
+    lam_info,
+    load_agent,
+    load_lam,
+    load_policy,
+    policy_extra,
+    read_lam,
+)
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-LAM_DEBUG = ROOT / "configs/lam/debug.yaml"
+LAM_DEBUG = ROOT / "lapo/configs/lam/debug.yaml"
 
 
 class Payload:
@@ -98,7 +105,7 @@ def test_lightnings_own_checkpoint_loader_refuses_even_when_asked_to_unpickle(
 ):
     """What trainer.fit(ckpt_path=...) and a Slurm hpc_ckpt restore call: the Trainer's IO."""
     from lapo.callbacks import GracefulStop
-    from lapo.train import build_trainer, resolve_hardware
+    from lapo.trainer import build_trainer, resolve_hardware
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     cfg = load_config(PretrainConfig, LAM_DEBUG, ["trainer.loggers=[]"])
@@ -148,7 +155,7 @@ def bc_run(tmp_path_factory) -> tuple[Path, Path]:
     """A real `lapo finetune --method bc` run (no LAM needed) and its labelled data."""
     root = tmp_path_factory.mktemp("untrusted-ft")
     data = make_dataset(root / "data", shards=3, clip_frames=16).path
-    cfg = load_config(FinetuneConfig, ROOT / "configs/finetune/debug.yaml",
+    cfg = load_config(FinetuneConfig, ROOT / "lapo/configs/finetune/debug.yaml",
                       ["method=bc", "label_budget=40", "epochs=2"])  # fmt: skip
     finetune(cfg, root / "run", data)
     return root / "run", data

@@ -18,7 +18,8 @@ from lapo.config import FinetuneConfig
 from lapo.finetune.stage import RESUME_FREE, finetune, make_accelerator, run_sources
 from lapo.io import atomic_write_json
 from lapo.labelled import LabelledDataError
-from lapo.runs import BUDGET_CURVE, check_run_dir
+from lapo.resume import check_run_dir
+from lapo.runs import BUDGET_CURVE
 
 
 def budget_run(out: str | Path, budget: int) -> Path:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lapo.config import FinetuneConfig, load_config, parse_overrides
+from lapo.cli_args import add_config_arguments, config_from_args
+from lapo.config import FinetuneConfig
 from lapo.finetune.budgets import fit_budget_curve
 from lapo.finetune.stage import finetune
 from lapo.labelled import LabelledDataError
@@ -66,12 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="lapo: also fine-tune policy + decoder end to end",
     )
-    p.add_argument(
-        "--config",
-        help="YAML file overriding the typed defaults (e.g. configs/finetune/lapo.yaml)",
-    )
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set epochs=5 decoder_hidden=64 model.image_size=32")  # fmt: skip
+    add_config_arguments(p, example_config="lapo/configs/finetune/lapo.yaml",
+                         example_set="epochs=5 decoder_hidden=64 model.image_size=32")  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
     )
@@ -80,17 +77,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    """Defaults < --config YAML < --set pairs < explicit flags."""
-    tree = parse_overrides(args.overrides)
-    flags = {"method": args.method, "label_budget": args.label_budget, "mixed_precision": args.mixed_precision,
-             "finetune_policy": True if args.finetune_policy else None}  # fmt: skip
-    tree.update({k: v for k, v in flags.items() if v is not None})
-    return load_config(FinetuneConfig, args.config, tree)
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    flags = {"method": args.method, "label_budget": args.label_budget,
+             "mixed_precision": args.mixed_precision, "finetune_policy": args.finetune_policy or None}  # fmt: skip
+    cfg = config_from_args(FinetuneConfig, args, flags)
     if args.label_budgets:
         fit_budget_curve(cfg, args.out, args.labeled, args.label_budgets, lam=args.lam,
                          policy=args.policy)  # fmt: skip

@@ -23,7 +23,8 @@ from lapo.finetune.plan import make_plan, window_shape
 from lapo.io import atomic_write_json
 from lapo.labelled import LabelledWindows, load_selection, scan_labelled, select_budget
 from lapo.preempt import StopRequested, StopSignal
-from lapo.runs import check_policy_run, check_run_dir, read_lam, save_agent
+from lapo.resume import check_run_dir
+from lapo.runs import check_policy_run, read_lam, save_agent
 
 RESUME_FREE = ("progress", "num_workers", "keep_checkpoints", "mixed_precision", "eval_batch_size",
                "nan_policy")  # fmt: skip

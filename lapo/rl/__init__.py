@@ -19,7 +19,8 @@ import argparse
 import contextlib
 import io
 
-from lapo.config import RLConfig, load_config, parse_overrides
+from lapo.cli_args import add_config_arguments, config_from_args
+from lapo.config import RLConfig
 
 with contextlib.redirect_stderr(
     io.StringIO()
@@ -43,11 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--init", help="a lapo finetune run RUN_F whose decoder starts the action head")
     p.add_argument("--from-scratch", action="store_true",
                    help="baseline: RUN_P's architecture with fresh random weights, no LAM")  # fmt: skip
-    p.add_argument(
-        "--config", help="YAML file overriding the typed defaults, e.g. configs/rl/cpu.yaml"
-    )
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set total_frames=100000 num_envs=8")  # fmt: skip
+    add_config_arguments(p, example_config="lapo/configs/rl/cpu.yaml",
+                         example_set="total_frames=100000 num_envs=8")  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
     )
@@ -60,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.init and args.from_scratch:
         raise ConfigError("--init and --from-scratch exclude each other")
-    cfg = load_config(RLConfig, args.config, parse_overrides(args.overrides))
+    cfg = config_from_args(RLConfig, args)
     m = train_rl(cfg, args.out, args.policy, args.env, init=args.init,
                  from_scratch=args.from_scratch, resume=args.resume)  # fmt: skip
     if m["finished"]:

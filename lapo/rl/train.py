@@ -30,14 +30,14 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import set_random_seed
 from tqdm import tqdm
 
-from lapo.callbacks import RNGState
 from lapo.checkpoint import atomic_torch_save, safe_torch_load
 from lapo.config import ConfigError, RLConfig, save_config
 from lapo.io import atomic_write_json
 from lapo.preempt import StopSignal, requeue_slurm_job
+from lapo.resume import check_run_dir, rng_state, set_rng_state
 from lapo.rl.env import make_vec_env
 from lapo.rl.net import ActorCriticNet, LatentActorCritic, action_space_dict, build_agent
-from lapo.runs import check_run_dir, read_policy_meta, save_agent
+from lapo.runs import read_policy_meta, save_agent
 
 FIELDS = ("frames", "updates", "episodes", "return_mean", "length_mean", "success_rate", "fps",
           "lr", "loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
@@ -204,9 +204,7 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
         model.policy.load_state_dict(state["policy"])
         model.policy.optimizer.load_state_dict(state["optimizer"])
         model.num_timesteps, updates = frames0, int(state["updates"])
-        rng = RNGState()
-        rng.load_state_dict(state["rng"])
-        rng.on_train_batch_start(None)
+        set_rng_state(state["rng"])
     run = _Run(cfg, run_dir, model, frames0, updates)
     run.trim_csv()
     t0 = time.time()
@@ -308,7 +306,7 @@ class _Run:
     def save(self) -> None:
         m, frames = self.model, int(self.model.num_timesteps)
         state = {"policy": m.policy.state_dict(), "optimizer": m.policy.optimizer.state_dict(),
-                 "frames": frames, "updates": self.updates, "rng": RNGState().state_dict()}  # fmt: skip
+                 "frames": frames, "updates": self.updates, "rng": rng_state()}  # fmt: skip
         path = self.run_dir / "checkpoints" / f"frames-{frames:010d}.pt"
         atomic_torch_save(state, path)
         for old in _checkpoints(self.run_dir)[: -self.cfg.keep_checkpoints]:
