@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage-1 figures for a GPU machine, printed at the end:
-#   1. a training step at the paper's scale (lapo/configs/lam/procgen.yaml: batch 128, bf16,
+#   1. a training step at the paper's scale (configs/lam/procgen.yaml: batch 128, bf16,
 #      torch.compile): windows/s and peak GPU memory (benchmarks/train_step.py);
 #   2. the loader's windows/s with 8 workers on generated 64x64 clips, against what the
 #      step consumes (benchmarks/loader.py);
@@ -33,7 +33,7 @@ cd "$ROOT"
 
 if [[ "$TINY" == 1 ]]; then
     mode="tiny (CPU)"
-    step=(--config lapo/configs/lam/debug.yaml --accelerator cpu --batch 4 --steps 4 --warmup 1)
+    step=(--config configs/lam/debug.yaml --accelerator cpu --batch 4 --steps 4 --warmup 1)
     loader=(--workers 2 --batch-size 8 --clips 4 --frames 16 --size 32 --naive-windows 10)
     label=(--episodes 2 --budgets 20 --lam-steps 2 --image-size 32 --impala-scale 1
         --idm-epochs 1 --idm-updates 1 --ceiling-epochs 1 --workers 1
@@ -41,9 +41,9 @@ if [[ "$TINY" == 1 ]]; then
 else
     mode="GPU"
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu.sh: torch sees no CUDA device (LAPO_BENCH_TINY=1 runs the CPU check)')"
-    step=(--config lapo/configs/lam/procgen.yaml --accelerator gpu --batch 128 --steps 30 --warmup 10)
+    step=(--config configs/lam/procgen.yaml --accelerator gpu --batch 128 --steps 30 --warmup 10)
     loader=(--workers 8 --batch-size 128 --clips 1200 --frames 64 --size 64)
-    # stage 1 with the paper's IDM and world model (lapo/configs/lam/procgen.yaml's sizes)
+    # stage 1 with the paper's IDM and world model (configs/lam/procgen.yaml's sizes)
     label=(--episodes 300 --budgets 100,1000 --lam-steps 3000 --image-size 64 --impala-scale 4
         --workers 8 --lam-set trainer.accelerator=gpu trainer.precision=bf16-mixed
         trainer.compile=true data.batch_size=128 data.num_workers=8 model.embed_dim=256

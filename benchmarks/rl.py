@@ -1,6 +1,6 @@
 """`lapo rl` against plain stable-baselines3 PPO: env frames per second, same env and network.
 
-    python benchmarks/rl.py                                  # procgen:bigfish, lapo/configs/rl/cpu.yaml
+    python benchmarks/rl.py                                  # procgen:bigfish, configs/rl/cpu.yaml
     python benchmarks/rl.py --env babyai:BabyAI-GoToObj-v0 --frames 8192
     python benchmarks/rl.py --policy runs/bigfish-policy     # a trained stage-2 run
 

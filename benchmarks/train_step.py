@@ -2,9 +2,9 @@
 
     python benchmarks/train_step.py                         # procgen config, CPU, batch 4
     python benchmarks/train_step.py --batch 16 --steps 5
-    python benchmarks/train_step.py --config lapo/configs/lam/procgen_cpu.yaml --batch 32 --steps 6 \
+    python benchmarks/train_step.py --config configs/lam/procgen_cpu.yaml --batch 32 --steps 6 \
         --runs plain,plain-nchw                             # what trainer.channels_last gains
-    python benchmarks/train_step.py --config lapo/configs/lam/debug.yaml --steps 50   # tiny model:
+    python benchmarks/train_step.py --config configs/lam/debug.yaml --steps 50   # tiny model:
                                                             # the framework's share is largest here
     python benchmarks/train_step.py --accelerator gpu --batch 128 --runs lightning --warmup 5
                                                             # the config's precision and compile
@@ -141,7 +141,7 @@ def main() -> None:
     )
     p.add_argument(
         "--config",
-        default="lapo/configs/lam/procgen.yaml",
+        default="configs/lam/procgen.yaml",
         help="stage-1 YAML whose model and frame size to time",
     )
     p.add_argument(

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "--bottleneck",
         default=None,
         choices=["vq", "fsq", "continuous"],
-        help="stage-1 bottleneck (default: the one in lapo/configs/lam/procgen_cpu.yaml)",
+        help="stage-1 bottleneck (default: the one in configs/lam/procgen_cpu.yaml)",
     )
     pg.add_argument(
         "--image-size",

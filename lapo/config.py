@@ -21,7 +21,8 @@ import yaml
 from lapo.io import atomic_write_text
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-"""The YAML recipes shipped with lapo (package data): ``CONFIGS / "lam" / "debug.yaml"``."""
+"""The YAML recipes: the top-level configs/ in a checkout (lapo/configs links to it), package
+data in an install: ``CONFIGS / "lam" / "debug.yaml"``."""
 
 
 class ConfigError(ValueError):
@@ -243,7 +244,7 @@ class TrainerConfig:
     compile: bool = False
     """torch.compile the models (GPU only; ignored with a warning on CPU)."""
     channels_last: bool = True
-    """Keep convolution weights (and so activations) in channels-last layout: faster convolutions on CPU (oneDNN) and GPU; 21% off a lapo/configs/lam/procgen_cpu.yaml step of batch 32 on 2 CPU cores (benchmarks/train_step.py --runs plain,plain-nchw). Not applied under FSDP, which flattens parameters."""
+    """Keep convolution weights (and so activations) in channels-last layout: faster convolutions on CPU (oneDNN) and GPU; 21% off a configs/lam/procgen_cpu.yaml step of batch 32 on 2 CPU cores (benchmarks/train_step.py --runs plain,plain-nchw). Not applied under FSDP, which flattens parameters."""
     log_every_n_steps: int = 10
     """Scalar logging interval."""
     val_every_n_steps: int = 200

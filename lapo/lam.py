@@ -15,7 +15,7 @@ when a validation batch was seen, else on the last training batch).
 
 At the end of training the model is exported to ``RUN/model.safetensors`` +
 ``RUN/model.json``; `lapo.runs.load_lam` rebuilds it from those two files alone (no pickle).
-Command: ``lapo pretrain --config lapo/configs/lam/procgen.yaml --data DATASET --out RUN``.
+Command: ``lapo pretrain --config configs/lam/procgen.yaml --data DATASET --out RUN``.
 """
 
 from __future__ import annotations

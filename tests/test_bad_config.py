@@ -23,7 +23,7 @@ from lapo.models import LatentActionModel
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "lapo/configs/lam/debug.yaml")  # latent_dim 16, vq_heads 2, image_size 32, cpu
+DEBUG = str(ROOT / "configs/lam/debug.yaml")  # latent_dim 16, vq_heads 2, image_size 32, cpu
 
 
 @pytest.fixture(scope="module")

@@ -420,7 +420,7 @@ def test_commands_name_a_missing_dataset_in_one_line(tmp_path, capsys):
 
     nowhere = tmp_path / "nowhere"
     runs = {
-        "pretrain": lambda: lapo_main(["pretrain", "--config", "lapo/configs/lam/debug.yaml",
+        "pretrain": lambda: lapo_main(["pretrain", "--config", "configs/lam/debug.yaml",
                                        "--data", str(nowhere), "--out", str(tmp_path / "r")]),
         "finetune": lambda: lapo_main(["finetune", "--method", "bc", "--labeled", str(nowhere),
                                        "--label-budget", "4", "--out", str(tmp_path / "f")]),

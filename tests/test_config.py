@@ -25,7 +25,7 @@ from lapo.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-# lapo/configs/<dir>/*.yaml -> the dataclass it overrides; a new directory must be added here
+# configs/<dir>/*.yaml -> the dataclass it overrides; a new directory must be added here
 SECTIONS = {
     "lam": PretrainConfig,
     "policy": PolicyConfig,
@@ -46,7 +46,7 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_every_recipe_parses_against_its_dataclass(path, tmp_path):
     section = path.relative_to(CONFIGS).parts[0]
-    assert section in SECTIONS, f"{path}: no dataclass registered for lapo/configs/{section}/"
+    assert section in SECTIONS, f"{path}: no dataclass registered for configs/{section}/"
     cfg = load_config(SECTIONS[section], path)
     # every key the file sets arrives in the dataclass unchanged
     raw = read_yaml(path)
@@ -150,7 +150,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_cli_rejects_a_wrong_key_before_reading_data(tmp_path):
     run = tmp_path / "run"
     res = subprocess.run(
-        [sys.executable, "-m", "lapo.cli", "pretrain", "--config", "lapo/configs/lam/debug.yaml",
+        [sys.executable, "-m", "lapo.cli", "pretrain", "--config", "configs/lam/debug.yaml",
          "--data", str(tmp_path / "no-such-dataset"), "--out", str(run), "--set", "model.encodr=impala"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip

@@ -59,7 +59,7 @@ def test_two_cpu_ranks_agree_and_read_disjoint_shards(tmp_path):
     steps = 6
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-        f"--master_port={free_port()}", str(script), str(ROOT / "lapo/configs/lam/debug.yaml"), str(run),
+        f"--master_port={free_port()}", str(script), str(ROOT / "configs/lam/debug.yaml"), str(run),
         f"data.path={ds.path}", "data.val_shards=1", f"trainer.max_steps={steps}",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
         "trainer.log_keys=true", "trainer.val_every_n_steps=3", "model.bottleneck=vq",

@@ -213,7 +213,7 @@ def test_pipeline_end_to_end_with_label_budgets(babyai, tmp_path):
     from lapo.finetune import finetune
     from lapo.lam import pretrain
 
-    cfg = load_config(PretrainConfig, ROOT / "lapo" / "configs" / "lam" / "debug.yaml",
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "lam" / "debug.yaml",
                       [f"data.path={babyai}", "data.context=2", "trainer.max_steps=2"])  # fmt: skip
     pretrain(cfg, tmp_path / "lam")
     ft = load_config(FinetuneConfig, None, {"label_budget": 30, "epochs": 2, "progress": False})

@@ -38,7 +38,7 @@ def data(tmp_path_factory) -> Path:
 def lam_run(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("export-lam") / "run"
     overrides = [f"data.path={data}", "trainer.max_steps=4", "trainer.loggers=[]"]
-    pretrain(load_config(PretrainConfig, ROOT / "lapo/configs/lam/debug.yaml", overrides), run)
+    pretrain(load_config(PretrainConfig, ROOT / "configs/lam/debug.yaml", overrides), run)
     return run
 
 
@@ -46,7 +46,7 @@ def lam_run(data, tmp_path_factory) -> Path:
 def policy_run(lam_run, data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("export-policy") / "run"
     overrides = [f"lam={lam_run}", f"data.path={data}", "trainer.max_steps=2", "trainer.loggers=[]"]
-    train_policy(load_policy_config(ROOT / "lapo/configs/policy/debug.yaml", overrides), run)
+    train_policy(load_policy_config(ROOT / "configs/policy/debug.yaml", overrides), run)
     return run
 
 
@@ -106,7 +106,7 @@ def test_stage2_from_the_run_and_from_a_checkpoint(policy_run, tmp_path, request
 def test_stage3_agent(data, tmp_path, request):
     cfg = load_config(
         FinetuneConfig,
-        ROOT / "lapo/configs/finetune/debug.yaml",
+        ROOT / "configs/finetune/debug.yaml",
         ["method=bc", "label_budget=40", "epochs=1"],
     )
     finetune(cfg, tmp_path / "run", data)

@@ -48,8 +48,8 @@ from lapo.runs import (
 from tests.datagen import NUM_ACTIONS, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "lapo" / "configs" / "finetune" / "debug.yaml"
-LAM_DEBUG = ROOT / "lapo" / "configs" / "lam" / "debug.yaml"
+DEBUG = ROOT / "configs" / "finetune" / "debug.yaml"
+LAM_DEBUG = ROOT / "configs" / "lam" / "debug.yaml"
 LAPO = [sys.executable, "-m", "lapo.cli"]
 K = 2
 BUDGET = 60
@@ -293,7 +293,7 @@ def test_resume_after_an_interruption_gives_the_same_agent(data, lam_run, policy
 
 
 def test_settings_are_checked_before_any_work(data, lam_run, tmp_path):
-    for path in sorted((ROOT / "lapo" / "configs" / "finetune").glob("*.yaml")):
+    for path in sorted((ROOT / "configs" / "finetune").glob("*.yaml")):
         load_config(FinetuneConfig, path)  # every recipe parses against the typed config
     with pytest.raises(ConfigError, match="needs --lam"):
         finetune(debug_cfg(), tmp_path / "a", data)
@@ -435,7 +435,7 @@ def test_real_stage_1_and_2_runs_feed_finetune_and_label(data, tmp_path):
     ]
     pretrain(load_config(PretrainConfig, LAM_DEBUG, overrides), lam)
     policy = tmp_path / "policy"
-    pcfg = load_policy_config(ROOT / "lapo" / "configs" / "policy" / "debug.yaml",
+    pcfg = load_policy_config(ROOT / "configs" / "policy" / "debug.yaml",
                               [f"lam={lam}", f"data.path={data}", "trainer.loggers=[]"])  # fmt: skip
     train_policy(pcfg, policy)
     run = tmp_path / "run_f"

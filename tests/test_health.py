@@ -28,7 +28,7 @@ from tests.datagen import make_dataset
 from tests.test_models import sprite_windows, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "lapo" / "configs" / "lam" / "debug.yaml"
+DEBUG = ROOT / "configs" / "lam" / "debug.yaml"
 
 HEALTHY = {
     "val/psnr": 35.3,

@@ -52,7 +52,7 @@ def data(tmp_path_factory) -> Path:
 
 def pretrain_args(data: Path, out: Path) -> list[str]:
     return [
-        "pretrain", "--config", str(ROOT / "lapo/configs/lam/debug.yaml"), "--data", str(data),
+        "pretrain", "--config", str(ROOT / "configs/lam/debug.yaml"), "--data", str(data),
         "--out", str(out), "--set", f"trainer.max_steps={STEPS}", "trainer.ckpt_every_n_steps=2",
         "trainer.val_every_n_steps=5", "trainer.image_every_n_steps=1000", "trainer.loggers=[csv]",
         "data.val_batches=2",
@@ -61,7 +61,7 @@ def pretrain_args(data: Path, out: Path) -> list[str]:
 
 def policy_args(lam: Path, data: Path, out: Path) -> list[str]:
     return [
-        "train-policy", "--config", str(ROOT / "lapo/configs/policy/debug.yaml"), "--lam", str(lam),
+        "train-policy", "--config", str(ROOT / "configs/policy/debug.yaml"), "--lam", str(lam),
         "--data", str(data), "--out", str(out), "--set", f"trainer.max_steps={STEPS}",
         "trainer.val_every_n_steps=5", "trainer.loggers=[csv]", "data.val_batches=2",
     ]  # fmt: skip
@@ -69,7 +69,7 @@ def policy_args(lam: Path, data: Path, out: Path) -> list[str]:
 
 def finetune_args(lam: Path, policy: Path, data: Path, out: Path) -> list[str]:
     return [
-        "finetune", "--config", str(ROOT / "lapo/configs/finetune/debug.yaml"), "--lam", str(lam),
+        "finetune", "--config", str(ROOT / "configs/finetune/debug.yaml"), "--lam", str(lam),
         "--policy", str(policy), "--finetune-policy", "--labeled", str(data),
         "--label-budget", "60", "--out", str(out), "--set", "policy_epochs=20",
     ]  # fmt: skip

@@ -20,56 +20,37 @@ PKG = ROOT / "lapo"
 # layer -> modules (a trailing ".*" takes a whole package). Lower layers never import higher
 # ones; "data" and "models" sit side by side and never import each other.
 LAYERS: dict[str, list[str]] = {
-    "base": ["lapo", "lapo.errors", "lapo.io", "lapo.preempt", "lapo.tars", "lapo.video"],
-    "config": ["lapo.config", "lapo.cli_args"],
-    "data": [
-        "lapo.shards",
-        "lapo.validate",
-        "lapo.windows",
-        "lapo.timeline",
-        "lapo.split",
-        "lapo.ring",
-        "lapo.stream",
-        "lapo.loader",
-        "lapo.labelled",
-        "lapo.ingest",
-        "lapo.ingest_plan",
-        "lapo.source_video",
-        "lapo.envs",
-        "lapo.record",
-        "lapo.data",
-    ],  # fmt: skip
-    "models": ["lapo.models.*", "lapo.agent", "lapo.probe", "lapo.health"],
-    "runs": [
-        "lapo.runs",
-        "lapo.checkpoint",
-        "lapo.optim",
-        "lapo.sharding",
-        "lapo.callbacks",
-        "lapo.train",
-        "lapo.rollouts",
-        "lapo.plots",
-        "lapo.lam_val",
-    ],  # fmt: skip
-    "stages": [
-        "lapo.lam",
-        "lapo.policy",
-        "lapo.finetune.*",
-        "lapo.label",
-        "lapo.label_shard",
-        "lapo.evaluate",
-        "lapo.export",
-        "lapo.rl.*",
-    ],  # fmt: skip
-    "top": ["lapo.cli", "lapo.demo", "lapo.report", "lapo.stages"],
+    layer: names.split()
+    for layer, names in {
+        "base": "lapo lapo.errors lapo.io lapo.preempt lapo.tars lapo.video",
+        "config": "lapo.config lapo.cli_args",
+        "data": "lapo.shards lapo.validate lapo.windows lapo.timeline lapo.split lapo.ring "
+        "lapo.stream lapo.loader lapo.labelled lapo.ingest lapo.ingest_plan lapo.source_video "
+        "lapo.envs lapo.record lapo.data",
+        "models": "lapo.models.* lapo.agent lapo.probe lapo.health",
+        "runs": "lapo.runs lapo.resume lapo.checkpoint lapo.optim lapo.sharding lapo.callbacks "
+        "lapo.train lapo.trainer lapo.rollouts lapo.plots",
+        "stages": "lapo.lam lapo.lam_validation lapo.policy lapo.finetune.* lapo.label "
+        "lapo.label_shard lapo.evaluate lapo.heldout lapo.export lapo.rl.* lapo.record_command",
+        "top": "lapo.cli lapo.demo lapo.report lapo.stages",
+    }.items()
 }
 RANK = {"base": 0, "config": 1, "data": 2, "models": 2, "runs": 3, "stages": 4, "top": 5}
-# the stage each stage module belongs to: a stage never imports another stage
+# the stage each stage module belongs to (a prefix takes its submodules too): a stage never
+# imports another stage
 STAGE_OF = {
-    "lapo.lam": "pretrain", "lapo.policy": "train-policy", "lapo.finetune": "finetune",
-    "lapo.label": "label", "lapo.label_shard": "label", "lapo.evaluate": "evaluate",
-    "lapo.export": "export", "lapo.rl": "rl",
-}  # fmt: skip
+    "lapo.lam": "pretrain",
+    "lapo.lam_validation": "pretrain",
+    "lapo.policy": "train-policy",
+    "lapo.finetune": "finetune",
+    "lapo.label": "label",
+    "lapo.label_shard": "label",
+    "lapo.evaluate": "evaluate",
+    "lapo.heldout": "evaluate",
+    "lapo.export": "export",
+    "lapo.rl": "rl",
+    "lapo.record_command": "record",
+}
 TRAINING_FRAMEWORKS = ("lightning", "accelerate", "stable_baselines3")
 
 

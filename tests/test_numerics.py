@@ -39,7 +39,7 @@ def data(tmp_path_factory) -> Path:
 def lam_cfg(data: Path, policy: str, steps: int = 5) -> PretrainConfig:
     return load_config(
         PretrainConfig,
-        ROOT / "lapo/configs/lam/debug.yaml",
+        ROOT / "configs/lam/debug.yaml",
         [f"data.path={data}", f"trainer.nan_policy={policy}", f"trainer.max_steps={steps}",
          "trainer.ckpt_every_n_steps=1", "trainer.keep_checkpoints=-1", "trainer.val_every_n_steps=100",
          "trainer.loggers=[]"],

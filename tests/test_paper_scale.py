@@ -1,4 +1,4 @@
-"""lapo/configs/lam/procgen.yaml is the LAPO paper's scale: IDM and world model within 10% of the
+"""configs/lam/procgen.yaml is the LAPO paper's scale: IDM and world model within 10% of the
 paper's parameters and forward FLOPs at 64x64 with context 2, and its comments say so."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from lapo.config import PretrainConfig, load_config
 from lapo.models import LatentActionModel
 
 ROOT = Path(__file__).resolve().parents[1]
-PROCGEN = ROOT / "lapo" / "configs" / "lam" / "procgen.yaml"
+PROCGEN = ROOT / "configs" / "lam" / "procgen.yaml"
 
 # Source: github.com/schmidtdominik/LAPO, lapo/models.py and lapo/utils.py
 # (create_dynamics_models), built with lapo/config.yaml (idm_impala_scale 4, wm_scale 24,
@@ -76,7 +76,7 @@ def test_the_config_comments_state_the_measured_sizes(sizes):
 
 
 def test_default_levels_keep_the_world_model_of_other_configs():
-    cfg = load_config(PretrainConfig, ROOT / "lapo" / "configs" / "lam" / "debug.yaml")
+    cfg = load_config(PretrainConfig, ROOT / "configs" / "lam" / "debug.yaml")
     assert cfg.model.fdm_mults == [1, 2, 4, 8]
     model = LatentActionModel(cfg.model, context=cfg.data.context)
     assert sum(p.numel() for p in model.fdm.parameters()) == 542_763  # as before fdm_mults

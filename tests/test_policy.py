@@ -38,8 +38,8 @@ from lapo.runs import (
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-LAM_DEBUG = ROOT / "lapo" / "configs" / "lam" / "debug.yaml"
-DEBUG = ROOT / "lapo" / "configs" / "policy" / "debug.yaml"
+LAM_DEBUG = ROOT / "configs" / "lam" / "debug.yaml"
+DEBUG = ROOT / "configs" / "policy" / "debug.yaml"
 LAPO = [sys.executable, "-m", "lapo.cli"]
 K = 2  # the test LAM's context: two frames, so "the first k" and "all but the last" differ
 
@@ -251,7 +251,7 @@ def test_policy_never_sees_the_next_frame(lam_run, data):
 
 
 def test_every_policy_yaml_parses(lam_run):
-    for path in sorted((ROOT / "lapo" / "configs" / "policy").glob("*.yaml")):
+    for path in sorted((ROOT / "configs" / "policy").glob("*.yaml")):
         cfg = load_policy_config(path, [f"lam={lam_run}"])
         assert cfg.policy.target in ("continuous", "codes"), path
 

@@ -28,7 +28,7 @@ from lapo.windows import DatasetError
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "lapo" / "configs" / "lam" / "debug.yaml"
+DEBUG = ROOT / "configs" / "lam" / "debug.yaml"
 LAPO = [sys.executable, "-m", "lapo.cli"]
 
 
@@ -173,7 +173,7 @@ def test_one_shard_trains_both_stages_with_the_default_hold_out(tmp_path):
     lam = pretrain(debug_cfg(data, "trainer.loggers=[]"), tmp_path / "lam")
     assert lam["finished"] and "val/loss" in lam
     cfg = load_policy_config(
-        ROOT / "lapo" / "configs" / "policy" / "debug.yaml",
+        ROOT / "configs" / "policy" / "debug.yaml",
         [f"lam={tmp_path / 'lam'}", f"data.path={data}", "trainer.loggers=[]"],
     )
     policy = train_policy(cfg, tmp_path / "policy")

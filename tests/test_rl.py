@@ -27,7 +27,7 @@ from lapo.runs import load_agent
 from tests.test_finetune import write_lam, write_policy
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "lapo" / "configs" / "rl" / "debug.yaml"
+DEBUG = ROOT / "configs" / "rl" / "debug.yaml"
 STEPS = 8  # toy episode length: best return 8, random 8/3
 KILL = {"at": None, "n": 0}  # the toy env sends SIGTERM to this process at its `at`-th step
 

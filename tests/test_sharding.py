@@ -25,7 +25,7 @@ from tests.datagen import make_dataset
 from tests.test_ddp import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "lapo/configs/lam/debug.yaml"
+DEBUG = ROOT / "configs/lam/debug.yaml"
 
 
 def group_names(groups: list[dict], names: dict[int, str]) -> list[tuple[float, list[str]]]:

@@ -27,7 +27,7 @@ from tests.slurm_harness import ROOT, sh
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 PRETRAIN = ROOT / "slurm" / "pretrain.sbatch"
-DEBUG = ROOT / "lapo/configs/lam/debug.yaml"
+DEBUG = ROOT / "configs/lam/debug.yaml"
 STEPS = 150  # the stress job: room for ten preemptions, each after some training
 KEEP = 2  # trainer.keep_checkpoints in the preempted jobs
 

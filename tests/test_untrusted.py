@@ -49,7 +49,7 @@ from lapo.runs import (
 from tests.datagen import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-LAM_DEBUG = ROOT / "lapo/configs/lam/debug.yaml"
+LAM_DEBUG = ROOT / "configs/lam/debug.yaml"
 
 
 class Payload:
@@ -155,7 +155,7 @@ def bc_run(tmp_path_factory) -> tuple[Path, Path]:
     """A real `lapo finetune --method bc` run (no LAM needed) and its labelled data."""
     root = tmp_path_factory.mktemp("untrusted-ft")
     data = make_dataset(root / "data", shards=3, clip_frames=16).path
-    cfg = load_config(FinetuneConfig, ROOT / "lapo/configs/finetune/debug.yaml",
+    cfg = load_config(FinetuneConfig, ROOT / "configs/finetune/debug.yaml",
                       ["method=bc", "label_budget=40", "epochs=2"])  # fmt: skip
     finetune(cfg, root / "run", data)
     return root / "run", data

@@ -67,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="lapo: also fine-tune policy + decoder end to end",
     )
-    add_config_arguments(p, example_config="lapo/configs/finetune/lapo.yaml",
+    add_config_arguments(p, example_config="configs/finetune/lapo.yaml",
                          example_set="epochs=5 decoder_hidden=64 model.image_size=32")  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"

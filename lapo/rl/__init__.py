@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--init", help="a lapo finetune run RUN_F whose decoder starts the action head")
     p.add_argument("--from-scratch", action="store_true",
                    help="baseline: RUN_P's architecture with fresh random weights, no LAM")  # fmt: skip
-    add_config_arguments(p, example_config="lapo/configs/rl/cpu.yaml",
+    add_config_arguments(p, example_config="configs/rl/cpu.yaml",
                          example_set="total_frames=100000 num_envs=8")  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
