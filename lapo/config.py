@@ -90,9 +90,10 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    image_size: int = 64
-    """Frames are resized (square) to this many pixels on a side before the model."""
+class EncoderConfig:
+    """The frame encoder's settings, shared by the IDM / world model (`model`) and the latent
+    policy (`policy`); `lapo.models.encoders.build_encoder` reads them."""
+
     encoder: Literal["impala", "transformer"] = "impala"
     """IMPALA CNN for small frames; a spatio-temporal patch transformer for large ones."""
     impala_scale: int = 4
@@ -105,6 +106,19 @@ class ModelConfig:
     """Transformer encoder: number of blocks."""
     tf_heads: int = 4
     """Transformer encoder: attention heads."""
+
+    def check_encoder(self, section: str) -> None:
+        _check(self.impala_scale >= 1, f"{section}.impala_scale", "must be >= 1")
+        _check(self.patch_size >= 1, f"{section}.patch_size", "must be >= 1")
+        _check(self.tf_depth >= 1, f"{section}.tf_depth", "must be >= 1")
+        if self.encoder == "transformer":
+            _check(self.tf_dim % self.tf_heads == 0, f"{section}.tf_heads", "must divide tf_dim")
+
+
+@dataclass
+class ModelConfig(EncoderConfig):
+    image_size: int = 64
+    """Frames are resized (square) to this many pixels on a side before the model."""
     latent_dim: int = 128
     """Size of the latent action vector z[t] fed to the world model."""
     embed_dim: int = 256
@@ -153,8 +167,8 @@ class ModelConfig:
     """True action count for the weak-supervision head (0: read from the dataset manifest)."""
 
     def __post_init__(self) -> None:
+        self.check_encoder("model")
         _check(self.image_size >= 8, "model.image_size", "must be >= 8")
-        _check(self.impala_scale >= 1, "model.impala_scale", "must be >= 1")
         _check(self.latent_dim >= 1, "model.latent_dim", "must be >= 1")
         _check(self.vq_codebook_size >= 2, "model.vq_codebook_size", "must be >= 2")
         _check(self.vq_heads >= 1, "model.vq_heads", "must be >= 1")
@@ -174,8 +188,6 @@ class ModelConfig:
         _check(self.sup_weight >= 0, "model.sup_weight", "must be >= 0")
         _check(self.num_actions >= 0, "model.num_actions", "must be >= 0")
         _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
-        _check(self.patch_size >= 1, "model.patch_size", "must be >= 1")
-        _check(self.tf_depth >= 1, "model.tf_depth", "must be >= 1")
         _check(self.fdm_channels >= 1, "model.fdm_channels", "must be >= 1")
         _check(self.vq_commitment >= 0, "model.vq_commitment", "must be >= 0")
         _check(self.vq_dead_code_threshold >= 0, "model.vq_dead_code_threshold", "must be >= 0")
@@ -199,7 +211,6 @@ class ModelConfig:
                 "model.patch_size",
                 f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}",
             )
-            _check(self.tf_dim % self.tf_heads == 0, "model.tf_heads", "must divide tf_dim")
 
 
 @dataclass
@@ -328,31 +339,18 @@ class PretrainConfig:
 
 
 @dataclass
-class PolicyModelConfig:
-    encoder: Literal["impala", "transformer"] = "impala"
-    """Observation encoder of the latent policy."""
-    impala_scale: int = 4
-    """Width multiplier of the IMPALA CNN."""
-    patch_size: int = 8
-    """Transformer encoder: pixels per patch side (frames are at the latent action model's image_size)."""
-    tf_dim: int = 256
-    """Transformer encoder: embedding width."""
-    tf_depth: int = 4
-    """Transformer encoder: number of blocks."""
-    tf_heads: int = 4
-    """Transformer encoder: attention heads."""
+class PolicyModelConfig(EncoderConfig):
+    """The latent policy's network: its observation encoder (frames at the latent action
+    model's image_size) and head."""
+
     hidden: int = 256
     """Width of the policy head (and of the observation features it exposes)."""
     target: Literal["continuous", "codes"] = "continuous"
     """Regress the IDM's pre-quantisation latent, or classify its codes (vq/fsq only)."""
 
     def __post_init__(self) -> None:
-        _check(self.impala_scale >= 1, "policy.impala_scale", "must be >= 1")
+        self.check_encoder("policy")
         _check(self.hidden >= 1, "policy.hidden", "must be >= 1")
-        _check(self.patch_size >= 1, "policy.patch_size", "must be >= 1")
-        _check(self.tf_depth >= 1, "policy.tf_depth", "must be >= 1")
-        if self.encoder == "transformer":
-            _check(self.tf_dim % self.tf_heads == 0, "policy.tf_heads", "must divide tf_dim")
 
 
 @dataclass
