@@ -213,16 +213,11 @@ class LAMModule(StageModule):
 
     def on_train_end(self) -> None:
         if self.global_step < self.trainer.max_steps:
-            return  # stopped early by a signal: the export belongs to the real end
-        # every rank takes part: FSDP gathers the full state dict here
-        state = self.trainer.strategy.lightning_module_state_dict()
-        if self.trainer.is_global_zero:
-            weights = {
-                k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")
-            }
-            run_dir = Path(self.trainer.default_root_dir)
+            return  # stopped early by a signal: no export, no final strip
+        weights = self.finished_weights("model")
+        if weights is not None:
             export_model(
-                run_dir,
+                Path(self.trainer.default_root_dir),
                 self.model,
                 kind=LAM_KIND,
                 config=to_dict(self.cfg),

@@ -213,14 +213,8 @@ class PolicyModule(StageModule):
         checkpoint["state_dict"].update({LAM_PREFIX + k: v for k, v in lam_state.items()})
 
     def on_train_end(self) -> None:
-        if self.global_step < self.trainer.max_steps:
-            return  # stopped early by a signal: the export belongs to the real end
-        # every rank takes part: FSDP gathers the full state dict here
-        state = self.trainer.strategy.lightning_module_state_dict()
-        if self.trainer.is_global_zero:
-            weights = {
-                k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")
-            }
+        weights = self.finished_weights("policy")
+        if weights is not None:
             export_model(
                 self.trainer.default_root_dir,
                 self.policy,

@@ -142,6 +142,19 @@ class StageModule(L.LightningModule):
         self.nonfinite(what, value, where)
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
 
+    def finished_weights(self, prefix: str) -> dict[str, torch.Tensor] | None:
+        """At the real end of training, the weights under ``prefix.`` (prefix removed) on
+        rank 0 for its export; None on other ranks and after a stop by a signal (the export
+        belongs to the real end). Every rank must call it: FSDP gathers the full state here."""
+        if self.global_step < self.trainer.max_steps:
+            return None
+        state = self.trainer.strategy.lightning_module_state_dict()
+        if not self.trainer.is_global_zero:
+            return None
+        return {
+            k.removeprefix(prefix + "."): v for k, v in state.items() if k.startswith(prefix + ".")
+        }
+
 
 # --------------------------------------------------------------------------- running a stage
 

@@ -222,15 +222,7 @@ class LatentActionModel(nn.Module):
         logs = {k: v.detach().float() for k, v in logs.items()}
         return loss, logs, (pred_next.detach() if exists(pred_next) else None)
 
-    def forward(
-        self,
-        frames: Tensor,
-        actions: Tensor | None = None,
-        has_action: Tensor | None = None,
-        labelled: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
-        """Same as `loss` (so DDP wrappers that call forward see the whole objective)."""
-        return self.loss(frames, actions, has_action, labelled)
+    forward = loss  # DDP and FSDP wrappers call forward: it is the whole objective
 
     def _sup_loss(
         self, latent: Tensor, actions: Tensor | None, has_action: Tensor | None
