@@ -50,7 +50,6 @@ from lapo.runs import (  # noqa: E402
     load_lam,
     policy_extra,
     read_lam,
-    read_policy_meta,
 )
 
 
@@ -77,12 +76,10 @@ def run_plain(cfg: RLConfig, policy_run: Path, env: str, frames: int) -> float:
     """Seconds of SB3's PPO.learn(frames) on lapo's actor-critic."""
     from stable_baselines3 import PPO
 
-    from lapo.rl.env import make_vec_env
     from lapo.rl.net import ActorCriticNet, LatentActorCritic, action_space_dict, build_agent
+    from lapo.rl.train import policy_vec_env
 
-    kw = read_policy_meta(policy_run)["extra"]["kwargs"]
-    venv = make_vec_env(env, num_envs=cfg.num_envs, context=int(kw["context"]),
-                        size=cfg.env_size or int(kw["image_size"]), seed=cfg.seed, kind=cfg.vec_env)  # fmt: skip
+    venv = policy_vec_env(cfg, env, policy_run)  # the very env `lapo rl` builds
     agent, _ = build_agent(policy_run, action_space_dict(venv.action_space), cfg)
     batch = cfg.num_envs * cfg.rollout_steps
     model = PPO(

@@ -146,6 +146,18 @@ def _env_kwargs(cfg: RLConfig, spec, policy_run) -> dict:
     return {k: v for k, v in (recorded_env_kwargs(data) if data else {}).items() if k == "view"}
 
 
+def policy_vec_env(cfg: RLConfig, env, policy_run, *, first: int = 0):
+    """The vectorised env `lapo rl` trains RUN_P's agent on: frames rendered and stacked as
+    its training windows were (context, frame gap, image size, BabyAI view)."""
+    meta = read_policy_meta(policy_run)
+    kw = meta["extra"]["kwargs"]
+    gap = int(meta["extra"].get("frame_gap", 1))  # the context spacing the policy learnt on
+    return make_vec_env(env, num_envs=cfg.num_envs, context=int(kw["context"]),
+                        size=cfg.env_size or int(kw["image_size"]), seed=cfg.seed, first=first,
+                        kind=cfg.vec_env, env_kwargs=_env_kwargs(cfg, env, policy_run),
+                        frame_gap=gap)  # fmt: skip
+
+
 def _finite(x) -> bool:
     return x is None or math.isfinite(float(x))
 
@@ -160,17 +172,13 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
 
     run_dir = Path(run_dir)
     meta = read_policy_meta(policy_run)  # a missing RUN_P fails here, naming it
-    context, image_size = int(meta["extra"]["kwargs"]["context"]), int(meta["extra"]["kwargs"]["image_size"])  # fmt: skip
-    gap = int(meta["extra"].get("frame_gap", 1))  # the context spacing the policy learnt on
-    size = cfg.env_size or image_size
+    size = cfg.env_size or int(meta["extra"]["kwargs"]["image_size"])
     env_kwargs = _env_kwargs(cfg, env, policy_run)
     ckpts = _checkpoints(run_dir) if resume else []
     state = safe_torch_load(ckpts[-1]) if ckpts else None
     frames0 = int(state["frames"]) if state else 0
     try:
-        venv = make_vec_env(env, num_envs=cfg.num_envs, context=context, size=size, seed=cfg.seed,
-                            first=frames0, kind=cfg.vec_env, env_kwargs=env_kwargs,
-                            frame_gap=gap)  # fmt: skip
+        venv = policy_vec_env(cfg, env, policy_run, first=frames0)
     except EnvError as e:
         raise ConfigError(f"--env: {e}") from None
     space = action_space_dict(venv.action_space)
