@@ -4,8 +4,8 @@ For each seed, two `lapo rl` runs on the same env with the same settings and fra
 budget: one from a stage-2 latent policy with no action labels (the action head learns
 from reward alone), one `--from-scratch` (the same network with fresh weights, no LAM).
 Each run's metrics.csv (one row per PPO update) gives its learning curve; the figure
-reported is the env frames until an update's finished episodes first reach
-``--target`` success rate (or mean return, with ``--by return``). Results go to
+reported is the env frames until the episodes of ``--smooth`` consecutive updates first
+reach ``--target`` success rate (or mean return, with ``--by return``). Results go to
 OUT/table.md, OUT/results.json and OUT/curves.png. A step is skipped when its output
 exists and was made by the same command (`lapo.stages`), so a rerun resumes.
 
@@ -28,18 +28,24 @@ from lapo.cli_args import HelpFormatter
 METHODS = {"latent": [], "scratch": ["--from-scratch"]}
 
 
-def read_curve(path: Path, by: str) -> tuple[np.ndarray, np.ndarray]:
-    """metrics.csv -> (frames, success rate or mean return) of the updates that saw episodes."""
+def read_curve(path: Path, by: str, smooth: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """metrics.csv -> (frames, success rate or mean return) of the updates that saw episodes,
+    each value the episode-weighted mean over that update and the `smooth` - 1 before it."""
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if int(r["episodes"] or 0) > 0]
     key = "success_rate" if by == "success" else "return_mean"
     frames = np.array([int(r["frames"]) for r in rows], np.int64)
     values = np.array([float(r[key]) for r in rows], np.float64)
-    return frames, values
+    counts = np.array([int(r["episodes"]) for r in rows], np.float64)
+    sums = np.cumsum(np.concatenate([[0.0], values * counts]))
+    ns = np.cumsum(np.concatenate([[0.0], counts]))
+    lo = np.maximum(np.arange(len(rows)) + 1 - smooth, 0)
+    hi = np.arange(len(rows)) + 1
+    return frames, (sums[hi] - sums[lo]) / np.maximum(ns[hi] - ns[lo], 1)
 
 
 def frames_to(frames: np.ndarray, values: np.ndarray, target: float) -> int | None:
-    """Env frames at the first update whose episodes reach `target` (None: never)."""
+    """Env frames at the first (smoothed) value that reaches `target` (None: never)."""
     hit = np.flatnonzero(values >= target)
     return int(frames[hit[0]]) if len(hit) else None
 
@@ -78,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         "--by", choices=["success", "return"], default="success", help="what --target measures"
     )
     p.add_argument("--target", type=float, default=0.9, help="success rate (or return) to reach")
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=3,
+        help="updates averaged (episode-weighted) before the target is checked: one update's "
+        "few dozen episodes are noisy",
+    )
     p.add_argument("--methods", default="latent,scratch", help="which runs, comma-separated")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more lapo rl --set")
     a = p.parse_args(argv)
@@ -97,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"total_frames={a.frames}", *a.set],
                 run / "agent.json",
             )  # fmt: skip
-            frames, values = read_curve(run / "metrics.csv", a.by)
+            frames, values = read_curve(run / "metrics.csv", a.by, a.smooth)
             curves[m].append((frames, values))
             reached[m].append(frames_to(frames, values, a.target))
 
@@ -108,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 
     what = f"{a.by} {a.target}"
     lines = [
-        f"{a.env}: env frames until an update's episodes reach {what} ({a.frames} frames a run, "
-        f"seeds {a.seeds}; {a.config})",
+        f"{a.env}: env frames until the episodes of {a.smooth} consecutive updates reach {what} "
+        f"({a.frames} frames a run, seeds {a.seeds}; {a.config})",
         "",
-        "| start | frames to target, per seed | final value, per seed |",
+        "| start | frames to target, per seed | final (smoothed) value, per seed |",
         "|---|---|---|",
         *(f"| {m} | {summary(reached[m])} | "
           + ", ".join(f"{v[-1]:.3f}" if len(v) else "-" for _, v in curves[m]) + " |"
@@ -127,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(curves, out / "curves.png", by=a.by, target=a.target, title=a.env)
     res = {
         "env": a.env, "policy": str(a.policy), "frames": a.frames, "seeds": seeds, "by": a.by,
-        "target": a.target, "frames_to_target": reached,
+        "target": a.target, "smooth": a.smooth, "frames_to_target": reached,
         "curves": {m: [[f.tolist(), v.tolist()] for f, v in cs] for m, cs in curves.items()},
         "seconds": {Path(k).parent.name: round(v) for k, v in c.times.items()},
     }  # fmt: skip
