@@ -49,4 +49,3 @@ def test_stale_temporaries_of_one_file_or_of_a_whole_directory(tmp_path):
         "a.tar.tmp",
     ]
     assert os.listdir(tmp_path) == ["a.tar"]
-
