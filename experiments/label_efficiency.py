@@ -97,14 +97,17 @@ def procgen(a: argparse.Namespace) -> dict:
     )
     lam = out / "lam"
     size = ["--set", f"model.image_size={a.image_size}", f"model.impala_scale={a.impala_scale}"]
-    lam_seconds = c.run(
-        ["lapo.cli", "pretrain", "--config", CONFIGS / "lam" / "procgen_cpu.yaml", "--data", train,
-         "--out", lam, *size, "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}",
-         *([f"model.bottleneck={a.bottleneck}"] if a.bottleneck else []), f"trainer.seed={a.seed}",
-         f"trainer.val_every_n_steps={steps(a.lam_steps, a.steps)}",
-         f"trainer.ckpt_every_n_steps={max(200, steps(a.lam_steps, a.steps) // 4)}", *a.lam_set],
-        lam / "model.safetensors",
-    )  # fmt: skip
+    n = steps(a.lam_steps, a.steps)
+
+    def pretrain(run: Path, *extra: str) -> list:
+        """The stage-1 command of this chain into `run`, with `extra` settings before --lam-set."""
+        return ["lapo.cli", "pretrain", "--config", CONFIGS / "lam" / "procgen_cpu.yaml", "--data",
+                train, "--out", run, *size, "--set", f"trainer.max_steps={n}",
+                *([f"model.bottleneck={a.bottleneck}"] if a.bottleneck else []),
+                f"trainer.seed={a.seed}", f"trainer.val_every_n_steps={n}",
+                f"trainer.ckpt_every_n_steps={max(200, n // 4)}", *extra, *a.lam_set]  # fmt: skip
+
+    lam_seconds = c.run(pretrain(lam), lam / "model.safetensors")
     budgets = [int(b) for b in a.budgets.split(",")]
     ev = out / "eval"
     # lapo: a decoder per budget (lapo finetune --label-budgets), scored on the same held-out
@@ -152,13 +155,8 @@ def procgen(a: argparse.Namespace) -> dict:
     for b in [int(x) for x in a.stage1_labels.split(",") if x]:
         lam_b, dec_b = out / f"lam_labels_{b}", out / f"lapo_labels_{b}"
         c.run(
-            ["lapo.cli", "pretrain", "--config", CONFIGS / "lam" / "procgen_cpu.yaml", "--data",
-             train, "--out", lam_b, *size, "--set", f"trainer.max_steps={steps(a.lam_steps, a.steps)}",
-             *([f"model.bottleneck={a.bottleneck}"] if a.bottleneck else []), f"trainer.seed={a.seed}",
-             f"trainer.val_every_n_steps={steps(a.lam_steps, a.steps)}",
-             f"trainer.ckpt_every_n_steps={max(200, steps(a.lam_steps, a.steps) // 4)}",
-             f"data.labeled={train}", f"data.label_budget={b}", f"data.label_seed={a.seed}",
-             f"model.sup_weight={a.sup_weight}", *a.lam_set],
+            pretrain(lam_b, f"data.labeled={train}", f"data.label_budget={b}",
+                     f"data.label_seed={a.seed}", f"model.sup_weight={a.sup_weight}"),
             lam_b / "model.safetensors",
         )  # fmt: skip
         c.run(
