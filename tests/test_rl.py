@@ -65,6 +65,17 @@ class ToyEnv(Env):
         return float(int(action) == self.c)
 
 
+class ToyMoveEnv(ToyEnv):
+    """The action picks the next frame's colour, so a frame pair shows the action taken; the
+    action of the current colour still earns 1."""
+
+    def step(self, action) -> tuple[np.ndarray, float, bool, dict]:
+        reward = self.reward(action)
+        self.t, self.c = self.t + 1, int(action)
+        done = self.t >= STEPS
+        return self._frame(), reward, done, ({"success": True} if done else {})
+
+
 class ToyBoxEnv(ToyEnv):
     """The same colours with a continuous action: reward -|a - c|."""
 
@@ -108,6 +119,56 @@ def inform_policy(run: Path) -> Path:
     return run
 
 
+def move_windows() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ToyMoveEnv window (previous, current, next colour): (27, 3, 3, 32, 32) uint8 and
+    the action each shows (the next colour)."""
+    ctx, _ = colour_contexts()
+    nxt = ctx[[0, 4, 8], -1:]  # (3, 1, 3, 32, 32): one flat frame per colour
+    windows = torch.cat([ctx.repeat_interleave(3, 0), nxt.repeat(9, 1, 1, 1, 1)], dim=1)
+    return windows, torch.arange(3).repeat(9)
+
+
+def move_lam(run: Path) -> Path:
+    """Stand-in for stage 1 on ToyMoveEnv: the debug LAM's IDM trained so that its latent
+    names the move (one random latent per next colour), as a LAM that learnt would."""
+    from lapo.runs import export_model, read_lam
+
+    write_lam(run, "model.bottleneck=continuous")
+    meta = read_lam(run)
+    lam = meta.load().train()
+    windows, move = move_windows()
+    target = torch.randn(3, lam.cfg.latent_dim, generator=torch.Generator().manual_seed(0))[move]
+    opt = torch.optim.Adam([*lam.idm.parameters(), *lam.bottleneck.parameters()], lr=1e-2)
+    for _ in range(80):  # in train mode, so the bottleneck's batch statistics follow
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(lam.encode(windows)["latent"], target).backward()
+        opt.step()
+    export_model(run, lam.eval(), kind="lam", config=meta.config, extra=meta.kwargs)
+    return run
+
+
+def lam_informed_policy(run: Path, lam_run: Path) -> Path:
+    """Stand-in for stage 2 on ToyMoveEnv: the policy predicts the LAM's own latent of the
+    rewarded transition (stay on the current colour), as a policy cloned from that IDM's
+    latents would."""
+    from lapo.runs import POLICY_KIND, POLICY_NAME, export_model, load_lam, load_policy
+    from lapo.runs import read_policy_meta
+
+    meta, policy, lam = read_policy_meta(run), load_policy(run).train(), load_lam(lam_run).eval()
+    ctx, _ = colour_contexts()
+    with torch.no_grad():
+        target = lam.encode(torch.cat([ctx, ctx[:, -1:]], dim=1))["pre"]  # (9, D)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(policy(ctx), target).backward()
+        opt.step()
+    export_model(
+        run, policy, kind=POLICY_KIND, config=meta["config"], extra=meta["extra"], name=POLICY_NAME
+    )
+    return run
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rl")
@@ -122,9 +183,9 @@ def _no_kill():
     KILL.update(at=None, n=0)
 
 
-def greedy_return(agent, episodes: int = 64, seed: int = 123) -> float:
+def greedy_return(agent, episodes: int = 64, seed: int = 123, env_cls=ToyEnv) -> float:
     """Mean return of agent.act (argmax) on fresh toy episodes."""
-    env, total = ToyEnv(seed), 0.0
+    env, total = env_cls(seed), 0.0
     for _ in range(episodes):
         frames, done = [env.reset()] * 2, False  # the first frame repeated, as in training
         while not done:
@@ -161,6 +222,46 @@ def test_from_scratch_trains_the_same_trunk_without_the_lam(runs, tmp_path):
     agent = load_agent(tmp_path / "s")
     assert m["finished"] and agent.method == "bc" and agent.lam is None
     assert agent.policy.head[-1].out_features == 3
+
+
+def test_the_agents_own_transitions_fit_the_head(runs, tmp_path):
+    """self_label_epochs: the head also learns latent -> action from the rollouts themselves,
+    so the sampled policy is sharp after a few updates where reward alone has barely moved
+    it. Seeds 0-2 at 768 frames: last rollout's mean return 5.84 / 5.40 / 5.78 against
+    3.03 / 2.81 / 2.81 from reward only (random 2.67, best 8); the head's accuracy on each
+    new rollout before fitting it 0.71 / 0.66 / 0.73 (chance 0.33)."""
+    lam = move_lam(tmp_path / "lam")
+    policy = lam_informed_policy(write_policy(tmp_path / "p", lam), lam)
+    base = ("total_frames=768", "ckpt_every_frames=0", "policy_start_frames=100000")
+    m = train_rl(cfg(*base, "self_label_epochs=2"), tmp_path / "s", policy, ToyMoveEnv)
+    rows = read_csv(tmp_path / "s" / "metrics.csv")
+    assert m["finished"] and all(r["self_label_loss"] for r in rows)
+    assert float(rows[-1]["self_label_acc"]) >= 0.5
+    train_rl(cfg(*base), tmp_path / "r", policy, ToyMoveEnv)
+    reward_only = read_csv(tmp_path / "r" / "metrics.csv")
+    assert reward_only[-1]["self_label_loss"] == ""
+    assert float(rows[-1]["return_mean"]) >= float(reward_only[-1]["return_mean"]) + 1.5
+
+
+def test_rollout_windows_stop_at_episode_starts():
+    from lapo.rl.self_label import rollout_windows
+
+    t, n, k = 6, 2, 2
+    obs = np.zeros((t, n, k, 1, 1, 1), np.float32)
+    obs[:, :, -1, 0, 0, 0] = np.arange(t * n).reshape(t, n) + 10  # o[t] of env i: an id
+    obs[:, :, 0, 0, 0, 0] = obs[:, :, -1, 0, 0, 0] - n  # o[t-1]
+    acts = np.arange(t * n).reshape(t, n) + 100
+    starts = np.zeros((t, n))
+    starts[3, 1] = 1  # env 1 starts an episode at step 3
+    for gap, want in ((1, [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (0, 1), (1, 1), (3, 1), (4, 1)]),
+                      (2, [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (3, 1)])):  # fmt: skip
+        win, a = rollout_windows(obs, acts, starts, gap)
+        assert win.dtype == torch.uint8 and win.shape == (len(want), k + 1, 1, 1, 1)
+        pairs = sorted(((int(x) - 100) // n, (int(x) - 100) % n) for x in a)
+        assert pairs == sorted(want), gap
+        # the window ends with o[t+gap] of the same env
+        last = win[:, -1, 0, 0, 0].long() - win[:, -2, 0, 0, 0].long()
+        assert (last == gap * n).all()
 
 
 # --------------------------------------------------------------------------- the head

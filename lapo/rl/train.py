@@ -37,11 +37,12 @@ from lapo.preempt import StopSignal, requeue_slurm_job
 from lapo.resume import check_run_dir, rng_state, set_rng_state
 from lapo.rl.env import make_vec_env
 from lapo.rl.net import ActorCriticNet, LatentActorCritic, action_space_dict, build_agent
+from lapo.rl.self_label import SelfLabel
 from lapo.runs import read_policy_meta, save_agent
 
 FIELDS = ("frames", "updates", "episodes", "return_mean", "length_mean", "success_rate", "fps",
           "lr", "loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction",
-          "explained_variance")  # fmt: skip
+          "explained_variance", "self_label_loss", "self_label_acc")  # fmt: skip
 SB3_KEYS = {"loss": "train/loss", "policy_loss": "train/policy_gradient_loss",
             "value_loss": "train/value_loss", "approx_kl": "train/approx_kl",
             "clip_fraction": "train/clip_fraction", "explained_variance": "train/explained_variance"}  # fmt: skip
@@ -82,10 +83,13 @@ def ramp(frames: int, start: int, warmup: int) -> float:
 
 
 class _PPO(PPO):
-    """SB3's PPO with per-group learning rates and a hook after each update."""
+    """SB3's PPO with per-group learning rates, the head's fit to the rollout's own
+    transitions before each update (`lapo.rl.self_label`) and a hook after it."""
 
     after_update = None
     warmup_frames = 0
+    self_label = None  # a SelfLabel, or None
+    self_label_stats: dict = {}
 
     def _update_learning_rate(self, optimizers) -> None:
         lr = self.lr_schedule(self._current_progress_remaining)
@@ -95,6 +99,9 @@ class _PPO(PPO):
             g["lr"] = lr * g.get("lr_scale", 1.0) * warm
 
     def train(self) -> None:
+        if self.self_label is not None:  # before super().train() flattens the buffer
+            lr = self.lr_schedule(self._current_progress_remaining)
+            self.self_label_stats = self.self_label.fit(self.rollout_buffer, lr)
         super().train()
         if self.after_update is not None:
             self.after_update()
@@ -206,6 +213,10 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
                        "log_std_init": cfg.log_std_init},
     )  # fmt: skip
     model.warmup_frames = cfg.warmup_frames
+    if cfg.self_label_epochs and not from_scratch:
+        model.self_label = SelfLabel(net.agent, epochs=cfg.self_label_epochs,
+                                     batch_size=batch // cfg.minibatches,
+                                     frame_gap=net.agent.frame_gap)  # fmt: skip
     model.set_logger(configure(str(run_dir / "tb"), ["tensorboard"] if cfg.tensorboard else []))
     updates = 0
     if state:  # the weights, optimizer, counters and generators of the newest checkpoint
@@ -213,6 +224,8 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
         model.policy.optimizer.load_state_dict(state["optimizer"])
         model.num_timesteps, updates = frames0, int(state["updates"])
         set_rng_state(state["rng"])
+        if model.self_label is not None:
+            model.self_label.load_state_dict(state["self_label"])
     run = _Run(cfg, run_dir, model, frames0, updates)
     run.trim_csv()
     t0 = time.time()
@@ -285,7 +298,7 @@ class _Run:
                "fps": cfg.num_envs * cfg.rollout_steps / max(now - self.t, 1e-9),
                "lr": logged.get("train/learning_rate"),
                "entropy": -logged["train/entropy_loss"] if "train/entropy_loss" in logged else None,
-               **{k: logged.get(v) for k, v in SB3_KEYS.items()}}  # fmt: skip
+               **{k: logged.get(v) for k, v in SB3_KEYS.items()}, **m.self_label_stats}  # fmt: skip
         self.t = now
         row = {k: v if v is None or isinstance(v, int) else float(v) for k, v in row.items()}
         if eps:
@@ -315,6 +328,8 @@ class _Run:
         m, frames = self.model, int(self.model.num_timesteps)
         state = {"policy": m.policy.state_dict(), "optimizer": m.policy.optimizer.state_dict(),
                  "frames": frames, "updates": self.updates, "rng": rng_state()}  # fmt: skip
+        if m.self_label is not None:
+            state["self_label"] = m.self_label.state_dict()
         path = self.run_dir / "checkpoints" / f"frames-{frames:010d}.pt"
         atomic_torch_save(state, path)
         for old in _checkpoints(self.run_dir)[: -self.cfg.keep_checkpoints]:
