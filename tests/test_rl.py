@@ -151,8 +151,14 @@ def lam_informed_policy(run: Path, lam_run: Path) -> Path:
     """Stand-in for stage 2 on ToyMoveEnv: the policy predicts the LAM's own latent of the
     rewarded transition (stay on the current colour), as a policy cloned from that IDM's
     latents would."""
-    from lapo.runs import POLICY_KIND, POLICY_NAME, export_model, load_lam, load_policy
-    from lapo.runs import read_policy_meta
+    from lapo.runs import (
+        POLICY_KIND,
+        POLICY_NAME,
+        export_model,
+        load_lam,
+        load_policy,
+        read_policy_meta,
+    )
 
     meta, policy, lam = read_policy_meta(run), load_policy(run).train(), load_lam(lam_run).eval()
     ctx, _ = colour_contexts()
