@@ -3,6 +3,7 @@
     python benchmarks/rl.py                                  # procgen:bigfish, configs/rl/cpu.yaml
     python benchmarks/rl.py --env babyai:BabyAI-GoToObj-v0 --frames 8192
     python benchmarks/rl.py --policy runs/bigfish-policy     # a trained stage-2 run
+    python benchmarks/rl.py --vec-envs                       # procgen: batched vs DummyVecEnv
 
 Both runs train the same actor-critic (`lapo.rl.net`: the latent policy of RUN_P, the
 frozen LAM, a fresh action head and a value head) with the same PPO settings on the same
@@ -18,6 +19,15 @@ and policy are untrained, exported from ``--lam-config`` / ``--policy-config`` (
 does not depend on the weights). Repeats alternate the two so that load from other jobs
 hits both alike; the overhead is (plain frames/s / lapo frames/s - 1) of the medians,
 target < 10%.
+
+``--vec-envs`` compares instead the two ways `lapo rl` can step a procgen env, both built
+by `policy_vec_env`: vec_env=batched (all games in one Procgen gym3 env, one C++ call a
+step) against vec_env=dummy (SB3's DummyVecEnv of one-game envs). Each repeat times, for
+both, (a) the VecEnv alone: ``--frames`` frames of uniformly random actions, no policy,
+which is the part that differs, and (b) `lapo rl`'s learn loop (skip it with
+``--steps-only``). It prints frames/s of the medians and the ratio batched / dummy:
+
+    python benchmarks/rl.py --vec-envs --frames 4096 --repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -104,6 +114,54 @@ def run_lapo(cfg: RLConfig, policy_run: Path, env: str, out: Path) -> float:
     return float(train_rl(cfg, out, policy_run, env)["seconds_this_session"])
 
 
+def run_steps(cfg: RLConfig, policy_run: Path, env: str, frames: int) -> float:
+    """Seconds of stepping `lapo rl`'s VecEnv for `frames` frames of random actions."""
+    import numpy as np
+
+    from lapo.rl.train import policy_vec_env
+
+    venv = policy_vec_env(cfg, env, policy_run)
+    venv.action_space.seed(cfg.seed)
+    steps = -(-frames // cfg.num_envs)
+    actions = [np.array([venv.action_space.sample() for _ in range(cfg.num_envs)])
+               for _ in range(steps)]  # fmt: skip
+    venv.reset()
+    t0 = time.perf_counter()
+    for a in actions:
+        venv.step(a)
+    seconds = time.perf_counter() - t0
+    venv.close()
+    return seconds * frames / (steps * cfg.num_envs)
+
+
+def compare_vec_envs(a: argparse.Namespace, policy: Path, tmp: Path) -> None:
+    """--vec-envs: batched against dummy (see the module docstring)."""
+    kinds = ("dummy", "batched")
+    cfgs = {k: load_config(RLConfig, a.config, [f"total_frames={a.frames}", "progress=false",
+                                                "ckpt_every_frames=0", f"vec_env={k}"])
+            for k in kinds}  # fmt: skip
+    c = cfgs["dummy"]
+    print(f"{a.env}, {a.config}: {c.num_envs} envs x {c.rollout_steps} steps a rollout, "
+          f"{a.frames} frames per run, torch threads {torch.get_num_threads()}")  # fmt: skip
+    parts = ("env steps",) if a.steps_only else ("env steps", "lapo rl")
+    secs = {(p, k): [] for p in parts for k in kinds}
+    for r in range(a.repeats):
+        line = []
+        for part in parts:
+            for k in kinds:
+                if part == "env steps":
+                    t = run_steps(cfgs[k], policy, a.env, a.frames)
+                else:
+                    t = run_lapo(cfgs[k], policy, a.env, tmp / f"rl-{k}-{r}")
+                secs[part, k].append(t)
+                line.append(f"{part} {k} {a.frames / t:.0f}")
+        print(f"  repeat {r}: " + ", ".join(line) + " frames/s")
+    for part in parts:
+        fps = {k: a.frames / statistics.median(secs[part, k]) for k in kinds}
+        print(f"{part}: batched {fps['batched']:.0f} frames/s, dummy {fps['dummy']:.0f} "
+              f"frames/s, batched / dummy = {fps['batched'] / fps['dummy']:.2f}x")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -116,12 +174,31 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=4096, help="env frames per timed run")
     p.add_argument("--repeats", type=int, default=2, help="alternating (plain, lapo) pairs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument(
+        "--vec-envs",
+        action="store_true",
+        help="compare vec_env batched against dummy instead (procgen envs)",
+    )
+    p.add_argument(
+        "--steps-only",
+        action="store_true",
+        help="with --vec-envs: time the VecEnv stepping only, not lapo rl's loop",
+    )
     a = p.parse_args()
+    if a.steps_only and not a.vec_envs:
+        p.error("--steps-only needs --vec-envs")
+    if a.vec_envs and not a.env.startswith("procgen:"):
+        p.error(
+            f"--vec-envs compares Procgen's batched env: --env must be procgen:<game>, got {a.env}"
+        )
     if a.threads:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory(prefix="lapo-bench-rl-") as tmp:
         tmp = Path(tmp)
         policy = Path(a.policy) if a.policy else untrained_runs(tmp, a.lam_config, a.policy_config)
+        if a.vec_envs:
+            compare_vec_envs(a, policy, tmp)
+            return
         # checkpoints at the config's interval, but at least one inside the timed frames
         ckpt = min(load_config(RLConfig, a.config).ckpt_every_frames or a.frames, a.frames)
         cfg = load_config(RLConfig, a.config, [f"total_frames={a.frames}", "progress=false",

@@ -508,8 +508,10 @@ class RLConfig:
     """Frame size the env renders (0: the policy's image size)."""
     env_view: Literal["", "full", "agent"] = ""
     """babyai/minigrid: top-down grid or the agent's view ("": as the policy's training data was recorded, else the env's default)."""
-    vec_env: Literal["dummy", "subproc"] = "dummy"
-    """Envs stepped in this process one after another, or one process each."""
+    vec_env: Literal["auto", "dummy", "subproc", "batched"] = "auto"
+    """How the envs are stepped: dummy (in this process, one after another), subproc (one process each), batched (procgen only: all games in one Procgen gym3 env, one C++ call a step), auto (batched for procgen, dummy otherwise)."""
+    env_threads: int = 0
+    """vec_env batched: Procgen's C++ threads stepping the games (0: in the calling thread)."""
     ckpt_every_frames: int = 100_000
     """Save a checkpoint after the first update at or past each multiple of this (0: only on a stop signal)."""
     keep_checkpoints: int = 2
@@ -535,6 +537,7 @@ class RLConfig:
             f"must divide num_envs * rollout_steps = {batch} into minibatches of at least 2",
         )
         _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.env_threads >= 0, "env_threads", "must be >= 0")
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.policy_lr_scale >= 0, "policy_lr_scale", "must be >= 0")
         _check(self.warmup_frames >= 0, "warmup_frames", "must be >= 0")

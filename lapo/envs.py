@@ -122,6 +122,11 @@ class ProcgenEnv(Env):
             )
         if distribution_mode not in ("easy", "hard", "extreme", "memory", "exploration"):
             raise EnvError(f"procgen:{game}: unknown distribution_mode {distribution_mode!r}")
+        if num_levels < 0 or start_level < 0:
+            raise EnvError(
+                f"procgen:{game}: num_levels and start_level must be >= 0, got "
+                f"{num_levels} and {start_level}"
+            )
         with contextlib.redirect_stderr(io.StringIO()):  # procgen imports gym; hide its notice
             from procgen import ProcgenGym3Env
         self._cls = ProcgenGym3Env
@@ -136,11 +141,30 @@ class ProcgenEnv(Env):
         self._auto_seed, self._env, self._frame = seed, None, None
 
     def _make(self, level: int):
+        return self.gym3_env(1, num_levels=1, start_level=level, rand_seed=level)
+
+    def gym3_env(self, num: int, *, num_levels: int, start_level: int, rand_seed: int,
+                 num_threads: int = 0):  # fmt: skip
+        """A `procgen.ProcgenGym3Env` of `num` games with this env's game and options,
+        rendering what `frames` reads. Each game draws its levels from [start_level,
+        start_level + num_levels) (0: any level) with a generator seeded from `rand_seed`;
+        an episode's play depends only on its level and actions. `num_threads` > 0 steps
+        the games in that many C++ threads, 0 in the calling one."""
         return self._cls(
-            num=1, env_name=self.game, num_levels=1, start_level=level, rand_seed=level,
-            distribution_mode=self.distribution_mode, num_threads=0,
-            render_mode="rgb_array" if self.size > 64 else None, **self.options,
+            num=num, env_name=self.game, num_levels=num_levels, start_level=start_level,
+            rand_seed=rand_seed, distribution_mode=self.distribution_mode,
+            num_threads=num_threads, render_mode="rgb_array" if self.size > 64 else None,
+            **self.options,
         )  # fmt: skip
+
+    def frames(self, env, ob: dict) -> np.ndarray:
+        """(num, size, size, 3) uint8: the frame of each game of `env` (a `gym3_env`) whose
+        observation is `ob`, at this env's size (see the module docstring)."""
+        if self.size > 64:
+            return np.stack([_fit(info["rgb"], self.size) for info in env.get_info()])
+        if self.size == 64:
+            return np.array(ob["rgb"], dtype=np.uint8)
+        return np.stack([_fit(frame, self.size) for frame in ob["rgb"]])
 
     def level_of(self, seed: int) -> int:
         """Procgen level played for `seed`: any level (num_levels=0) or one of a fixed set."""
@@ -150,8 +174,7 @@ class ProcgenEnv(Env):
 
     def _observe(self) -> tuple[float, bool]:
         reward, ob, first = self._env.observe()
-        frame = self._env.get_info()[0]["rgb"] if self.size > 64 else ob["rgb"][0]
-        self._pending = _fit(frame, self.size)
+        self._pending = self.frames(self._env, ob)[0]
         return float(reward[0]), bool(first[0])
 
     def reset(self, seed: int | None = None) -> np.ndarray:

@@ -357,6 +357,23 @@ def test_cli_on_a_real_env_and_lapo_evaluate_reads_the_result(runs, tmp_path, ca
     assert m["method"] == "lapo" and m["episodes"] == 2 and "return_mean" in m
 
 
+def test_cli_trains_on_procgen_through_its_batched_env(runs, tmp_path, capsys, monkeypatch):
+    """vec_env auto: all procgen games in one gym3 env (`lapo.rl.env.ProcgenVecEnv`)."""
+    from lapo.rl.env import ProcgenVecEnv
+
+    steps, step_wait = [], ProcgenVecEnv.step_wait
+    monkeypatch.setattr(ProcgenVecEnv, "step_wait", lambda self: steps.append(1) or step_wait(self))
+    out = tmp_path / "procgen"
+    argv = ["rl", "--policy", str(runs["policy"]), "--env", "procgen:bigfish", "--out", str(out),
+            "--config", str(DEBUG), "--set", "total_frames=256", "num_envs=4", "rollout_steps=32",
+            "minibatches=2"]  # fmt: skip
+    assert main(argv) == 0
+    assert "done at 256 frames" in capsys.readouterr().out
+    assert len(steps) == 64  # 64 batched steps of 4 games
+    assert json.loads((out / "metrics.json").read_text())["frames"] == 256
+    assert load_agent(out).action_space == {"type": "discrete", "n": 15}
+
+
 def test_cli_errors_name_the_flag(runs, tmp_path, capsys):
     base = ["rl", "--out", str(tmp_path / "x"), "--config", str(DEBUG)]
     assert main([*base, "--policy", str(tmp_path / "nope"), "--env", "procgen:bigfish"]) == 2

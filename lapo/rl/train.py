@@ -51,6 +51,7 @@ RESUME_FREE = (
     "progress",
     "device",
     "vec_env",
+    "env_threads",
     "keep_checkpoints",
     "ckpt_every_frames",
     "tensorboard",
@@ -162,7 +163,7 @@ def policy_vec_env(cfg: RLConfig, env, policy_run, *, first: int = 0):
     return make_vec_env(env, num_envs=cfg.num_envs, context=int(kw["context"]),
                         size=cfg.env_size or int(kw["image_size"]), seed=cfg.seed, first=first,
                         kind=cfg.vec_env, env_kwargs=_env_kwargs(cfg, env, policy_run),
-                        frame_gap=gap)  # fmt: skip
+                        frame_gap=gap, num_threads=cfg.env_threads)  # fmt: skip
 
 
 def _finite(x) -> bool:
