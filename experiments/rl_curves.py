@@ -16,7 +16,6 @@ exists and was made by the same command (`lapo.stages`), so a rerun resumes.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -24,52 +23,17 @@ import numpy as np
 from label_efficiency import CONFIGS, Chain
 
 from lapo.cli_args import HelpFormatter
+from lapo.plots import plot_rl_curves, read_rl_curve
 
 METHODS = {"latent": [], "scratch": ["--from-scratch"]}
-
-
-def read_curve(path: Path, by: str, smooth: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """metrics.csv -> (frames, success rate or mean return) of the updates that saw episodes,
-    each value the episode-weighted mean over that update and the `smooth` - 1 before it."""
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if int(r["episodes"] or 0) > 0]
-    key = "success_rate" if by == "success" else "return_mean"
-    frames = np.array([int(r["frames"]) for r in rows], np.int64)
-    values = np.array([float(r[key]) for r in rows], np.float64)
-    counts = np.array([int(r["episodes"]) for r in rows], np.float64)
-    sums = np.cumsum(np.concatenate([[0.0], values * counts]))
-    ns = np.cumsum(np.concatenate([[0.0], counts]))
-    lo = np.maximum(np.arange(len(rows)) + 1 - smooth, 0)
-    hi = np.arange(len(rows)) + 1
-    return frames, (sums[hi] - sums[lo]) / np.maximum(ns[hi] - ns[lo], 1)
+COLOURS = {"latent": "tab:blue", "scratch": "tab:grey"}
+KEYS = {"success": "success_rate", "return": "return_mean"}  # --by -> metrics.csv column
 
 
 def frames_to(frames: np.ndarray, values: np.ndarray, target: float) -> int | None:
     """Env frames at the first (smoothed) value that reaches `target` (None: never)."""
     hit = np.flatnonzero(values >= target)
     return int(frames[hit[0]]) if len(hit) else None
-
-
-def plot(curves: dict, path: Path, *, by: str, target: float, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    colours = {"latent": "tab:blue", "scratch": "tab:grey"}
-    for method, runs in curves.items():
-        for i, (frames, values) in enumerate(runs):
-            label = f"{method} ({len(runs)} seeds)" if i == 0 else None
-            ax.plot(frames, values, color=colours.get(method), alpha=0.8, label=label)
-    ax.axhline(target, color="k", linestyle=":", linewidth=1)
-    ax.set_xlabel("env frames")
-    ax.set_ylabel("success rate" if by == "success" else "mean return")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"total_frames={a.frames}", *a.set],
                 run / "agent.json",
             )  # fmt: skip
-            frames, values = read_curve(run / "metrics.csv", a.by, a.smooth)
+            frames, values = read_rl_curve(run / "metrics.csv", KEYS[a.by], a.smooth)
             curves[m].append((frames, values))
             reached[m].append(frames_to(frames, values, a.target))
 
@@ -137,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             bound = "at least " if None in reached["scratch"] else ""
             ratio = np.median(scr) / max(np.median(lat), 1)
             lines += ["", f"from scratch / latent, medians: {bound}{ratio:.1f}x"]
-    plot(curves, out / "curves.png", by=a.by, target=a.target, title=a.env)
+    ylabel = "success rate" if a.by == "success" else "mean return"
+    plot_rl_curves({ylabel: curves}, out / "curves.png", title=a.env, target=a.target,
+                   colours=COLOURS)  # fmt: skip
     res = {
         "env": a.env, "policy": str(a.policy), "frames": a.frames, "seeds": seeds, "by": a.by,
         "target": a.target, "smooth": a.smooth, "frames_to_target": reached,

@@ -10,7 +10,9 @@ and inputs; otherwise it runs again, as does every stage after it that reads it
 record (unlabelled train set, labelled set, held-out set) -> pretrain (stage 1)
 -> train-policy (stage 2) -> finetune (stage 3, lapo) -> finetune (bc baseline,
 same labels) -> label (held-out slice) -> finetune budgets (a decoder per label
-budget) -> evaluate (each agent, with rollouts; the budgets' decoders) -> report.
+budget) -> evaluate (each agent, with rollouts; the budgets' decoders) -> rl (PPO from
+reward: the latent policy with a fresh action head, and the same network from scratch;
+``--no-rl`` skips it) -> evaluate (each RL agent) -> report.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lapo.config import CONFIGS
-from lapo.report import write_report
+from lapo.config import CONFIGS, RLConfig, load_config
+from lapo.report import RL_RUNS, write_report
 from lapo.stages import read_stamp, run_step
 
 
 @dataclass
 class Scale:
-    """How big each stage is. `full` took 7.7 minutes end to end on an idle 2-core CPU (the
-    README's measured run); `quick` is a first look in a few minutes."""
+    """How big each stage is. `full` took 7.7 minutes end to end on an idle 2-core CPU before
+    the RL stages (the README's measured run), which add roughly 3 minutes (from their
+    measured frames/s); `quick` took 4.1 minutes, RL included."""
 
     train_episodes: int
     labeled_episodes: int
@@ -42,6 +45,7 @@ class Scale:
     finetune_epochs: int
     eval_episodes: int
     label_budgets: list[int] = field(default_factory=list)
+    rl_frames: int = 0  # env frames of each `lapo rl` run at --steps 1 (0: no RL)
 
 
 SCALES = {
@@ -55,6 +59,7 @@ SCALES = {
         finetune_epochs=30,
         eval_episodes=50,
         label_budgets=[50, 100, 200, 400, 800],
+        rl_frames=8192,
     ),
     "quick": Scale(
         train_episodes=60,
@@ -66,6 +71,7 @@ SCALES = {
         finetune_epochs=8,
         eval_episodes=10,
         label_budgets=[30, 60, 120],
+        rl_frames=2048,
     ),
 }
 
@@ -78,9 +84,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Record expert demos from a real environment, pretrain the latent action model, "
             "clone the latent policy, fit the action decoder on a small label budget, fine-tune, "
             "pseudo-label a held-out slice, evaluate with closed-loop rollouts against behaviour "
-            "cloning on the same labels, and write report.html / report.md. "
-            "At the default scale a measured run took 7.7 minutes on an idle 2-core CPU; "
-            "--quick is a first look in a few minutes."
+            "cloning on the same labels, fine-tune the latent policy from reward alone with PPO "
+            "(lapo rl) against the same network from scratch, and write report.html / "
+            "report.md. At the default scale a measured run took 7.7 minutes on an idle 2-core "
+            "CPU before the RL stages, which add roughly 3 (--no-rl skips them); --quick is a "
+            "first look in a few minutes."
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
@@ -116,7 +124,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--steps",
         type=float,
         default=1.0,
-        help="multiply every training step count by this (e.g. 4 for a longer, better run)",
+        help="multiply every training step count by this, the RL env frames included (e.g. 4 "
+        "for a longer, better run)",
+    )
+    p.add_argument(
+        "--no-rl",
+        action="store_true",
+        help="skip the lapo rl runs (and their evaluation and report section)",
     )
     p.add_argument(
         "--fresh", action="store_true", help="redo every stage even if its output exists"
@@ -136,6 +150,13 @@ class Pipeline:
 
     def steps(self, n: int) -> int:
         return max(1, int(round(n * self.args.steps)))
+
+    def rl_frames(self, config: Path) -> int:
+        """The scale's RL frames times --steps, in whole PPO rollouts of `config`, at least 2
+        (so that the curve has two points)."""
+        cfg = load_config(RLConfig, config)
+        rollout = cfg.num_envs * cfg.rollout_steps
+        return rollout * max(2, int(round(self.scale.rl_frames * self.args.steps / rollout)))
 
     def run_stage(self, name: str, argv: list[str], done_marker: Path, summary) -> None:
         """Run one stage's command unless the same command made its output; print a result line.
@@ -159,7 +180,7 @@ class Pipeline:
         except Exception as e:  # a summary is cosmetic; never let it stop the demo
             line = f"(no summary: {e})"
         shown_status = when if ran else f"reused (ran {stamp.get('finished')}, {when})"
-        print(f"[demo] {name:<14} {shown_status:>7}  {line}", flush=True)
+        print(f"[demo] {name:<19} {shown_status:>7}  {line}", flush=True)
 
     # ------------------------------------------------------------------ stages
 
@@ -178,6 +199,30 @@ class Pipeline:
             argv += ["--view", self.args.view]
         self.run_stage(f"record {name}", argv, out / "manifest.json", lambda: _dataset_line(out))
         return out
+
+    def rl(self, policy: Path, heldout: Path, env_flags: list[str]) -> None:
+        """`lapo rl` from the latent policy (no labels) and from scratch, then `lapo evaluate`
+        of each: the runs and JSONs the report's `RL_RUNS` names."""
+        config, shown = CONFIGS / "rl" / "cpu.yaml", ["return_mean", "success_rate"]
+        settings = ["--config", str(config), "--set", f"total_frames={self.rl_frames(config)}",
+                    "--set", f"seed={self.args.seed}"]  # fmt: skip
+        latent, scratch = RL_RUNS
+        for r, name, start in ((latent, "rl", []), (scratch, "rl scratch", ["--from-scratch"])):
+            run, ev = self.out / r.run, self.out / r.eval
+            self.run_stage(
+                name,
+                ["lapo.cli", "rl", "--policy", str(policy), "--env", self.args.env, "--out",
+                 str(run), *start, *settings],
+                run / "agent.json",
+                lambda run=run: _metrics_line(run / "metrics.json", shown),
+            )  # fmt: skip
+            self.run_stage(
+                f"evaluate {name}",
+                ["lapo.cli", "evaluate", "--model", str(run), "--labeled", str(heldout),
+                 *env_flags, "--split", "all", "--out", str(ev)],
+                ev,
+                lambda ev=ev: _metrics_line(ev, shown),
+            )  # fmt: skip
 
     def main(self) -> int:
         sc, a = self.scale, self.args
@@ -254,11 +299,13 @@ class Pipeline:
             ev / "bc.json",
             lambda: _metrics_line(ev / "bc.json", ["success_rate", "return_mean"]),
         )  # fmt: skip
+        rl = not a.no_rl and sc.rl_frames > 0
+        if rl:
+            self.rl(pol, heldout, env_flags)
         (self.out / "commands.json").write_text(json.dumps(self.commands, indent=2))
         wall = time.time() - t_start
-        report = write_report(
-            self.out, commands=self.commands, wall_seconds=wall, env=a.env, scale=sc
-        )
+        report = write_report(self.out, commands=self.commands, wall_seconds=wall, env=a.env,
+                              scale=sc, rl=rl)  # fmt: skip
         reused = sum(c["status"] == "reused" for c in self.commands)
         note = f" ({reused} of {len(self.commands)} stages reused)" if reused else ""
         print(

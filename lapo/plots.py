@@ -1,12 +1,15 @@
-"""PNG and GIF figures written by `lapo evaluate` next to its metrics.json.
+"""PNG and GIF figures: those `lapo evaluate` writes next to its metrics.json, and the
+learning curves of `lapo rl` runs (the demo's report, experiments/rl_curves.py).
 
 Matplotlib runs on the Agg backend (no display needed: clusters, CI). Every
 function takes plain arrays and a path, draws one figure and returns the path,
-so the plots can be reused from notebooks without the evaluation code.
+so the plots can be reused from notebooks without the evaluation code;
+`read_rl_curve` turns a `lapo rl` run's metrics.csv into such arrays.
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +19,7 @@ matplotlib.use("Agg")  # before pyplot: headless machines have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -162,6 +166,76 @@ def plot_budget_curve(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def read_rl_curve(
+    path: str | Path, key: str = "return_mean", smooth: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """A `lapo rl` run's metrics.csv (one row per PPO update) -> (env frames, `key`) of the
+    updates in which episodes ended, each value the episode-weighted mean over that update
+    and the `smooth` - 1 before it. A column the CSV lacks or leaves empty gives no points.
+    """
+    path = Path(path)
+    if smooth < 1:
+        raise ValueError(f"lapo/plots.py: smooth must be >= 1, got {smooth}")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        rows = [r for r in rows if int(r.get("episodes") or 0) > 0 and r.get(key) not in (None, "")]
+        frames = np.array([int(r["frames"]) for r in rows], np.int64)
+        values = np.array([float(r[key]) for r in rows], np.float64)
+        counts = np.array([int(r["episodes"]) for r in rows], np.float64)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a lapo rl metrics.csv ({type(e).__name__}: {e})") from None
+    sums = np.cumsum(np.concatenate([[0.0], values * counts]))
+    ns = np.cumsum(np.concatenate([[0.0], counts]))
+    hi = np.arange(len(rows)) + 1
+    lo = np.maximum(hi - smooth, 0)
+    return frames, (sums[hi] - sums[lo]) / np.maximum(ns[hi] - ns[lo], 1)
+
+
+def plot_rl_curves(
+    panels: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]],
+    path: str | Path,
+    *,
+    title: str = "",
+    target: float | None = None,
+    colours: dict[str, str] | None = None,
+) -> Path:
+    """Learning curves of `lapo rl` runs against env frames, side by side.
+
+    `panels` maps a y-axis label (e.g. "mean return") to {method: [(frames, values) of each
+    run]}: one panel per label, one colour per method, one line per run (seed); the legend
+    counts the seeds of a method that has more than one. `target`, if given, is a dotted
+    line on every panel. `colours` fixes a method's colour (others take the next free one).
+    """
+    panels = {label: runs for label, runs in panels.items() if runs}
+    if not panels:
+        raise ValueError("lapo/plots.py: plot_rl_curves needs at least one panel with a run")
+    colours = dict(colours or {})
+    taken = {to_hex(c) for c in colours.values()}
+    free = iter([c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3
+                 if to_hex(c) not in taken])  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, (label, methods) in zip(axes[0], panels.items()):
+        for method, runs in methods.items():
+            if method not in colours:
+                colours[method] = next(free, None)
+            runs = [(f, v) for f, v in runs if len(f)]
+            for i, (frames, values) in enumerate(runs):
+                name = None if i else (f"{method} ({len(runs)} seeds)" if len(runs) > 1 else method)
+                ax.plot(frames, values, color=colours[method], alpha=0.8, label=name,
+                        marker="o" if len(frames) < 10 else None, markersize=3)  # fmt: skip
+        if target is not None:
+            ax.axhline(target, color="k", linestyle=":", linewidth=1)
+        ax.set_xlabel("env frames")
+        ax.set_ylabel(label)
+        if title:
+            ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -1,9 +1,10 @@
 """The demo's report: `report.md` and a self-contained `report.html` (images inlined).
 
 Every number in the report is read from a metrics file written by the stage
-that measured it (`eval/lapo.json`, `eval/bc.json`, `lam/metrics.json`), and the
-table says which file and key each came from, so the report can be checked
-against them (the demo test does).
+that measured it (`eval/lapo.json`, `eval/bc.json`, `lam/metrics.json`, and for the
+`lapo rl` runs `rl/*/metrics.csv` and `eval/rl/*.json`), and the table says which file
+and key each came from, so the report can be checked against them (the demo test does).
+The "Online RL" section appears only when an RL run is there.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import csv
 import html
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lapo.config import ConfigError, RLConfig, load_config  # noqa: E402
 from lapo.health import ADVICE  # noqa: E402
+from lapo.plots import plot_rl_curves, read_rl_curve  # noqa: E402
 
 # (row label, metrics file relative to the demo dir, key) for the main table
 RESULT_COLUMNS = [
@@ -29,6 +32,27 @@ RESULT_COLUMNS = [
     ("policy action accuracy (held-out)", "policy_accuracy"),
     ("pseudo-label accuracy (IDM + decoder)", "decoder_accuracy"),
 ]
+
+
+class RLRun(NamedTuple):
+    """One of the demo's `lapo rl` runs; paths relative to the demo directory."""
+
+    row: str  # its row in the results table
+    legend: str  # its line in the RL figure and its row in the RL table
+    about: str  # what it starts from, for the RL section's text
+    run: str  # the run directory (lapo rl --out)
+    eval: str  # its `lapo evaluate` JSON (not in eval/ itself, whose figures are lapo's)
+
+
+# where `lapo demo` puts its RL runs, and how the report names them
+RL_RUNS = [
+    RLRun("lapo rl (latent policy, head from reward, no labels)", "latent policy, no labels",
+          "the stage-2 latent policy acting through a fresh action head (no action labels)",
+          "rl/latent", "eval/rl/latent.json"),
+    RLRun("rl from scratch (same network, no LAM)", "from scratch",
+          "the same network from random weights, without the LAM (`--from-scratch`)",
+          "rl/scratch", "eval/rl/scratch.json"),
+]  # fmt: skip
 
 
 def _load(path: Path) -> dict:
@@ -43,14 +67,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def results_table(out: Path) -> tuple[list[str], list[list[str]]]:
-    """Rows of the main table: the lapo agent, bc on the same labels, a random policy."""
+def results_table(out: Path, *, rl: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Rows of the main table: the lapo agent, bc on the same labels, each evaluated RL run
+    (`RL_RUNS`, unless not `rl`), a random policy, the majority action."""
     lapo_m = _load(out / "eval" / "lapo.json")
     bc_m = _load(out / "eval" / "bc.json")
     header = ["agent", *[c for c, _ in RESULT_COLUMNS]]
     rows = [
         ["lapo (latent policy + decoder)", *[_fmt(lapo_m.get(k)) for _, k in RESULT_COLUMNS]],
         ["bc on the same labels", *[_fmt(bc_m.get(k)) for _, k in RESULT_COLUMNS]],
+    ]
+    for r in RL_RUNS if rl else []:
+        if (out / r.eval).is_file():
+            m = _load(out / r.eval)
+            rows.append([r.row, *[_fmt(m.get(k)) for _, k in RESULT_COLUMNS]])
+    rows += [
         [
             "random policy",
             _fmt(lapo_m.get("random_success_rate")),
@@ -172,6 +203,78 @@ def plot_curves(out: Path, dest: Path) -> Path | None:
     return dest
 
 
+def _results_source(out: Path, rl: bool) -> str:
+    """The sentence under the results table naming the files its numbers come from."""
+    files = ["eval/lapo.json", "eval/bc.json"]
+    files += [r.eval for r in RL_RUNS if rl and (out / r.eval).is_file()]
+    return f"Numbers from {_listed([f'`{f}`' for f in files])}."
+
+
+def _listed(names: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b and c"."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def _span(values) -> str:
+    return f"{values[0]:.3f} -> {values[-1]:.3f}" if len(values) else "n/a"
+
+
+def rl_section(out: Path, dest: Path) -> tuple[str, list[str], list[list[str]], Path | None] | None:
+    """The "Online RL" section: a sentence, a table (first and last update of each run) and the
+    figure of mean return and success rate against env frames, one line per run of `RL_RUNS`
+    whose metrics.csv exists; None when there is none."""
+    runs = [r for r in RL_RUNS if (out / r.run / "metrics.csv").is_file()]
+    if not runs:
+        return None
+    panels: dict[str, dict] = {"mean return": {}, "success rate": {}}
+    rows, notes = [], []
+    for r in runs:
+        csv_path = out / r.run / "metrics.csv"
+        try:
+            frames, ret = read_rl_curve(csv_path, "return_mean")
+            _, ok = read_rl_curve(csv_path, "success_rate")
+        except (OSError, ValueError) as e:
+            notes.append(f"{r.run}/metrics.csv could not be read ({e}).")
+            continue
+        if len(frames):
+            panels["mean return"][r.legend] = [(frames, ret)]
+        if len(ok):
+            panels["success rate"][r.legend] = [(frames, ok)]
+        last = f"{int(frames[-1])}" if len(frames) else "no episode ended"
+        rows.append([r.legend, last, _span(ret), _span(ok)])
+        if not _load(out / r.run / "sources.json").get("from_scratch") and len(frames):
+            start = _rl_config(out / r.run).policy_start_frames
+            if start >= frames[-1]:
+                notes.append(
+                    f"In {r.run} the pretrained policy's learning rate stays 0 for the first "
+                    f"{start} frames (`policy_start_frames`), longer than the run: only the "
+                    "action and value heads learned."
+                )
+    figure = None
+    if any(panels.values()):
+        figure = plot_rl_curves(panels, dest)
+    about = "; ".join(f'"{r.legend}" is {r.about}' for r in runs)
+    sources = _listed([f"`{r.run}/metrics.csv`" for r in runs])
+    text = (
+        f"`lapo rl` trains with PPO from reward alone: {about}. Each point is one PPO update: "
+        "the mean over the training episodes that ended in it (sampled actions). Numbers from "
+        f"{sources}; the settings are in each run's `rl_config.yaml`."
+    )
+    text = " ".join([text, *notes])
+    header = ["run", "env frames", "mean return, first -> last update",
+              "success rate, first -> last update"]  # fmt: skip
+    return text, header, rows, figure
+
+
+def _rl_config(run: Path) -> RLConfig:
+    """The settings of a `lapo rl` run (typed defaults where its rl_config.yaml is missing or
+    unreadable: the report never fails on them)."""
+    try:
+        return load_config(RLConfig, run / "rl_config.yaml")
+    except (OSError, ConfigError):
+        return RLConfig()
+
+
 def _step_of(p: Path) -> tuple[int, str]:
     digits = "".join(ch for ch in p.stem if ch.isdigit())
     return (int(digits) if digits else -1, p.name)
@@ -254,7 +357,15 @@ pre{background:#f5f6f9;padding:.8em;overflow-x:auto;font-size:.85em;border-radiu
 """
 
 
-def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: str, scale) -> dict:
+RL_CAPTION = "Online RL: mean return and success rate against env frames"
+
+
+def write_report(
+    out: Path, *, commands: list[dict], wall_seconds: float, env: str, scale, rl: bool = True
+) -> dict:
+    """Write OUT/report.md and OUT/report.html; return their paths. `rl`: the RL runs of
+    `RL_RUNS` found in OUT get the "Online RL" section and rows in the results table (False:
+    a demo run with --no-rl ignores those an earlier run left)."""
     out = Path(out)
     assets = out / "report_assets"
     assets.mkdir(exist_ok=True)
@@ -264,7 +375,7 @@ def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: s
     budget = _find(out, ["eval/*budget*.png"])
     rollout = _find(out, ["eval/*rollout*.gif", "eval/*rollout*.png"])
 
-    header, rows = results_table(out)
+    header, rows = results_table(out, rl=rl)
     lh, lrows = lam_table(out)
     title = f"lapo demo: {env}"
     intro = (
@@ -273,8 +384,9 @@ def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: s
         f"{scale.eval_episodes} closed-loop evaluation episodes. {_timing(commands, wall_seconds)}"
     )
     rel = lambda p: p.relative_to(out).as_posix() if p else None  # noqa: E731
+    rl_part = rl_section(out, assets / "rl_curves.png") if rl else None
     md = [f"# {title}", "", intro, "", "## Results", "", _md_table(header, rows), ""]
-    md += ["Numbers from `eval/lapo.json` and `eval/bc.json`.", "", "## Latent action model", ""]
+    md += [_results_source(out, rl), "", "## Latent action model", ""]
     md += [_md_table(lh, lrows), ""]
     health_text, hh, hrows = health_table(out)
     md += [health_text, "", _md_table(hh, hrows) if hrows else "", ""]
@@ -286,6 +398,11 @@ def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: s
         ("Rollout of the final policy", rollout),
     ):
         md += [f"## {cap}", "", f"![{cap}]({rel(p)})" if p else "_not produced_", ""]
+    if rl_part is not None:
+        rl_text, rl_header, rl_rows, rl_fig = rl_part
+        md += ["## Online RL", "", rl_text, ""]
+        md += [_md_table(rl_header, rl_rows), ""] if rl_rows else []
+        md += [f"![{RL_CAPTION}]({rel(rl_fig)})" if rl_fig else "_not produced_", ""]
     md += [
         "## Commands",
         "",
@@ -315,6 +432,15 @@ def write_report(out: Path, *, commands: list[dict], wall_seconds: float, env: s
         _img_html(budget, "Decoder accuracy against label budget"),
         "<h2>Rollout</h2>",
         _img_html(rollout, "Rollout of the final policy", pixel_art=True),
+    ]
+    if rl_part is not None:
+        body += [
+            "<h2>Online RL</h2>",
+            f"<p>{html.escape(rl_text.replace('`', ''))}</p>",
+            _html_table(rl_header, rl_rows) if rl_rows else "",
+            _img_html(rl_fig, RL_CAPTION),
+        ]
+    body += [
         "<h2>Commands</h2>",
         f"<pre>{cmds}</pre>",
     ]
