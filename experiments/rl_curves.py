@@ -25,8 +25,8 @@ from label_efficiency import CONFIGS, Chain
 from lapo.cli_args import HelpFormatter
 from lapo.plots import plot_rl_curves, read_rl_curve
 
-METHODS = {"latent": [], "scratch": ["--from-scratch"]}
-COLOURS = {"latent": "tab:blue", "scratch": "tab:grey"}
+METHODS = {"latent": [], "scratch": ["--from-scratch"], "self-label": []}
+COLOURS = {"latent": "tab:blue", "scratch": "tab:grey", "self-label": "tab:orange"}
 KEYS = {"success": "success_rate", "return": "return_mean"}  # --by -> metrics.csv column
 
 
@@ -55,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         help="updates averaged (episode-weighted) before the target is checked: one update's "
         "few dozen episodes are noisy",
     )
-    p.add_argument("--methods", default="latent,scratch", help="which runs, comma-separated")
+    p.add_argument(
+        "--methods",
+        default="latent,scratch",
+        help="which runs, comma-separated: latent (head from reward only, LAPO), scratch "
+        "(--from-scratch), self-label (latent, the head also fitted to the agent's own "
+        "transitions: --self-label-epochs)",
+    )
+    p.add_argument(
+        "--self-label-epochs", type=int, default=2, help="self_label_epochs of the self-label runs"
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more lapo rl --set")
     a = p.parse_args(argv)
 
@@ -63,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     c = Chain(out)
     seeds = [int(s) for s in a.seeds.split(",")]
     methods = [m for m in a.methods.split(",") if m]
+    if bad := [m for m in methods if m not in METHODS]:
+        p.error(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
     curves: dict[str, list] = {m: [] for m in methods}
     reached: dict[str, list] = {m: [] for m in methods}
     for seed in seeds:
@@ -71,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             c.run(
                 ["lapo.cli", "rl", "--policy", a.policy, "--env", a.env, "--out", run,
                  "--config", a.config, *METHODS[m], "--set", f"seed={seed}",
-                 f"total_frames={a.frames}", *a.set],
+                 f"total_frames={a.frames}", *a.set,
+                 *([f"self_label_epochs={a.self_label_epochs}"] if m == "self-label" else [])],
                 run / "agent.json",
             )  # fmt: skip
             frames, values = read_rl_curve(run / "metrics.csv", KEYS[a.by], a.smooth)
@@ -94,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{v[-1]:.3f}" if len(v) else "-" for _, v in curves[m]) + " |"
           for m in methods),
     ]  # fmt: skip
-    if set(methods) >= {"latent", "scratch"}:
-        lat = [x for x in reached["latent"] if x is not None]
+    for m in (x for x in ("latent", "self-label") if x in methods and "scratch" in methods):
+        lat = [x for x in reached[m] if x is not None]
         scr = [x if x is not None else a.frames for x in reached["scratch"]]
         if len(lat) == len(seeds):
             bound = "at least " if None in reached["scratch"] else ""
             ratio = np.median(scr) / max(np.median(lat), 1)
-            lines += ["", f"from scratch / latent, medians: {bound}{ratio:.1f}x"]
+            lines += ["", f"from scratch / {m}, medians: {bound}{ratio:.1f}x"]
     ylabel = "success rate" if a.by == "success" else "mean return"
     plot_rl_curves({ylabel: curves}, out / "curves.png", title=a.env, target=a.target,
                    colours=COLOURS)  # fmt: skip
