@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from lapo.cli_args import HelpFormatter, RawHelpFormatter
-from lapo.config import CONFIGS
+from lapo.config import CONFIGS, read_yaml
 from lapo.stages import run_step
 
 
@@ -97,7 +97,8 @@ def procgen(a: argparse.Namespace) -> dict:
     )
     lam = out / "lam"
     size = ["--set", f"model.image_size={a.image_size}", f"model.impala_scale={a.impala_scale}"]
-    n = steps(a.lam_steps, a.steps)
+    recipe = read_yaml(CONFIGS / "lam" / "procgen_cpu.yaml")
+    n = steps(a.lam_steps or recipe["trainer"]["max_steps"], a.steps)
 
     def pretrain(run: Path, *extra: str) -> list:
         """The stage-1 command of this chain into `run`, with `extra` settings before --lam-set."""
@@ -301,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "--episodes", type=int, default=900, help="train episodes (bigfish: ~110 frames each)"
     )
     pg.add_argument("--budgets", default="100,300,1000,3000", help="label budgets, comma-separated")
-    pg.add_argument("--lam-steps", type=int, default=3000, help="stage-1 training steps")
+    pg.add_argument(
+        "--lam-steps",
+        type=int,
+        default=0,
+        help="stage-1 training steps (0: trainer.max_steps of configs/lam/procgen_cpu.yaml)",
+    )
     pg.add_argument(
         "--bottleneck",
         default=None,
