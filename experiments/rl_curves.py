@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--self-label-epochs", type=int, default=2, help="self_label_epochs of the self-label runs"
     )
+    p.add_argument(
+        "--self-label-frames", type=int, default=0, help="self_label_frames of the self-label runs"
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more lapo rl --set")
     a = p.parse_args(argv)
 
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 ["lapo.cli", "rl", "--policy", a.policy, "--env", a.env, "--out", run,
                  "--config", a.config, *METHODS[m], "--set", f"seed={seed}",
                  f"total_frames={a.frames}", *a.set,
-                 *([f"self_label_epochs={a.self_label_epochs}"] if m == "self-label" else [])],
+                 *([f"self_label_epochs={a.self_label_epochs}",
+                    f"self_label_frames={a.self_label_frames}"] if m == "self-label" else [])],
                 run / "agent.json",
             )  # fmt: skip
             frames, values = read_rl_curve(run / "metrics.csv", KEYS[a.by], a.smooth)

@@ -247,6 +247,13 @@ def test_the_agents_own_transitions_fit_the_head(runs, tmp_path):
     reward_only = read_csv(tmp_path / "r" / "metrics.csv")
     assert reward_only[-1]["self_label_loss"] == ""
     assert float(rows[-1]["return_mean"]) >= float(reward_only[-1]["return_mean"]) + 1.5
+    # self_label_frames: only the first update's rollout fits the head
+    c = cfg(*base, "self_label_epochs=2", "self_label_frames=256", "total_frames=512")
+    train_rl(c, tmp_path / "f", policy, ToyMoveEnv)
+    assert [r["self_label_loss"] != "" for r in read_csv(tmp_path / "f" / "metrics.csv")] == [
+        True,
+        False,
+    ]
 
 
 def test_rollout_windows_stop_at_episode_starts():

@@ -90,6 +90,7 @@ class _PPO(PPO):
     after_update = None
     warmup_frames = 0
     self_label = None  # a SelfLabel, or None
+    self_label_frames = 0  # fit it only up to this many frames (0: always)
     self_label_stats: dict = {}
 
     def _update_learning_rate(self, optimizers) -> None:
@@ -100,8 +101,11 @@ class _PPO(PPO):
             g["lr"] = lr * g.get("lr_scale", 1.0) * warm
 
     def train(self) -> None:
-        if self.self_label is not None:  # before super().train() flattens the buffer
+        limit = self.self_label_frames
+        self.self_label_stats = {}
+        if self.self_label is not None and (not limit or self.num_timesteps <= limit):
             lr = self.lr_schedule(self._current_progress_remaining)
+            # before super().train(), which flattens the buffer
             self.self_label_stats = self.self_label.fit(self.rollout_buffer, lr)
         super().train()
         if self.after_update is not None:
@@ -218,6 +222,7 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
         model.self_label = SelfLabel(net.agent, epochs=cfg.self_label_epochs,
                                      batch_size=batch // cfg.minibatches,
                                      frame_gap=net.agent.frame_gap)  # fmt: skip
+        model.self_label_frames = cfg.self_label_frames
     model.set_logger(configure(str(run_dir / "tb"), ["tensorboard"] if cfg.tensorboard else []))
     updates = 0
     if state:  # the weights, optimizer, counters and generators of the newest checkpoint
