@@ -99,17 +99,14 @@ def colour_contexts() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ctx), torch.tensor([b for _, b in pairs])
 
 
-def inform_policy(run: Path) -> Path:
-    """Stand-in for stage 2 on the toy: RUN_P's policy regresses one latent per current colour,
-    as a policy cloned from an IDM whose latents tell the moves apart would. Which latent
-    means which action is still unknown: that is what PPO has to find out from reward."""
+def regress_policy(run: Path, target: torch.Tensor, steps: int) -> Path:
+    """RUN_P's policy fitted (MSE) to `target` (9, D) on the 9 toy contexts, exported again."""
     from lapo.runs import POLICY_KIND, POLICY_NAME, export_model, load_policy, read_policy_meta
 
     meta, policy = read_policy_meta(run), load_policy(run).train()
-    ctx, colour = colour_contexts()
-    target = torch.randn(3, policy.latent_dim, generator=torch.Generator().manual_seed(0))[colour]
+    ctx, _ = colour_contexts()
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    for _ in range(60):
+    for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.mse_loss(policy(ctx), target).backward()
         opt.step()
@@ -117,6 +114,18 @@ def inform_policy(run: Path) -> Path:
         run, policy, kind=POLICY_KIND, config=meta["config"], extra=meta["extra"], name=POLICY_NAME
     )
     return run
+
+
+def inform_policy(run: Path) -> Path:
+    """Stand-in for stage 2 on the toy: RUN_P's policy regresses one latent per current colour,
+    as a policy cloned from an IDM whose latents tell the moves apart would. Which latent
+    means which action is still unknown: that is what PPO has to find out from reward."""
+    from lapo.runs import read_policy_meta
+
+    dim = read_policy_meta(run)["extra"]["kwargs"]["latent_dim"]
+    _, colour = colour_contexts()
+    target = torch.randn(3, dim, generator=torch.Generator().manual_seed(0))[colour]
+    return regress_policy(run, target, steps=60)
 
 
 def move_windows() -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,28 +160,12 @@ def lam_informed_policy(run: Path, lam_run: Path) -> Path:
     """Stand-in for stage 2 on ToyMoveEnv: the policy predicts the LAM's own latent of the
     rewarded transition (stay on the current colour), as a policy cloned from that IDM's
     latents would."""
-    from lapo.runs import (
-        POLICY_KIND,
-        POLICY_NAME,
-        export_model,
-        load_lam,
-        load_policy,
-        read_policy_meta,
-    )
+    from lapo.runs import load_lam
 
-    meta, policy, lam = read_policy_meta(run), load_policy(run).train(), load_lam(lam_run).eval()
     ctx, _ = colour_contexts()
     with torch.no_grad():
-        target = lam.encode(torch.cat([ctx, ctx[:, -1:]], dim=1))["pre"]  # (9, D)
-    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(policy(ctx), target).backward()
-        opt.step()
-    export_model(
-        run, policy, kind=POLICY_KIND, config=meta["config"], extra=meta["extra"], name=POLICY_NAME
-    )
-    return run
+        target = load_lam(lam_run).eval().encode(torch.cat([ctx, ctx[:, -1:]], dim=1))["pre"]
+    return regress_policy(run, target, steps=100)
 
 
 @pytest.fixture(scope="module")
