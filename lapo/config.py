@@ -500,6 +500,8 @@ class RLConfig:
     """Normalise advantages per minibatch."""
     self_label_epochs: int = 0
     """Passes over each rollout fitting the action head to the agent's own transitions (the frozen LAM's latent of (o[t], o[t+g]) -> the action taken), before the PPO update: labels that cost nothing, since the agent knows what it did. 0: the head learns from reward alone, as in LAPO. Ignored with --from-scratch."""
+    head_lr_scale: float = 1.0
+    """The action head learns from reward at lr times this. 0 with self_label_epochs: the head learns only from the agent's own transitions, PPO never moves it (LAPO's released code keeps its decoder out of PPO likewise). Ignored with --from-scratch."""
     self_label_frames: int = 0
     """Fit the head to the agent's own transitions only in the first this many frames (0: all run). Ignored without self_label_epochs."""
     head_hidden: int = 128
@@ -552,6 +554,7 @@ class RLConfig:
         _check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         _check(self.self_label_epochs >= 0, "self_label_epochs", "must be >= 0")
         _check(self.self_label_frames >= 0, "self_label_frames", "must be >= 0")
+        _check(self.head_lr_scale >= 0, "head_lr_scale", "must be >= 0")
         _check(self.head_hidden >= 1, "head_hidden", "must be >= 1")
         _check(
             self.env_size == 0 or (self.env_size >= 8 and self.env_size % 2 == 0),

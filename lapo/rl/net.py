@@ -83,15 +83,17 @@ class ActorCriticNet(nn.Module):
         return self.value_head(self.agent.policy.features(obs))  # (B, 1)
 
     def param_groups(self, *, policy_scale: float, policy_start: int = 0,
-                     freeze_encoder: bool = False) -> list[dict]:  # fmt: skip
-        """Adam groups with an ``lr_scale`` and ``start_frames``: new parts at 1 from the
-        start, the pretrained policy at `policy_scale` from `policy_start` frames on."""
+                     freeze_encoder: bool = False, head_scale: float = 1.0) -> list[dict]:  # fmt: skip
+        """Adam groups with an ``lr_scale`` and ``start_frames``: the value head at 1 from the
+        start, the action head at `head_scale`, the pretrained policy at `policy_scale` from
+        `policy_start` frames on. The first group holds the value head (and a log-std)."""
         agent = self.agent
         heads = [*self.value_head.parameters()]
+        decoders = []
         for dec in (agent.decoder, agent.act_decoder):
-            heads += [*dec.parameters()] if dec is not None else []
+            decoders += [*dec.parameters()] if dec is not None else []
         if agent.method == "bc":  # from scratch: the whole policy is new
-            return [{"params": heads + [*agent.policy.parameters()], "lr_scale": 1.0}]
+            return [{"params": heads + decoders + [*agent.policy.parameters()], "lr_scale": 1.0}]
         if agent.lam is not None:
             agent.lam.requires_grad_(False)
         policy = [*agent.policy.head.parameters()]
@@ -101,6 +103,7 @@ class ActorCriticNet(nn.Module):
             policy += [*agent.policy.encoder.parameters()]
         return [
             {"params": heads, "lr_scale": 1.0},
+            {"params": decoders, "lr_scale": float(head_scale)},
             {"params": policy, "lr_scale": float(policy_scale), "start_frames": int(policy_start)},
         ]
 
@@ -110,11 +113,11 @@ class LatentActorCritic(ActorCriticPolicy):
 
     def __init__(self, observation_space, action_space, lr_schedule, *, net: ActorCriticNet,
                  policy_scale: float = 1.0, policy_start: int = 0, freeze_encoder: bool = False,
-                 log_std_init: float = 0.0, **kwargs) -> None:  # fmt: skip
+                 head_scale: float = 1.0, log_std_init: float = 0.0, **kwargs) -> None:  # fmt: skip
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
         self.net = net
         groups = net.param_groups(policy_scale=policy_scale, policy_start=policy_start,
-                                  freeze_encoder=freeze_encoder)  # fmt: skip
+                                  freeze_encoder=freeze_encoder, head_scale=head_scale)  # fmt: skip
         if isinstance(self.action_dist, DiagGaussianDistribution):
             dim = int(spaces.flatdim(action_space))
             self.log_std = nn.Parameter(torch.full((dim,), float(log_std_init)))

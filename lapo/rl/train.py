@@ -215,6 +215,7 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
         policy_kwargs={"net": net, "policy_scale": 1.0 if from_scratch else cfg.policy_lr_scale,
                        "policy_start": 0 if from_scratch else cfg.policy_start_frames,
                        "freeze_encoder": cfg.freeze_encoder and not from_scratch,
+                       "head_scale": 1.0 if from_scratch else cfg.head_lr_scale,
                        "log_std_init": cfg.log_std_init},
     )  # fmt: skip
     model.warmup_frames = cfg.warmup_frames
