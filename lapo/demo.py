@@ -84,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Record expert demos from a real environment, pretrain the latent action model, "
             "clone the latent policy, fit the action decoder on a small label budget, fine-tune, "
             "pseudo-label a held-out slice, evaluate with closed-loop rollouts against behaviour "
-            "cloning on the same labels, fine-tune the latent policy from reward alone with PPO "
+            "cloning on the same labels, fine-tune the latent policy online with PPO, no labels "
             "(lapo rl) against the same network from scratch, and write report.html / "
             "report.md. At the default scale a measured run took 7.7 minutes on an idle 2-core "
             "CPU before the RL stages, which add roughly 3 (--no-rl skips them); --quick is a "

@@ -46,7 +46,7 @@ class RLRun(NamedTuple):
 
 # where `lapo demo` puts its RL runs, and how the report names them
 RL_RUNS = [
-    RLRun("lapo rl (latent policy, head from reward, no labels)", "latent policy, no labels",
+    RLRun("lapo rl (latent policy, fresh action head, no labels)", "latent policy, no labels",
           "the stage-2 latent policy acting through a fresh action head (no action labels)",
           "rl/latent", "eval/rl/latent.json"),
     RLRun("rl from scratch (same network, no LAM)", "from scratch",
@@ -243,7 +243,16 @@ def rl_section(out: Path, dest: Path) -> tuple[str, list[str], list[list[str]], 
         last = f"{int(frames[-1])}" if len(frames) else "no episode ended"
         rows.append([r.legend, last, _span(ret), _span(ok)])
         if not _load(out / r.run / "sources.json").get("from_scratch") and len(frames):
-            start = _rl_config(out / r.run).policy_start_frames
+            rl_cfg = _rl_config(out / r.run)
+            if rl_cfg.self_label_epochs:
+                by = "only" if rl_cfg.head_lr_scale == 0 else "as well as from reward"
+                notes.append(
+                    f"In {r.run} the action head learns {by} from the agent's own transitions "
+                    f"(`self_label_epochs` {rl_cfg.self_label_epochs}, `head_lr_scale` "
+                    f"{rl_cfg.head_lr_scale:g}): the frozen LAM's latent of each rollout "
+                    "window -> the action taken; no labelled data."
+                )
+            start = rl_cfg.policy_start_frames
             if start >= frames[-1]:
                 notes.append(
                     f"In {r.run} the pretrained policy's learning rate stays 0 for the first "
@@ -256,7 +265,7 @@ def rl_section(out: Path, dest: Path) -> tuple[str, list[str], list[list[str]], 
     about = "; ".join(f'"{r.legend}" is {r.about}' for r in runs)
     sources = _listed([f"`{r.run}/metrics.csv`" for r in runs])
     text = (
-        f"`lapo rl` trains with PPO from reward alone: {about}. Each point is one PPO update: "
+        f"`lapo rl` trains with PPO from reward, with no labelled data: {about}. Each point is one PPO update: "
         "the mean over the training episodes that ended in it (sampled actions). Numbers from "
         f"{sources}; the settings are in each run's `rl_config.yaml`."
     )
