@@ -10,8 +10,8 @@ and inputs; otherwise it runs again, as does every stage after it that reads it
 record (unlabelled train set, labelled set, held-out set) -> pretrain (stage 1)
 -> train-policy (stage 2) -> finetune (stage 3, lapo) -> finetune (bc baseline,
 same labels) -> label (held-out slice) -> finetune budgets (a decoder per label
-budget) -> evaluate (each agent, with rollouts; the budgets' decoders) -> rl (PPO from
-reward: the latent policy with a fresh action head, and the same network from scratch;
+budget) -> evaluate (each agent, with rollouts; the budgets' decoders) -> rl (PPO, no
+labels: the latent policy with a fresh action head, and the same network from scratch;
 ``--no-rl`` skips it) -> evaluate (each RL agent) -> report.
 """
 

@@ -84,10 +84,7 @@ class SelfLabel:
         if len(windows) == 0 or self.epochs == 0:
             return {}
         device = next(self.head.parameters()).device
-        was = self.lam.training
-        self.lam.eval()
-        latents, feats = self._inputs(windows, device)
-        self.lam.train(was)
+        latents, feats = self._inputs(windows, device)  # the LAM is in eval mode (ActorCriticNet)
         acts = acts.to(device)
         if self.head.discrete:
             acts = acts.long()
