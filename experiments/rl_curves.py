@@ -1,8 +1,10 @@
 """LAPO's online claim, measured: PPO from the latent policy against PPO from scratch.
 
-For each seed, two `lapo rl` runs on the same env with the same settings and frame
-budget: one from a stage-2 latent policy with no action labels (the action head learns
-from reward alone), one `--from-scratch` (the same network with fresh weights, no LAM).
+For each seed, one `lapo rl` run per method on the same env with the same settings and
+frame budget, none with action labels: from a stage-2 latent policy whose action head
+learns from reward alone (latent, LAPO's paper) or from the agent's own transitions
+(self-label, lapo's CPU default), and `--from-scratch` (the same network with fresh
+weights, no LAM).
 Each run's metrics.csv (one row per PPO update) gives its learning curve; the figure
 reported is the env frames until the episodes of ``--smooth`` consecutive updates first
 reach ``--target`` success rate (or mean return, with ``--by return``). Results go to
@@ -25,7 +27,13 @@ from label_efficiency import CONFIGS, Chain
 from lapo.cli_args import HelpFormatter
 from lapo.plots import plot_rl_curves, read_rl_curve
 
-METHODS = {"latent": [], "scratch": ["--from-scratch"], "self-label": []}
+# --set of each method, after the config's: "latent" pins the paper's head (reward only)
+# whatever the config says; "self-label" takes --self-label-epochs/--self-label-frames
+METHODS = {
+    "latent": ["self_label_epochs=0", "head_lr_scale=1"],
+    "scratch": [],
+    "self-label": [],
+}
 COLOURS = {"latent": "tab:blue", "scratch": "tab:grey", "self-label": "tab:orange"}
 KEYS = {"success": "success_rate", "return": "return_mean"}  # --by -> metrics.csv column
 
@@ -58,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--methods",
         default="latent,scratch",
-        help="which runs, comma-separated: latent (head from reward only, LAPO), scratch "
-        "(--from-scratch), self-label (latent, the head also fitted to the agent's own "
-        "transitions: --self-label-epochs)",
+        help="which runs, comma-separated: latent (the latent policy, its head from reward "
+        "only, as in LAPO's paper, whatever --config says), scratch (--from-scratch), "
+        "self-label (the latent policy, its head fitted to the agent's own transitions: "
+        "--self-label-epochs; configs/rl/cpu.yaml's setting)",
     )
     p.add_argument(
         "--self-label-epochs", type=int, default=2, help="self_label_epochs of the self-label runs"
@@ -84,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             run = out / f"{m}_{seed}"
             c.run(
                 ["lapo.cli", "rl", "--policy", a.policy, "--env", a.env, "--out", run,
-                 "--config", a.config, *METHODS[m], "--set", f"seed={seed}",
-                 f"total_frames={a.frames}", *a.set,
+                 "--config", a.config, *(["--from-scratch"] if m == "scratch" else []),
+                 "--set", f"seed={seed}", f"total_frames={a.frames}", *METHODS[m], *a.set,
                  *([f"self_label_epochs={a.self_label_epochs}",
                     f"self_label_frames={a.self_label_frames}"] if m == "self-label" else [])],
                 run / "agent.json",
