@@ -14,8 +14,9 @@ trained on.
   to true actions, fitted on a split of the held-out windows (whole episodes
   apart when there are enough) and scored on the rest.
 - ``fdm_psnr`` and ``fdm_psnr_copy_baseline``: the world model's prediction of
-  o[t+1] from o[t-k+1..t] and z[t], against predicting o[t+1] = o[t] (mean of
-  per-window PSNR in dB at the model's image size; pixel world model only).
+  o[t+1] from o[t-k+1..t] and z[t], against predicting o[t+1] = o[t] (PSNR in dB of
+  the squared error pooled over every window, at the model's image size; pixel world
+  model only).
 - ``codebook_perplexity``, ``codebook_usage``: exp(entropy) of the code
   histogram and the fraction of codes used, averaged over heads (vq / fsq).
 

@@ -5,7 +5,8 @@ predicts o[t+1] from the context alone and z[t] carries no action. Its losses lo
 fine. These checks read the validation metrics of `lapo.lam` and say which failure
 shows, with its likely causes and what to try:
 
-- ``beats_copy``: the pixel world model's PSNR over copying o[t] (dB).
+- ``beats_copy``: the pixel world model's PSNR over copying o[t] (dB), each of the
+  squared error pooled over the pass (see `lapo.models.common.psnr`).
 - ``codes_used``: codebook perplexity over the whole val pass, per head (vq, fsq): 1.0
   means every window gets the same code.
 - ``latent_spread``: per-dimension std of z[t] across val windows, relative to the size
@@ -138,16 +139,18 @@ def latent_spread(total: Tensor, total_sq: Tensor, n: int) -> float:
 def latent_gain_db(errors: dict[str, float], suffix: str = "_shuffled") -> float | None:
     """dB the world model loses when z[t] is replaced (suffix ``_shuffled`` or ``_zeroed``).
 
-    errors: means over the same windows of psnr and psnr{suffix} (pixel world model) or
-    fdm_loss and fdm_loss{suffix} (latent world model); None when neither pair is there.
+    errors: means over the same windows of mse and mse{suffix} (pixel world model),
+    fdm_loss and fdm_loss{suffix} (latent world model), or psnr and psnr{suffix} (dB);
+    None when no pair is there.
     """
     if "psnr" in errors and f"psnr{suffix}" in errors:
         return errors["psnr"] - errors[f"psnr{suffix}"]
-    if "fdm_loss" in errors and f"fdm_loss{suffix}" in errors:
-        true, other = errors["fdm_loss"], errors[f"fdm_loss{suffix}"]
-        if true <= 0:
-            return 0.0 if other <= 0 else math.inf
-        return 10.0 * math.log10(max(other, 1e-12) / true)
+    for key in ("mse", "fdm_loss"):
+        if key in errors and f"{key}{suffix}" in errors:
+            true, other = errors[key], errors[f"{key}{suffix}"]
+            if true <= 0:
+                return 0.0 if other <= 0 else math.inf
+            return 10.0 * math.log10(max(other, 1e-12) / true)
     return None
 
 

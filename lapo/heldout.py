@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from lapo.labelled import load_windows, scan_labelled, select_budget
-from lapo.models.common import psnr
+from lapo.models.common import psnr_from_mse
 from lapo.models.quantizers import code_histogram, perplexity_from_counts, usage_from_counts
 from lapo.probe import fit_probe
 from lapo.runs import load_agent, read_budget_curve
@@ -39,7 +40,8 @@ def collect(agent, windows, *, batch_size: int, device: str, progress: bool = Tr
 
     Returns numpy arrays: true (N,) or (N, D); label (decoder's action) and act
     (policy's action) or None; latent (N, latent_dim) or None; codes (N, heads) or
-    None; psnr sums for the world model and the copy baseline.
+    None; fdm_psnr and fdm_psnr_copy_baseline, the PSNRs of the world model's and of
+    copying o[t]'s squared error pooled over every window.
     """
     lapo_lam = agent.lam if agent.method == "lapo" else None
     can_label = agent.method != "bc"
@@ -66,14 +68,15 @@ def collect(agent, windows, *, batch_size: int, device: str, progress: bool = Tr
             if pred is not None:
                 has_fdm = True
                 x = lapo_lam.prepare(frames)  # (B, k+1, 3, S, S) float in [0, 1]
-                fdm_sum += psnr(pred, x[:, -1]).item() * len(idx)  # psnr is a batch mean
-                copy_sum += psnr(x[:, -2], x[:, -1]).item() * len(idx)
+                # squared errors pooled over every window, turned into dB at the end
+                fdm_sum += F.mse_loss(pred, x[:, -1]).item() * len(idx)
+                copy_sum += F.mse_loss(x[:, -2], x[:, -1]).item() * len(idx)
         bar.update(len(idx))
     bar.close()
     res = {k: (torch.cat(v).numpy() if v else None) for k, v in out.items()}
     res["n"] = n
-    res["fdm_psnr"] = fdm_sum / n if has_fdm else None
-    res["fdm_psnr_copy_baseline"] = copy_sum / n if has_fdm else None
+    res["fdm_psnr"] = float(psnr_from_mse(fdm_sum / n)) if has_fdm else None
+    res["fdm_psnr_copy_baseline"] = float(psnr_from_mse(copy_sum / n)) if has_fdm else None
     return res
 
 

@@ -16,7 +16,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lapo.health import latent_gain_db, latent_spread
-from lapo.models import LatentActionModel, code_histogram, perplexity_from_counts, usage_from_counts
+from lapo.models import (
+    LatentActionModel,
+    code_histogram,
+    perplexity_from_counts,
+    psnr_from_mse,
+    usage_from_counts,
+)
 from lapo.probe import fit_probe
 
 
@@ -79,6 +85,10 @@ class ValidationSums:
         if n > 0:
             for k in sorted({k for p in parts for k in p[0]}):
                 val[k] = sum(p[0].get(k, 0.0) for p in parts) / n
+            # PSNRs of the error pooled over the pass, not means of each batch's PSNR
+            for name, mse in (("psnr", "pred_mse"), ("psnr_copy", "copy_mse")):
+                if mse in val:
+                    val[name] = float(psnr_from_mse(val[mse]))
         counts = [p[2] for p in parts if p[2] is not None]
         if counts:
             total = torch.stack(counts).sum(0)  # (heads, num_codes) over the whole val pass
@@ -99,7 +109,11 @@ def health_metrics(parts: list[dict]) -> dict[str, float]:
     z_sum, z_sq, z_n = sums.pop("z_sum", None), sums.pop("z_sq", None), sums.pop("z_n", 0)
     if n:
         means = {k: float(v) / n for k, v in sums.items()}
-        out.update({k: v for k, v in means.items() if k.endswith(("_shuffled", "_zeroed"))})
+        for k, v in means.items():
+            if k.startswith("mse_"):  # the pooled error, as dB (val/psnr_shuffled, ...)
+                out["psnr" + k[3:]] = float(psnr_from_mse(v))
+            elif k.endswith(("_shuffled", "_zeroed")):
+                out[k] = v
         for name, suffix in (("latent_gain_db", "_shuffled"), ("latent_zero_gain_db", "_zeroed")):
             gain = latent_gain_db(means, suffix)
             if gain is not None:

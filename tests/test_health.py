@@ -22,7 +22,7 @@ from lapo.health import (
     warning_text,
 )
 from lapo.lam import pretrain
-from lapo.models import LatentActionModel
+from lapo.models import LatentActionModel, psnr
 from lapo.probe import fit_probe, split_indices
 from tests.datagen import make_dataset
 from tests.test_models import sprite_windows, tiny_cfg
@@ -148,7 +148,22 @@ def test_latent_gain_in_db_for_both_world_models():
     # latent world model: its loss ten times higher with a shuffled latent is 10 dB
     assert latent_gain_db({"fdm_loss": 0.01, "fdm_loss_shuffled": 0.1}) == pytest.approx(10.0)
     assert latent_gain_db({"fdm_loss": 0.1, "fdm_loss_shuffled": 0.1}) == pytest.approx(0.0)
+    # pixel world model: pooled squared errors, the same ratio
+    assert latent_gain_db({"mse": 0.001, "mse_zeroed": 0.01}, "_zeroed") == pytest.approx(10.0)
     assert latent_gain_db({"loss": 1.0}) is None
+
+
+def test_copying_does_not_win_on_the_frames_it_copies_exactly():
+    """Half the windows still (copy exact), half moving (copy off by 0.1 everywhere); the
+    model off by 0.01 everywhere. A mean of per-image PSNRs would give copying 60 dB to the
+    model's 40; pooled, the model's error is 50x smaller."""
+    target = torch.full((4, 3, 8, 8), 0.5)
+    copy = target.clone()
+    copy[2:] += 0.1
+    model = target + 0.01
+    assert float(psnr(copy, target)) == pytest.approx(10 * math.log10(1 / 0.005), rel=1e-4)
+    assert float(psnr(model, target)) == pytest.approx(40.0, rel=1e-4)
+    assert float(psnr(model, target)) - float(psnr(copy, target)) > 15.0
 
 
 def test_latent_spread_sees_a_collapse_behind_a_large_offset():
@@ -179,7 +194,7 @@ def test_a_world_model_that_cannot_see_the_latent_is_flagged(fdm):
     if fdm == "pixel":
         blind(model)
     blinded = model.latent_dependence(frames, model.encode(frames)["latent"])
-    key = "psnr" if fdm == "pixel" else "fdm_loss"
+    key = "mse" if fdm == "pixel" else "fdm_loss"
     assert set(blinded) == {key, f"{key}_shuffled", f"{key}_zeroed"}
 
     gain = latent_gain_db({k: float(v) for k, v in blinded.items()})
@@ -187,7 +202,7 @@ def test_a_world_model_that_cannot_see_the_latent_is_flagged(fdm):
     health = assess({"latent_gain_db": gain}, prefix="")
     assert health["failed"] == ["latent_used"]
     if fdm == "pixel":  # the same model before blinding does respond to its latent
-        assert float(seeing["psnr"]) != float(seeing["psnr_shuffled"])
+        assert float(seeing["mse"]) != float(seeing["mse_shuffled"])
 
 
 def test_the_shuffle_gives_no_window_its_own_latent():

@@ -4,7 +4,7 @@ Frames are (B, T, C, H, W): uint8, or float in [0, 1]. Every model resizes to it
 image_size inside (`prepare_frames`).
 """
 
-from .common import prepare_frames, psnr
+from .common import prepare_frames, psnr, psnr_from_mse
 from .encoders import ImpalaEncoder, SpaceTimeEncoder, build_encoder
 from .fdm import LatentFDM, UNetFDM
 from .idm import IDM
@@ -42,5 +42,6 @@ __all__ = [
     "perplexity_from_counts",
     "prepare_frames",
     "psnr",
+    "psnr_from_mse",
     "usage_from_counts",
 ]

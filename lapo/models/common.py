@@ -60,9 +60,21 @@ def prepare_frames(frames: Tensor, image_size: int, *, where: str = "lapo/models
 
 
 def psnr(pred: Tensor, target: Tensor, *, max_value: float = 1.0) -> Tensor:
-    """Mean over the batch of per-image PSNR in dB; pred, target (B, C, H, W) in [0, max_value]."""
-    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
-    return (10.0 * torch.log10(max_value**2 / mse.clamp_min(1e-10))).mean()
+    """PSNR in dB of the mean squared error over the whole batch; pred, target (B, C, H, W)
+    in [0, max_value].
+
+    Of the pooled error, not a mean of per-image PSNRs: a frame copied exactly scores 100
+    dB on its own (the error's floor), so where many frames do not change (a blocked move,
+    a still scene: more than half of a sticky-random Procgen miner recording) a per-image
+    mean gives copying o[t] about 70 dB and hides every error on the frames that move.
+    """
+    return psnr_from_mse((pred.float() - target.float()).pow(2).mean(), max_value=max_value)
+
+
+def psnr_from_mse(mse: Tensor | float, *, max_value: float = 1.0) -> Tensor:
+    """PSNR in dB of a mean squared error (floored at 1e-10, i.e. 100 dB for a unit range)."""
+    mse = torch.as_tensor(mse, dtype=torch.float64 if isinstance(mse, float) else None)
+    return 10.0 * torch.log10(max_value**2 / mse.clamp_min(1e-10))
 
 
 def check_num_frames(x: Tensor, expected: int, *, where: str, hint: str) -> None:

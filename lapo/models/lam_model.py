@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import exists, prepare_frames, psnr
+from .common import exists, prepare_frames, psnr_from_mse
 from .fdm import LatentFDM, UNetFDM
 from .idm import IDM
 from .quantizers import build_bottleneck, codebook_stats
@@ -134,8 +134,9 @@ class LatentActionModel(nn.Module):
         window keeps its own) and zeros.
 
         frames: (B, k+1, C, H, W) windows; latent: (B, D) their latent actions (`encode`).
-        Returns psnr, psnr_shuffled, psnr_zeroed (dB, pixel world model) or fdm_loss,
-        fdm_loss_shuffled, fdm_loss_zeroed (latent world model); {} for a batch of one.
+        Returns mse, mse_shuffled, mse_zeroed (the pixel world model's mean squared error)
+        or fdm_loss, fdm_loss_shuffled, fdm_loss_zeroed (latent world model); {} for a
+        batch of one.
         """
         b = latent.shape[0]
         if b < 2:
@@ -153,7 +154,7 @@ class LatentActionModel(nn.Module):
         for suffix, z in variants.items():
             if isinstance(self.fdm, UNetFDM):
                 pred = self.fdm(x[:, :-1], z).clamp(0.0, 1.0)  # (B, C, S, S)
-                out[f"psnr{suffix}"] = psnr(pred, x[:, -1])
+                out[f"mse{suffix}"] = F.mse_loss(pred, x[:, -1])
             else:
                 out[f"fdm_loss{suffix}"] = self.fdm.error(x, z)
         return {k: v.float() for k, v in out.items()}
@@ -199,12 +200,15 @@ class LatentActionModel(nn.Module):
             fdm_mse = F.mse_loss(pred_next, nxt)
             logs["fdm_mse"] = fdm_mse
             fdm_loss = fdm_mse
+            copy_mse = F.mse_loss(x[:, -2], nxt).detach()
             if self.cfg.fdm_loss_scale == "copy":  # 1.0 == as good as copying o[t]
-                copy_mse = F.mse_loss(x[:, -2], nxt).detach()
                 fdm_loss = fdm_mse / copy_mse.clamp_min(1e-5)  # a still batch: bounded
             pred_next = pred_next.clamp(0.0, 1.0) if self.fdm.residual else pred_next
-            logs["psnr"] = psnr(pred_next.detach(), nxt)
-            logs["psnr_copy"] = psnr(x[:, -2], nxt)
+            # the squared errors behind the PSNRs, so a validation pass can pool them
+            logs["pred_mse"] = F.mse_loss(pred_next.detach(), nxt)
+            logs["copy_mse"] = copy_mse
+            logs["psnr"] = psnr_from_mse(logs["pred_mse"])
+            logs["psnr_copy"] = psnr_from_mse(copy_mse)
         else:
             fdm_loss = self.fdm.loss(x, latent)
         logs["fdm_loss"] = fdm_loss
