@@ -67,6 +67,15 @@ class Chain:
         self.times_file.write_text(json.dumps(self.times, indent=1))
         return seconds
 
+    def seconds(self) -> dict[str, int]:
+        """Wall seconds of each step that ran, named by its output folder (lam, idm_1000, ...);
+        the scores in eval/ by file (eval/lapo, eval/idm_1000, ...)."""
+        named = {}
+        for marker, secs in self.times.items():
+            p = Path(marker)
+            named[f"eval/{p.stem}" if p.parent.name == "eval" else p.parent.name] = round(secs)
+        return named
+
 
 def metrics(path: Path) -> dict:
     return json.loads(path.read_text())
@@ -188,7 +197,7 @@ def procgen(a: argparse.Namespace) -> dict:
     lam_m = metrics(ev / "lapo.json")
     res = {
         "experiment": "procgen", "game": a.game, "rows": rows, "ceiling_run": n_all,
-        "seconds": {Path(k).parent.name: round(v) for k, v in c.times.items()},
+        "seconds": c.seconds(),
         "probe_accuracy": lam_m.get("probe_accuracy"),
         "probe_majority_baseline": lam_m.get("probe_majority_baseline"),
         "fdm_psnr": lam_m.get("fdm_psnr"), "fdm_psnr_copy_baseline": lam_m.get("fdm_psnr_copy_baseline"),

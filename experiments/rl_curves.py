@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "env": a.env, "policy": str(a.policy), "frames": a.frames, "seeds": seeds, "by": a.by,
         "target": a.target, "smooth": a.smooth, "frames_to_target": reached,
         "curves": {m: [[f.tolist(), v.tolist()] for f, v in cs] for m, cs in curves.items()},
-        "seconds": {Path(k).parent.name: round(v) for k, v in c.times.items()},
+        "seconds": c.seconds(),
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(res, indent=1))
     (out / "table.md").write_text("\n".join(lines) + "\n")
