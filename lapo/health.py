@@ -49,6 +49,8 @@ class HealthThresholds:
     """Continuous actions: share of the action variance the probe explains on held-out windows."""
     min_probe_windows: int = 100
     """Fewer labelled val windows than this: the probe's held-out part (a fifth) is too small to judge."""
+    min_policy_r2: float = 0.02
+    """Stage 2: share of the variance of the IDM's z[t] across val windows that the policy's latent explains (1 - latent_mse / latent_mse_baseline). Always answering the mean latent scores about 0 (a little below: the baseline uses each batch's own mean); the BabyAI demo's policy 0.37; a policy cloned from sticky-random Procgen video -0.20."""
 
 
 THRESHOLDS = HealthThresholds()
@@ -83,6 +85,14 @@ ADVICE = {
         "data with varied actions (random detours, a sticky-random policy); a shorter "
         "data.context; model.fdm_loss_scale=copy; model.fdm=latent when much of the frame is "
         "background; model.sup_weight > 0 if some windows carry labels",
+    ),
+    "predicts_latent": (
+        "the latent policy predicts the IDM's z[t] no better than always answering the mean "
+        "latent: it has learnt nothing to act on",
+        "actions that do not follow from the frames (a random or sticky-random agent: the next "
+        "action is a coin toss); a stage-1 latent that carries no action (its health check); "
+        "too few steps",
+        "video of agents that act with purpose; fix stage 1 first; more trainer.max_steps",
     ),
     "probe": (
         "a probe from z[t] to the true action does no better than the majority action",
@@ -216,12 +226,34 @@ def assess(
     return {"verdict": verdict, "failed": failed, "checks": checks, "thresholds": asdict(t)}
 
 
-def warning_text(health: dict, *, step: int, final: bool = False) -> str:
+def assess_policy(
+    metrics: dict[str, float], thresholds: HealthThresholds = THRESHOLDS, *, prefix: str = "val/"
+) -> dict:
+    """Stage 2's verdict (`lapo train-policy`), shaped like `assess`: does the policy's latent
+    explain any of the IDM's z[t] across validation windows?"""
+    mse, base = metrics.get(f"{prefix}latent_mse"), metrics.get(f"{prefix}latent_mse_baseline")
+    what = f"1 - {prefix}latent_mse / {prefix}latent_mse_baseline (variance of z[t] explained)"
+    entry = {"value": None, "threshold": thresholds.min_policy_r2, "passed": None, "metric": what}
+    if mse is None or base is None or not base > 0 or math.isnan(float(mse)):
+        entry["skipped"] = f"not measured ({what})"
+    else:
+        entry["value"] = 1.0 - float(mse) / float(base)
+        entry["passed"] = bool(entry["value"] >= thresholds.min_policy_r2)
+    failed = ["predicts_latent"] if entry["passed"] is False else []
+    verdict = "fail" if failed else ("unknown" if entry["passed"] is None else "pass")
+    return {"verdict": verdict, "failed": failed, "checks": {"predicts_latent": entry},
+            "thresholds": asdict(thresholds)}  # fmt: skip
+
+
+def warning_text(
+    health: dict, *, step: int, final: bool = False, command: str = "lapo pretrain",
+    stage: str = "stage-1",
+) -> str:  # fmt: skip
     """The block a failing verdict prints: each failed check, its likely causes, what to try."""
     when = "final model" if final else "validation"
     made = sum(c["passed"] is not None for c in health["checks"].values())
     lines = [
-        f"lapo pretrain: stage-1 health check FAILED ({when}, step {step}): "
+        f"{command}: {stage} health check FAILED ({when}, step {step}): "
         f"{len(health['failed'])} of {made} checks (thresholds: lapo/health.py)"
     ]
     for name in health["failed"]:

@@ -12,7 +12,10 @@ action z[t] of the transition o[t] -> o[t+1]. The policy sees only the k context
 Validation logs ``val/loss``, ``val/latent_mse`` (the policy's latent after the LAM's own
 bottleneck against the IDM's ``z[t]``), ``val/latent_mse_baseline`` (the best constant
 guess on the batch, so a policy stuck at the mean shows), ``val/pre_mse`` (continuous)
-and ``val/code_acc`` (when the LAM has codes). Real-action metrics belong to stage 3.
+and ``val/code_acc`` (when the LAM has codes). Real-action metrics belong to stage 3. At
+the end a health check (`lapo.health.assess_policy`) asks whether the policy's latent
+explains any of z[t]'s variance; a failure is printed with its likely causes and goes to
+``RUN_P/metrics.json`` as ``health``, where `lapo rl` reads it.
 
 The window (context k, frame gap) and the frame size are the LAM's: they are read from
 the LAM run, ``data.context`` / ``data.frame_gap`` default to them and a different value
@@ -31,12 +34,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from lapo.checkpoint import CheckpointError
 from lapo.cli_args import add_run_arguments, config_from_args
 from lapo.config import ConfigError, PolicyConfig, load_config, to_dict
+from lapo.health import assess_policy, warning_text
 from lapo.models import LatentActionModel, LatentPolicy
 from lapo.runs import (
     POLICY_KIND,
@@ -47,7 +51,7 @@ from lapo.runs import (
     policy_extra,
     read_lam,
 )
-from lapo.train import StageModule, fit, prepare_run, write_metrics
+from lapo.train import StageModule, final_metrics, fit, prepare_run, write_metrics
 
 LAM_PREFIX = "lam."  # the frozen LAM's keys in the LightningModule's state dict
 
@@ -291,10 +295,20 @@ def train_policy(cfg: PolicyConfig, run_dir: str | Path, *, resume: bool = False
         # intended: the frozen LAM stays in eval mode for the whole run (see PolicyModule.train)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         result = fit(module, dm, cfg.trainer, run_dir, ckpt_path=ckpt)
+    step = result.trainer.global_step
+    health = {**assess_policy(final_metrics(result.trainer)), "step": step}
+    if health["verdict"] == "fail":
+        rank_zero_warn(
+            warning_text(
+                health, step=step, final=True, command="lapo train-policy", stage="stage-2"
+            )
+        )
+    else:
+        rank_zero_info(f"lapo train-policy: stage-2 health check: {health['verdict']}")
     return write_metrics(
         result.trainer,
         run_dir,
-        {"finished": result.finished, "nonfinite_steps": module.nonfinite_steps},
+        {"finished": result.finished, "nonfinite_steps": module.nonfinite_steps, "health": health},
     )
 
 

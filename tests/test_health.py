@@ -16,6 +16,7 @@ from lapo.health import (
     THRESHOLDS,
     HealthThresholds,
     assess,
+    assess_policy,
     codebook_churn,
     latent_gain_db,
     latent_spread,
@@ -151,6 +152,21 @@ def test_latent_gain_in_db_for_both_world_models():
     # pixel world model: pooled squared errors, the same ratio
     assert latent_gain_db({"mse": 0.001, "mse_zeroed": 0.01}, "_zeroed") == pytest.approx(10.0)
     assert latent_gain_db({"loss": 1.0}) is None
+
+
+def test_a_policy_no_better_than_the_mean_latent_fails_stage_2():
+    demo = assess_policy({"val/latent_mse": 0.0184, "val/latent_mse_baseline": 0.0292})
+    assert demo["verdict"] == "pass"
+    assert demo["checks"]["predicts_latent"]["value"] == pytest.approx(0.37, abs=0.01)
+    random_video = assess_policy({"val/latent_mse": 0.1066, "val/latent_mse_baseline": 0.0885})
+    assert random_video["verdict"] == "fail" and random_video["failed"] == ["predicts_latent"]
+    text = warning_text(random_video, step=2000, final=True, command="lapo train-policy",
+                        stage="stage-2")  # fmt: skip
+    assert text.startswith(
+        "lapo train-policy: stage-2 health check FAILED (final model, step 2000)"
+    )
+    assert "no better than always answering the mean latent" in text
+    assert assess_policy({"val/loss": 1.0})["verdict"] == "unknown"
 
 
 def test_copying_does_not_win_on_the_frames_it_copies_exactly():

@@ -81,6 +81,11 @@ def test_train_policy_writes_the_run_and_load_policy_rebuilds_it(lam_run, data, 
     for key in ("train/loss", "val/loss", "val/latent_mse", "val/pre_mse", "val/code_acc"):
         assert key in metrics, key
     assert 0.0 <= metrics["val/code_acc"] <= 1.0
+    # stage 2's health verdict: the share of z[t]'s variance the policy's latent explains
+    check = metrics["health"]["checks"]["predicts_latent"]
+    explained = 1 - metrics["val/latent_mse"] / metrics["val/latent_mse_baseline"]
+    assert check["value"] == pytest.approx(explained)
+    assert metrics["health"]["verdict"] == ("pass" if explained >= check["threshold"] else "fail")
 
     # the resolved config names the LAM and inherited its window
     cfg = load_config(PolicyConfig, run / "config.yaml")

@@ -223,6 +223,23 @@ def test_from_scratch_trains_the_same_trunk_without_the_lam(runs, tmp_path):
     assert agent.policy.head[-1].out_features == 3
 
 
+def test_a_policy_that_failed_stage_2_is_named_before_ppo_starts(runs, tmp_path):
+    import shutil
+    import warnings
+
+    from lapo.health import assess_policy
+
+    policy = tmp_path / "policy"
+    shutil.copytree(runs["policy"], policy)
+    health = assess_policy({"val/latent_mse": 0.11, "val/latent_mse_baseline": 0.09})
+    (policy / "metrics.json").write_text(json.dumps({"global_step": 4, "health": health}))
+    with pytest.warns(UserWarning, match="failed its health check .* -0.222, needs >= 0.02"):
+        train_rl(cfg("total_frames=256"), tmp_path / "r", policy, ToyEnv)
+    with warnings.catch_warnings():  # from scratch the stage-2 policy is not used
+        warnings.filterwarnings("error", message=".*failed its health check")
+        train_rl(cfg("total_frames=256"), tmp_path / "s", policy, ToyEnv, from_scratch=True)
+
+
 def test_the_agents_own_transitions_fit_the_head(runs, tmp_path):
     """self_label_epochs: the head also learns latent -> action from the rollouts themselves,
     so the sampled policy is sharp after a few updates where reward alone has barely moved

@@ -18,8 +18,10 @@ which is saved before the run exits).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +179,25 @@ def _finite(x) -> bool:
 # --------------------------------------------------------------------------- the run
 
 
+def warn_unhealthy_policy(policy_run) -> None:
+    """A warning when stage 2's health check failed: PPO then starts from a policy that has
+    learnt nothing, so lapo's start is worth no more than --from-scratch."""
+    path = Path(policy_run) / "metrics.json"
+    try:
+        health = json.loads(path.read_text()).get("health") or {}
+    except (OSError, ValueError):
+        return  # no verdict (a run from before the check): nothing to say
+    if health.get("verdict") == "fail":
+        check = health["checks"]["predicts_latent"]
+        warnings.warn(
+            f"lapo rl: the stage-2 policy of {policy_run} failed its health check "
+            f"({check['metric']} = {check['value']:.3g}, needs >= {check['threshold']:g}): it "
+            "predicts z[t] no better than the mean latent, so PPO starts from a policy that has "
+            "learnt nothing from the video (see its metrics.json)",
+            stacklevel=2,
+        )
+
+
 def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch=False,
              resume=False) -> dict:  # fmt: skip
     """PPO-train the agent of `policy_run` on `env` (a spec, or a callable seed -> Env) into `run_dir`."""
@@ -184,6 +205,8 @@ def train_rl(cfg: RLConfig, run_dir, policy_run, env, *, init=None, from_scratch
 
     run_dir = Path(run_dir)
     meta = read_policy_meta(policy_run)  # a missing RUN_P fails here, naming it
+    if not from_scratch:
+        warn_unhealthy_policy(policy_run)
     size = cfg.env_size or int(meta["extra"]["kwargs"]["image_size"])
     env_kwargs = _env_kwargs(cfg, env, policy_run)
     ckpts = _checkpoints(run_dir) if resume else []
