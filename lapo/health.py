@@ -90,7 +90,7 @@ ADVICE = {
         "the latent policy predicts the IDM's z[t] no better than always answering the mean "
         "latent: it has learnt nothing to act on",
         "actions that do not follow from the frames (a random or sticky-random agent: the next "
-        "action is a coin toss); a stage-1 latent that carries no action (its health check); "
+        "action is mostly chance); a stage-1 latent that carries no action (its health check); "
         "too few steps",
         "video of agents that act with purpose; fix stage 1 first; more trainer.max_steps",
     ),
