@@ -109,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         return ", ".join("never" if x is None else str(x) for x in xs) + f" ({med})"
 
     what = f"{a.by} {a.target}"
+    config = Path(a.config).resolve()
+    if config.is_relative_to(CONFIGS.resolve()):  # the packaged configs, named as in the repo
+        config = Path("configs") / config.relative_to(CONFIGS.resolve())
     lines = [
         f"{a.env}: env frames until the episodes of {a.smooth} consecutive updates reach {what} "
-        f"({a.frames} frames a run, seeds {a.seeds}; {a.config})",
+        f"({a.frames} frames a run, seeds {a.seeds}; {config})",
         "",
         "| start | frames to target, per seed | final (smoothed) value, per seed |",
         "|---|---|---|",

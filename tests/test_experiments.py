@@ -63,6 +63,7 @@ def test_each_method_runs_its_own_head_setting(tmp_path, monkeypatch):
     assert "| scratch | never (not all reached it) |" in table
     assert "| self-label | 2048 (median 2048) |" in table
     assert "from scratch / self-label, medians: at least 4.0x" in table
+    assert "seeds 0; configs/rl/cpu.yaml)" in table  # the packaged config, not a machine path
     assert (out / "curves.png").is_file()
 
 
