@@ -59,9 +59,9 @@ def debug_cfg(*overrides: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, DEBUG, list(overrides))
 
 
-def write_lam(run: Path, *overrides: str) -> Path:
+def write_lam(run: Path, *overrides: str, seed: int = 0) -> Path:
     """An untrained debug LAM exported as `lapo pretrain` does (RUN/model.{json,safetensors})."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = load_config(PretrainConfig, LAM_DEBUG, [f"data.context={K}", *overrides])
     kwargs = {"in_channels": 3, "num_actions": 0, "action_dim": 0, "context": K}
     lam = LatentActionModel(cfg.model, **kwargs, sync_codebook=False)
@@ -450,6 +450,28 @@ def test_real_stage_1_and_2_runs_feed_finetune_and_label(data, tmp_path):
     manifest = label_dataset(run, data, tmp_path / "labelled", device="cpu", progress=False)
     assert manifest["action_space"] == {"type": "discrete", "n": NUM_ACTIONS}
     assert manifest["num_samples"] == read_manifest(data)["num_samples"]
+
+
+def test_idm_supervised_can_start_from_the_stage_1_idm(data, tmp_path):
+    """With --lam, idm-supervised trains the LAM's own IDM (its architecture and weights) on
+    the labels; without, an IDM from random weights. The world model stays as it was."""
+    # weights of another seed than the run's, so that starting from them is no accident
+    lam = write_lam(tmp_path / "lam", seed=7)
+    lam_run = shutil.copytree(lam, tmp_path / "lam_kept")
+    cfg = debug_cfg("method=idm-supervised", f"label_budget={BUDGET}", "epochs=1", "lr=1e-6")
+    metrics = finetune(cfg, tmp_path / "from_lam", data, lam=lam)
+    shutil.rmtree(lam)  # the agent holds the IDM it trained
+    _check_agent(tmp_path / "from_lam", data, metrics, "idm-supervised", can_act=False)
+    stage1, agent = load_lam(lam_run), load_agent(tmp_path / "from_lam")
+    assert agent.info["idm_init_sha256"] == read_lam(lam_run).sha256()
+    trained = agent.lam.state_dict()
+    for name, w in stage1.state_dict().items():  # lr 1e-6: a step away from where it started
+        assert torch.allclose(trained[name], w, atol=1e-4), name
+    finetune(cfg, tmp_path / "scratch", data)
+    scratch = load_agent(tmp_path / "scratch").lam.idm.state_dict()
+    far = [n for n, w in stage1.idm.state_dict().items() if w.is_floating_point() and w.numel() > 1
+           and not torch.allclose(scratch[n], w, atol=1e-2)]  # fmt: skip
+    assert far, "an IDM from random weights should not match the stage-1 IDM"
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ Methods (``--method``):
   demos: policy(o[t-k+1..t]) -> z -> decoder -> true action, starting from the
   fitted decoder. Without ``--policy`` the run can label but not act.
 - ``idm-supervised`` (VPT): an IDM of the same architecture trained from scratch on
-  the N labels only (``--config``/``--set model.*`` shape it; no --lam).
+  the N labels only (``--config``/``--set model.*`` shape it). With ``--lam RUN`` the
+  IDM is instead stage 1's own (its architecture, weights and window shape), trained on
+  the N labels from there: the pretrained IDM fine-tuned, not frozen as in ``lapo``.
 - ``bc``: a policy network cloning the true actions from context frames (no --lam).
 
 The loop is plain Accelerate: ``accelerate launch --multi_gpu --num_processes N -m

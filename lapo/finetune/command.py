@@ -34,7 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "Several processes (GPUs, or CPUs with gloo): accelerate launch --multi_gpu --num_processes N "
         "-m lapo.cli finetune ...",
     )
-    p.add_argument("--lam", help="stage-1 run directory (RUN); required for --method lapo")
+    p.add_argument(
+        "--lam",
+        help="stage-1 run directory (RUN); required for --method lapo; with --method "
+        "idm-supervised the IDM starts from RUN's (architecture and weights) instead of random",
+    )
     p.add_argument(
         "--policy", help="stage-2 run directory (RUN_P): the agent can act; see --finetune-policy"
     )

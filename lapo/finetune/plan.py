@@ -35,8 +35,9 @@ class Plan:
 
 
 def window_shape(cfg: FinetuneConfig, lam: LamRun | None) -> tuple[int, int]:
-    """(context k, frame_gap) of the windows: the LAM's for lapo, else the config's (or 2, 1)."""
-    if cfg.method != "lapo":
+    """(context k, frame_gap) of the windows: the LAM's when there is one (lapo, and
+    idm-supervised started from a LAM's IDM), else the config's (or 2, 1)."""
+    if lam is None:
         return cfg.context or 2, cfg.frame_gap or 1
     for key in ("context", "frame_gap"):
         mine, theirs = getattr(cfg, key), getattr(lam, key)
@@ -82,12 +83,17 @@ def make_plan(
             Agent(method="bc", policy=policy, **common), [phase], policy_config=to_dict(pcfg)
         )
     if cfg.method == "idm-supervised":
-        kwargs = {"in_channels": 3, "num_actions": 0, "action_dim": 0, "context": k}
-        lam = LatentActionModel(cfg.model, **kwargs, sync_codebook=False)
-        decoder = make_decoder(cfg, space, cfg.model.latent_dim)
+        if lam_run is None:  # VPT's baseline: an IDM from random weights
+            kwargs, model_config = {"in_channels": 3, "num_actions": 0, "action_dim": 0, "context": k}, to_dict(cfg.model)  # fmt: skip
+            lam = LatentActionModel(cfg.model, **kwargs, sync_codebook=False)
+        else:  # the stage-1 IDM, its architecture and weights, trained on the labels from there
+            kwargs, model_config = lam_run.kwargs, lam_run.config["model"]
+            lam = lam_run.load().train()
+            common["frame_gap"], info["idm_init_sha256"] = lam_run.frame_gap, lam_run.sha256()
+        decoder = make_decoder(cfg, space, lam.cfg.latent_dim)
         phase = Phase("idm", lambda: IDMFit(lam.idm, decoder, lam.image_size), split.train, split.val, cfg.epochs, cfg.lr, "label")  # fmt: skip
         agent = Agent(method="idm-supervised", lam=lam, decoder=decoder, **common)
-        return Plan(agent, [phase], to_dict(cfg.model), kwargs)
+        return Plan(agent, [phase], model_config, kwargs)
     common["frame_gap"] = lam_run.frame_gap
     lam = lam_run.load().to(device).requires_grad_(False)
     obs_dim = lam.cfg.embed_dim if cfg.use_obs_features else 0

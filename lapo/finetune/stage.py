@@ -115,11 +115,12 @@ def finetune(
         raise ConfigError(
             "method lapo: needs --lam RUN (a stage-1 run); the baselines idm-supervised and bc do not"
         )
-    if cfg.method != "lapo" and (lam or policy):
-        warnings.warn(
-            f"lapo finetune: method {cfg.method} ignores --lam and --policy", stacklevel=2
-        )
+    if cfg.method == "bc" and (lam or policy):
+        warnings.warn("lapo finetune: method bc ignores --lam and --policy", stacklevel=2)
         lam = policy = None
+    if cfg.method == "idm-supervised" and policy:
+        warnings.warn("lapo finetune: method idm-supervised ignores --policy", stacklevel=2)
+        policy = None
     if cfg.finetune_policy and not policy:
         raise ConfigError("finetune_policy: needs --policy RUN_P (the stage-2 policy to fine-tune)")
     lam_run = read_lam(lam) if lam else None  # model.json of the LAM, parsed once
