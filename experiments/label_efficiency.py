@@ -12,6 +12,8 @@ unlabelled video, then decoder accuracy on the held-out recording against the la
 budget for
   - lapo: a decoder from the frozen IDM's latent actions, fitted on N labels;
   - idm-supervised: an IDM of the same encoder trained from scratch on the same N labels;
+  - idm-supervised from stage 1: the pretrained IDM itself trained on the same N labels
+    (`lapo finetune --method idm-supervised --lam RUN`), as many updates as the one above;
   - ceiling: the supervised IDM trained on every label of the train set.
 
 babyai: record expert (BabyAI bot) demos with random detours, pretrain stage 1 and clone the latent policy
@@ -141,13 +143,17 @@ def procgen(a: argparse.Namespace) -> dict:
     idm_budgets = (
         budgets if a.idm_budgets is None else [int(b) for b in a.idm_budgets.split(",") if b]
     )
+
+    def budget_epochs(b: int) -> list[str]:
+        # a step budget rather than an epoch count: small budgets get as many updates as
+        # they can use without the all-labels run costing hours on a CPU
+        return [f"epochs={max(2, min(a.idm_epochs, round(a.idm_updates * 64 / b)))}"]
+
     for b in [*idm_budgets, *([0] if a.ceiling else [])]:
         name = f"idm_{b}" if b else "idm_all"
         run = out / name
-        # a step budget rather than an epoch count: small budgets get as many updates as
-        # they can use without the all-labels run costing hours on a CPU
         if b:
-            epochs = [f"epochs={max(2, min(a.idm_epochs, round(a.idm_updates * 64 / b)))}"]
+            epochs = budget_epochs(b)
         elif lam_seconds and not a.ceiling_epochs:  # the same wall time as stage 1
             epochs = ["epochs=1000", f"max_minutes={lam_seconds / 60:.1f}"]
         else:
@@ -161,6 +167,21 @@ def procgen(a: argparse.Namespace) -> dict:
             ["lapo.cli", "evaluate", "--model", run, "--labeled", held, "--split", "all",
              "--out", ev / f"{name}.json"],
             ev / f"{name}.json",
+        )  # fmt: skip
+    # the pretrained IDM fine-tuned on the N labels, with the updates of the baseline above
+    lam_idm_budgets = idm_budgets if a.lam_idm_budgets is None else [int(b) for b in a.lam_idm_budgets.split(",") if b]  # fmt: skip
+    for b in lam_idm_budgets:
+        run = out / f"idm_lam_{b}"
+        c.run(
+            ["lapo.cli", "finetune", "--method", "idm-supervised", "--lam", lam, "--labeled", train,
+             "--label-budget", b, "--out", run, "--config", CONFIGS / "finetune" / "idm_supervised.yaml",
+             "--set", f"seed={a.seed}", *budget_epochs(b)],
+            run / "agent.json",
+        )  # fmt: skip
+        c.run(
+            ["lapo.cli", "evaluate", "--model", run, "--labeled", held, "--split", "all",
+             "--out", ev / f"idm_lam_{b}.json"],
+            ev / f"idm_lam_{b}.json",
         )  # fmt: skip
     # lapo, stage 1 with labels: the same N labels also train stage 1's weak-supervision
     # head (data.labeled), so each budget needs its own stage-1 run
@@ -192,7 +213,9 @@ def procgen(a: argparse.Namespace) -> dict:
             {"budget": b, "lapo": lapo_rows[b]["decoder_accuracy"],
              "lapo_stage1_labels": semi[b]["decoder_accuracy"] if b in semi else None,
              "idm_supervised": metrics(ev / f"idm_{b}.json")["decoder_accuracy"]
-             if b in idm_budgets else None, "ceiling": ceiling}
+             if b in idm_budgets else None,
+             "idm_from_stage1": metrics(ev / f"idm_lam_{b}.json")["decoder_accuracy"]
+             if b in lam_idm_budgets else None, "ceiling": ceiling}
         )  # fmt: skip
     lam_m = metrics(ev / "lapo.json")
     res = {
@@ -210,10 +233,10 @@ def procgen(a: argparse.Namespace) -> dict:
     lines = [
         f"Procgen {a.game}, sticky random policy; decoder accuracy on the held-out recording",
         "",
-        "| labels | lapo | lapo, labels in stage 1 too | idm-supervised | ceiling (all labels) |",
-        "|---:|---:|---:|---:|---:|",
+        "| labels | lapo | lapo, labels in stage 1 too | idm-supervised | idm-supervised from stage 1's IDM | ceiling (all labels) |",
+        "|---:|---:|---:|---:|---:|---:|",
         *(f"| {r['budget']} | {r['lapo']:.3f} | {_cell(r['lapo_stage1_labels'])} | "
-          f"{_cell(r['idm_supervised'])} | {_cell(r['ceiling'])} |" for r in rows),
+          f"{_cell(r['idm_supervised'])} | {_cell(r['idm_from_stage1'])} | {_cell(r['ceiling'])} |" for r in rows),
         "",
         f"latent probe accuracy {res['probe_accuracy']} (majority {res['probe_majority_baseline']}); "
         f"FDM PSNR {res['fdm_psnr']} dB (copy-last-frame {res['fdm_psnr_copy_baseline']} dB)",
@@ -347,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="budgets (comma-separated) of the idm-supervised baseline (default: --budgets); "
         "each is a from-scratch IDM run, the chain's longest steps on a CPU",
+    )
+    pg.add_argument(
+        "--lam-idm-budgets",
+        default=None,
+        help="budgets (comma-separated) at which stage 1's IDM is also trained on the labels "
+        "(idm-supervised --lam; default: --idm-budgets; empty: none)",
     )
     pg.add_argument(
         "--no-ceiling",
