@@ -4,8 +4,10 @@ A stage is one command (``python -m ARGV``) plus a marker file that exists once 
 command has finished. Beside the marker, ``MARKER.stamp.json`` records what made it:
 
 - ``command``: the argument list, exactly as run;
-- ``files``: the SHA-256 of every file the command line names that is not another
+- ``files``: a digest of every file the command line names that is not another
   stage's output (its YAML config, say), so an edited config counts as a new setting;
+  a YAML file by the settings it holds (comments and layout do not count), any other
+  file by its bytes (SHA-256);
 - ``inputs``: for every earlier stage whose output the command line names, a digest
   of that stage's stamp, so a stage that ran again makes everything reading it stale;
 - ``wall_seconds`` and ``finished``: how long it ran, and when.
@@ -17,6 +19,7 @@ Otherwise it says why, deletes the stage's ``--out`` and runs the command again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +28,8 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+
+import yaml
 
 from lapo.io import atomic_write_json, file_sha256
 
@@ -62,6 +67,28 @@ def _stamps_of(path: Path) -> list[Path]:
     return [own] if own.is_file() else []
 
 
+def file_digest(path: Path) -> str:
+    """What a stamp records of a file the command names: a YAML file's parsed settings
+    (``yaml:`` + 16 hex digits), or the first 16 hex digits of any other file's SHA-256."""
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            settings = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            pass  # not YAML after all: its bytes stand for it
+        else:
+            text = json.dumps(settings, sort_keys=True, default=str)
+            return "yaml:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return file_sha256(path)[:16]
+
+
+def _same_file(name: str, old: str | None, new: str) -> bool:
+    """Whether a file recorded as `old` is unchanged now (digest `new`); stamps written
+    before YAML was digested by its settings hold its bytes' digest, which also counts."""
+    return old == new or (
+        old is not None and new.startswith("yaml:") and old == file_sha256(Path(name))[:16]
+    )
+
+
 def stage_settings(argv: list[str]) -> dict:
     """What `run_step` compares: the command, the files it names, the stages it reads."""
     out = _out_of(argv)
@@ -75,7 +102,7 @@ def stage_settings(argv: list[str]) -> dict:
         for s in stamps:
             inputs[str(s)] = file_sha256(s)[:16]
         if not stamps and path.is_file():
-            files[arg] = file_sha256(path)[:16]
+            files[arg] = file_digest(path)
     return {"command": list(argv), "files": files, "inputs": inputs}
 
 
@@ -108,7 +135,9 @@ def why_rerun(old: dict | None, new: dict) -> str | None:
         return "its output was made with other settings: " + _command_change(
             old["command"], new["command"]
         )
-    changed = [f for f in new["files"] if old.get("files", {}).get(f) != new["files"][f]]
+    changed = [
+        f for f in new["files"] if not _same_file(f, old.get("files", {}).get(f), new["files"][f])
+    ]
     changed += [f for f in old.get("files", {}) if f not in new["files"]]
     if changed:
         return f"{', '.join(changed)} changed since its output was made"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lapo.io import file_sha256
 from lapo.stages import read_stamp, run_step, stamp_path
 
 STAGE_MODULE = """
@@ -88,6 +89,32 @@ def test_an_edited_config_or_a_remade_input_reruns_what_reads_it(stage, tmp_path
     assert stage("b", "--data", a, "--config", cfg)[0]  # ... so the same command downstream reruns
     assert "an input was made again" in capsys.readouterr().out
     assert not stage("b", "--data", a, "--config", cfg)[0]
+
+
+def test_a_config_edited_only_in_its_comments_is_the_same_setting(stage, tmp_path, capsys) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("# a recipe\nlr: 1\nsteps: 10\n")
+    assert stage("a", "--config", cfg)[0]
+    cfg.write_text("# the same recipe, its figures measured\nsteps: 10   # why\nlr: 1\n")
+    assert not stage("a", "--config", cfg)[0]  # comments, order and spacing are no setting
+    cfg.write_text("lr: 1\nsteps: 20\n")
+    capsys.readouterr()
+    assert stage("a", "--config", cfg)[0]
+    assert f"{cfg} changed" in capsys.readouterr().out
+
+
+def test_a_stamp_holding_a_configs_bytes_digest_still_matches(stage, tmp_path) -> None:
+    """Stamps written before configs were digested by their settings stay valid."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("lr: 1\n")
+    _, a = stage("a", "--config", cfg)
+    stamp = read_stamp(a / "done")
+    assert stamp["files"][str(cfg)].startswith("yaml:")
+    stamp["files"][str(cfg)] = file_sha256(cfg)[:16]
+    stamp_path(a / "done").write_text(json.dumps(stamp))
+    assert not stage("a", "--config", cfg)[0]
+    cfg.write_text("lr: 2\n")
+    assert stage("a", "--config", cfg)[0]
 
 
 def test_output_without_a_stamp_or_with_fresh_reruns(stage) -> None:
