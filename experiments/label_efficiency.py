@@ -144,6 +144,14 @@ def procgen(a: argparse.Namespace) -> dict:
         budgets if a.idm_budgets is None else [int(b) for b in a.idm_budgets.split(",") if b]
     )
 
+    def score(run: Path, name: str) -> None:
+        """`lapo evaluate` of one run on the held-out recording, into eval/NAME.json."""
+        c.run(
+            ["lapo.cli", "evaluate", "--model", run, "--labeled", held, "--split", "all",
+             "--out", ev / f"{name}.json"],
+            ev / f"{name}.json",
+        )  # fmt: skip
+
     def budget_epochs(b: int) -> list[str]:
         # a step budget rather than an epoch count: small budgets get as many updates as
         # they can use without the all-labels run costing hours on a CPU
@@ -163,11 +171,7 @@ def procgen(a: argparse.Namespace) -> dict:
              "--label-budget", b, "--out", run, *idm, *epochs],
             run / "agent.json",
         )  # fmt: skip
-        c.run(
-            ["lapo.cli", "evaluate", "--model", run, "--labeled", held, "--split", "all",
-             "--out", ev / f"{name}.json"],
-            ev / f"{name}.json",
-        )  # fmt: skip
+        score(run, name)
     # the pretrained IDM fine-tuned on the N labels, with the updates of the baseline above
     lam_idm_budgets = idm_budgets if a.lam_idm_budgets is None else [int(b) for b in a.lam_idm_budgets.split(",") if b]  # fmt: skip
     for b in lam_idm_budgets:
@@ -178,11 +182,7 @@ def procgen(a: argparse.Namespace) -> dict:
              "--set", f"seed={a.seed}", *budget_epochs(b)],
             run / "agent.json",
         )  # fmt: skip
-        c.run(
-            ["lapo.cli", "evaluate", "--model", run, "--labeled", held, "--split", "all",
-             "--out", ev / f"idm_lam_{b}.json"],
-            ev / f"idm_lam_{b}.json",
-        )  # fmt: skip
+        score(run, f"idm_lam_{b}")
     # lapo, stage 1 with labels: the same N labels also train stage 1's weak-supervision
     # head (data.labeled), so each budget needs its own stage-1 run
     semi = {}
@@ -198,11 +198,7 @@ def procgen(a: argparse.Namespace) -> dict:
              "--out", dec_b, *lapo_ft],
             dec_b / "agent.json",
         )  # fmt: skip
-        c.run(
-            ["lapo.cli", "evaluate", "--model", dec_b, "--labeled", held, "--split", "all",
-             "--out", ev / f"lapo_labels_{b}.json"],
-            ev / f"lapo_labels_{b}.json",
-        )  # fmt: skip
+        score(dec_b, f"lapo_labels_{b}")
         semi[b] = metrics(ev / f"lapo_labels_{b}.json")
     lapo_rows = {r["budget"]: r for r in metrics(ev / "lapo.json")["label_budgets"]}
     ceiling = metrics(ev / "idm_all.json")["decoder_accuracy"] if a.ceiling else None
