@@ -8,6 +8,8 @@
   ``last.ckpt`` is written once; under Slurm, SIGUSR1 also requeues the job (`lapo.train`).
 - `RNGState`: the random number generators travel in every checkpoint, so a resumed run
   draws the same numbers (VQ dead-code restarts, bottleneck noise) as one never stopped.
+- `TimeBudget`: ``trainer.max_minutes``: Lightning's `Timer` with rank zero's clock
+  shared every step, so all ranks stop together and the schedule can follow the clock.
 - `KeyLog`: debug record of the sample keys each rank trained on (audits the
   loader's shard splitting across ranks).
 """
@@ -21,7 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -235,6 +237,64 @@ class RNGState(Callback):
         state, self._pending = self._pending, None
         if state is not None:
             set_rng_state(state)
+
+
+class TimeBudget(Timer):
+    """Stop training once `minutes` of training time are spent (``trainer.max_minutes``).
+
+    Lightning's `Timer` keeps the clock: training time from the start of fit, validation
+    passes included, carried in checkpoints so a resumed run goes on with the time left.
+    Here rank zero's reading is broadcast after every step, one collective a step (the
+    Timer broadcasts its stop decision as often): every rank stops at the same step and
+    reads the same `fraction`, which the learning-rate schedule follows (`lapo.optim.
+    lr_lambda`), so the ranks' weights stay identical. Setting ``trainer.should_stop``
+    makes Lightning run one last validation pass before it leaves the loop.
+    """
+
+    def __init__(self, minutes: float) -> None:
+        super().__init__(duration={"seconds": minutes * 60.0}, interval="step", verbose=False)
+        self.minutes = minutes
+        self.fraction = 0.0
+        """The share of the budget spent at the end of the last step, the same on every rank."""
+        self.spent = False
+        """Set when the budget ended the run (rather than max_steps or a signal)."""
+
+    def on_fit_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        # after a resume the clock holds the time already spent
+        self.fraction = self.time_elapsed() / self._duration
+        super().on_fit_start(trainer, *args, **kwargs)  # a spent budget stops at once
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        elapsed = self.time_elapsed()
+        if trainer.world_size > 1:
+            elapsed = trainer.strategy.broadcast(elapsed, src=0)
+        self.fraction = elapsed / self._duration
+        if self.fraction >= 1.0 and not trainer.should_stop:
+            trainer.should_stop = True
+            self.spent = trainer.global_step < trainer.max_steps
+            if self.spent:
+                rank_zero_info(
+                    f"lapo: the trainer.max_minutes={self.minutes:g} budget is spent at step "
+                    f"{trainer.global_step} of {trainer.max_steps}; a last validation, then the "
+                    "run ends as finished"
+                )
+
+
+def time_budget(trainer: L.Trainer) -> TimeBudget | None:
+    """The trainer's `TimeBudget` callback, or None when it has no trainer.max_minutes."""
+    return next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
+
+
+def training_progress(trainer: L.Trainer) -> float:
+    """How far training is, 1.0 at its end: the larger of the steps' and the time budget's share."""
+    budget = time_budget(trainer)
+    steps = trainer.global_step / max(1, trainer.max_steps)
+    return max(steps, budget.fraction) if budget is not None else steps
+
+
+def training_complete(trainer: L.Trainer) -> bool:
+    """True when training reached its real end: max_steps, or the time budget spent."""
+    return training_progress(trainer) >= 1.0
 
 
 class KeyLog(Callback):

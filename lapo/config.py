@@ -242,6 +242,8 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 1000
     """Optimiser steps (Lightning's key)."""
+    max_minutes: float = 0.0
+    """A wall-clock budget for training, validation passes included (0: none): the run ends at max_steps or when this many minutes are spent, whichever comes first, with a final validation and the export either way. The cosine schedule follows whichever is further along, so a run cut short by the clock still anneals. The clock travels in checkpoints: --resume goes on with the time left."""
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu, gpu."""
     devices: Union[int, str] = "auto"
@@ -287,6 +289,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.max_minutes >= 0, "trainer.max_minutes", "must be >= 0 (0: no limit)")
         _check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
         for name in (
             "log_every_n_steps",

@@ -34,7 +34,7 @@ from torch import Tensor
 @dataclass(frozen=True)
 class HealthThresholds:
     warmup_fraction: float = 0.2
-    """Validation passes before this share of max_steps do not warn: a fresh model fails every check."""
+    """Validation passes before this share of the run (of max_steps, or of trainer.max_minutes if further along) do not warn: a fresh model fails every check."""
     min_copy_gain_db: float = 0.5
     """PSNR over copying o[t]: 0.5 dB is an MSE 11% below the copy's. Working models beat copy by several dB (21 on the BabyAI demo)."""
     min_code_perplexity: float = 1.5

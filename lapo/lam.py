@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from PIL import Image
 from torch import Tensor
 
+from lapo.callbacks import training_complete, training_progress
 from lapo.cli_args import add_run_arguments, config_from_args
 from lapo.config import ConfigError, FinetuneConfig, PretrainConfig, to_dict
 from lapo.health import THRESHOLDS, assess, codebook_churn, warning_text
@@ -150,7 +151,7 @@ class LAMModule(StageModule):
         if self.trainer.sanity_checking:
             return
         self.health_step = self.global_step
-        warm = self.global_step >= THRESHOLDS.warmup_fraction * self.trainer.max_steps
+        warm = training_progress(self.trainer) >= THRESHOLDS.warmup_fraction
         if health["failed"] and warm:
             rank_zero_warn(warning_text(health, step=self.global_step))
             self.health_warned_step = self.global_step
@@ -212,7 +213,7 @@ class LAMModule(StageModule):
     # ------------------------------------------------------------------ export
 
     def on_train_end(self) -> None:
-        if self.global_step < self.trainer.max_steps:
+        if not training_complete(self.trainer):
             return  # stopped early by a signal: no export, no final strip
         weights = self.finished_weights("model")
         if weights is not None:

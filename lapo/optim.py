@@ -98,14 +98,23 @@ def warmup_cosine(
     return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
 
 
-def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
-    """`warmup_cosine` of ``optim`` over `max_steps` steps, for ``torch.optim.lr_scheduler.LambdaLR``."""
+def lr_lambda(
+    optim: OptimConfig, max_steps: int, clock: Callable[[], float] | None = None
+) -> Callable[[int], float]:
+    """`warmup_cosine` of ``optim`` over `max_steps` steps, for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    clock: the fraction of a time budget spent (`lapo.callbacks.TimeBudget`); the cosine
+    then follows whichever of the steps and the clock is further along.
+    """
     span = max(1, max_steps - optim.warmup_steps)
 
     def factor(step: int) -> float:
+        progress = (step - optim.warmup_steps) / span
+        if clock is not None:
+            progress = max(progress, clock())
         return warmup_cosine(
             step,
-            (step - optim.warmup_steps) / span,
+            progress,
             warmup_steps=optim.warmup_steps,
             schedule=optim.schedule,
             min_lr_ratio=optim.min_lr_ratio,

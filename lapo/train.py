@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from lapo.callbacks import GracefulStop
+from lapo.callbacks import GracefulStop, time_budget, training_complete
 from lapo.checkpoint import checkpoint_step, prune_checkpoints, resume_checkpoint
 from lapo.config import OptimConfig, TrainerConfig, save_config
 from lapo.errors import NonFiniteSteps
@@ -79,8 +79,10 @@ class StageModule(L.LightningModule):
         cfg = self.optim_cfg
         opt = adamw(self.named_parameters(), decayed, lr=cfg.lr, weight_decay=cfg.weight_decay,
                     betas=cfg.betas)  # fmt: skip
+        budget = time_budget(self.trainer)  # trainer.max_minutes: the cosine follows the clock too
+        clock = (lambda: budget.fraction) if budget is not None else None
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(self.optim_cfg, self.trainer_cfg.max_steps)
+            opt, lr_lambda(self.optim_cfg, self.trainer_cfg.max_steps, clock)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -146,7 +148,7 @@ class StageModule(L.LightningModule):
         """At the real end of training, the weights under ``prefix.`` (prefix removed) on
         rank 0 for its export; None on other ranks and after a stop by a signal (the export
         belongs to the real end). Every rank must call it: FSDP gathers the full state here."""
-        if self.global_step < self.trainer.max_steps:
+        if not training_complete(self.trainer):
             return None
         state = self.trainer.strategy.lightning_module_state_dict()
         if not self.trainer.is_global_zero:
@@ -230,7 +232,8 @@ def own_loader_generators(datamodule: L.LightningDataModule, seed: int) -> None:
 class FitResult:
     trainer: L.Trainer
     finished: bool
-    """True when max_steps was reached; False when a signal stopped the run early."""
+    """True when max_steps was reached or trainer.max_minutes spent; False when a signal
+    stopped the run early."""
 
 
 def fit(
@@ -241,7 +244,7 @@ def fit(
     *,
     ckpt_path: Path | None = None,
 ) -> FitResult:
-    """Train `module` to ``cfg.max_steps`` (from `ckpt_path` when resuming); always leaves last.ckpt."""
+    """Train `module` to ``cfg.max_steps`` or ``cfg.max_minutes`` (from `ckpt_path` when resuming); always leaves last.ckpt."""
     run_dir = Path(run_dir)
     hw = resolve_hardware(cfg)
     module.compile_enabled = hw.compile
@@ -274,7 +277,7 @@ def fit(
     if stop.saved_step != trainer.global_step:
         stop.save(trainer)  # the final state, so --resume with a larger max_steps goes on
     # a signal after the last step boundary changes nothing: the run is complete
-    return FitResult(trainer, finished=trainer.global_step >= cfg.max_steps)
+    return FitResult(trainer, finished=training_complete(trainer))
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:

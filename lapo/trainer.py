@@ -5,7 +5,8 @@
 - distribution: DDP (gloo on CPU, NCCL on GPU) or FSDP (`lapo.sharding`); under Slurm
   the SLURMEnvironment wires the ranks.
 - callbacks: the generators' state (`RNGState`), periodic, last and best checkpoints
-  written atomically, the stop signal (`GracefulStop`) and one progress bar over the run.
+  written atomically, the stop signal (`GracefulStop`), the time budget (`TimeBudget`,
+  ``trainer.max_minutes``) and one progress bar over the run.
 - logs: TensorBoard + CSV under ``RUN/logs`` (W&B when installed and asked for).
 - signals: Lightning's own handlers are off; they ran collectives inside the handler.
 
@@ -38,6 +39,7 @@ from lapo.callbacks import (
     PeriodicCheckpoint,
     RNGState,
     StepProgressBar,
+    TimeBudget,
 )
 from lapo.config import ConfigError, TrainerConfig
 from lapo.sharding import LapoFSDP
@@ -145,6 +147,8 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, hw: Hardware, stop: Gracefu
         PeriodicCheckpoint(ckpt_dir, cfg.ckpt_every_n_steps, cfg.keep_checkpoints),
         stop,
     ]
+    if cfg.max_minutes:
+        callbacks.append(TimeBudget(cfg.max_minutes))
     if cfg.best_checkpoint_metric:
         callbacks.append(BestCheckpoint(ckpt_dir, cfg.best_checkpoint_metric))
     if cfg.progress:

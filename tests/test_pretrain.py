@@ -126,6 +126,55 @@ def test_resume_continues_from_the_saved_step(procgen_data, tmp_path):
     assert steps and min(steps) >= 4 and max(steps) <= 8
 
 
+def logged(run: Path, key: str, version: int = 0) -> list[tuple[int, float]]:
+    """(step, value) of every row of the run's CSV log that holds `key`."""
+    rows = (run / "logs" / "csv" / f"version_{version}" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    out = []
+    for row in rows[1:]:
+        cells = row.split(",")
+        if cells[header.index(key)]:
+            out.append((int(cells[header.index("step")]), float(cells[header.index(key)])))
+    return out
+
+
+def test_a_time_budget_ends_the_run_finished_validated_and_annealed(
+    procgen_data, tmp_path, monkeypatch
+):
+    """trainer.max_minutes: the run stops on the clock long before max_steps, as a finished
+    run (last validation, export), with the cosine schedule run down by the clock."""
+    import lightning.pytorch.callbacks.timer as timer_module
+
+    class Clock:  # every reading of the clock is half a second later: no machine is too slow
+        now = 0.0
+
+        def monotonic(self) -> float:
+            self.now += 0.5
+            return self.now
+
+    monkeypatch.setattr(timer_module, "time", Clock())
+    run = tmp_path / "run"
+    cfg = debug_cfg(procgen_data, "trainer.max_steps=100000", "trainer.max_minutes=0.2",
+                    "trainer.val_every_n_steps=1000", "trainer.ckpt_every_n_steps=1000")  # fmt: skip
+    m = pretrain(cfg, run)
+    steps = m["global_step"]
+    assert m["finished"] is True and 2 <= steps < 1000, m
+    assert (run / "model.safetensors").exists(), "a run ended by its budget is exported"
+    assert m["health"]["step"] == steps, "no validation pass at the step the clock stopped"
+    assert "val/psnr" in m or "val/loss" in m, sorted(m)
+    lrs = logged(run, "train/lr")
+    # by steps alone the schedule would still be at its peak (1e-3); the clock ran it down
+    assert lrs[-1][1] < 0.5e-3, lrs[-5:]
+
+    # the clock travels in the checkpoint: more minutes go on from the time spent
+    more = pretrain(debug_cfg(procgen_data, "trainer.max_steps=100000", "trainer.max_minutes=0.4",
+                              "trainer.val_every_n_steps=1000", "trainer.ckpt_every_n_steps=1000"),
+                    run, resume=True)  # fmt: skip
+    assert more["finished"] is True and more["global_step"] > steps
+    lrs = logged(run, "train/lr", version=1)
+    assert lrs[0][1] < 1e-3 * 0.9, "the resumed schedule started over instead of going on"
+
+
 def test_a_label_budget_supervises_stage_1_with_finetunes_transitions(procgen_data, tmp_path):
     """data.labeled: stage 1's head sees exactly the transitions `lapo finetune` would pick."""
     from lapo.labelled import scan_labelled, select_budget
