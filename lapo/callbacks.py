@@ -256,8 +256,6 @@ class TimeBudget(Timer):
         self.minutes = minutes
         self.fraction = 0.0
         """The share of the budget spent at the end of the last step, the same on every rank."""
-        self.spent = False
-        """Set when the budget ended the run (rather than max_steps or a signal)."""
 
     def on_fit_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         # after a resume the clock holds the time already spent
@@ -271,8 +269,7 @@ class TimeBudget(Timer):
         self.fraction = elapsed / self._duration
         if self.fraction >= 1.0 and not trainer.should_stop:
             trainer.should_stop = True
-            self.spent = trainer.global_step < trainer.max_steps
-            if self.spent:
+            if trainer.global_step < trainer.max_steps:  # the clock, not max_steps, ended it
                 rank_zero_info(
                     f"lapo: the trainer.max_minutes={self.minutes:g} budget is spent at step "
                     f"{trainer.global_step} of {trainer.max_steps}; a last validation, then the "
