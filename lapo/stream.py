@@ -63,6 +63,7 @@ from lapo.windows import (
     load_clip,
     pick_starts,
     single_window,
+    still_windows,
     warn_bad,
     window_starts,
 )
@@ -356,6 +357,16 @@ class WindowDataset(IterableDataset):
             if len(starts) == 0:
                 self.stats.add(row, "short_clips")
                 continue
+            if rng is not None and cfg.still_keep < 1.0:  # training only
+                still = still_windows(
+                    clip.frames, starts, cfg.context, cfg.frame_gap, cfg.still_threshold
+                )
+                drop = still & (rng.random(len(starts)) >= cfg.still_keep)  # (N,)
+                if drop.any():
+                    self.stats.add(row, "still_skipped", int(drop.sum()))
+                    starts = starts[~drop]
+                    if len(starts) == 0:
+                        continue
             starts = pick_starts(starts, cfg.windows_per_clip, rng)
             self.stats.add(row, "windows", len(starts))
             idle["shards"] = 0

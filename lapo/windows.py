@@ -45,7 +45,7 @@ REASONS = (
     "bad_dones",  # dones.npy unreadable or wrong rows / dtype
     "bad_other",  # any other error while reading one sample (the warning names it)
 )
-COUNTERS = ("clips", "windows", "batches", "short_clips", *REASONS)
+COUNTERS = ("clips", "windows", "batches", "short_clips", "still_skipped", *REASONS)
 
 
 class DatasetError(ValueError):
@@ -100,9 +100,10 @@ class LoaderStats:
     def summary(self) -> str:
         d = self.as_dict()
         bad = ", ".join(f"{r}={d[r]}" for r in REASONS if d[r])
+        still = f", {d['still_skipped']} still windows left out" if d["still_skipped"] else ""
         return (
             f"{d['clips']} clips decoded, {d['windows']} windows, {d['batches']} batches, "
-            f"{d['short_clips']} clips too short; skipped: {bad or 'none'}"
+            f"{d['short_clips']} clips too short{still}; skipped: {bad or 'none'}"
         )
 
 
@@ -238,6 +239,20 @@ def padded_context(rows: np.ndarray, first: np.ndarray, context: int, gap: int) 
     rows = np.asarray(rows, dtype=np.int64)
     ctx = rows[:, None] + np.arange(-(context - 1), 1)[None, :] * gap  # (T, k)
     return np.maximum(ctx, np.asarray(first, dtype=np.int64)[:, None])
+
+
+def still_windows(
+    frames: np.ndarray, starts: np.ndarray, context: int, gap: int, threshold: float
+) -> np.ndarray:
+    """Which windows are still: bool (N,), True where o[t+1] differs from o[t] by less than
+    ``threshold`` grey levels, as the mean absolute difference over pixels and channels.
+
+    frames: a clip's uint8 frames (T, C, H, W); starts: (N,) first frames of its windows.
+    """
+    last = np.asarray(starts, dtype=np.int64) + context * gap  # (N,) index of o[t+1]
+    nxt = frames[last].astype(np.int16)  # (N, C, H, W)
+    diff = np.abs(nxt - frames[last - gap].astype(np.int16))  # (N, C, H, W)
+    return diff.reshape(len(last), -1).mean(axis=1) < threshold
 
 
 def pick_starts(starts: np.ndarray, limit: int, rng: np.random.Generator | None) -> np.ndarray:

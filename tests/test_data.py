@@ -37,9 +37,10 @@ from lapo.data import (
     split_train_val,
 )
 from lapo.ring import BatchRing
+from lapo.shards import clip_key, clip_sample, shard_name, write_manifest, write_shard
 from lapo.stream import rank_portion
 from lapo.tars import iter_tar_samples
-from lapo.windows import BadDataWarning
+from lapo.windows import BadDataWarning, still_windows
 from tests.datagen import frame_episode, frame_time, make_dataset
 from tests.test_ddp import ROOT, free_port
 
@@ -155,6 +156,60 @@ def test_windows_per_clip_caps_the_cut(discrete):
     cfg = cfg_for(discrete.path, windows_per_clip=2, val_batches=0, val_shards=0)
     per_key = Counter(k for k, _ in collect(make_loader(cfg.path, cfg, train=False)))
     assert set(per_key.values()) == {2} and len(per_key) == discrete.num_clips
+
+
+def held_frames_dataset(root: Path, clips: int = 4, frames: int = 24, size: int = 32) -> Path:
+    """Clips whose square moves every second step: frame i shows it at place i // 2, so
+    o[t] -> o[t+1] is still exactly when t is odd (a window starting at s has t = s + 1)."""
+    root.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for c in range(clips):
+        video = np.zeros((frames, size, size, 3), dtype=np.uint8)
+        for i in range(frames):
+            x = (4 * (i // 2 + c)) % (size - 8)
+            video[i, 8:16, x : x + 8] = 255
+        samples.append(
+            clip_sample(
+                clip_key("held", c), video, fps=10.0, source="held", episode=str(c), start=0
+            )
+        )
+    entry = write_shard(root / shard_name(0), samples)
+    write_manifest(
+        root,
+        [entry],
+        height=size,
+        width=size,
+        fps=10.0,
+        action_space=None,
+        made_by={"tool": "test"},
+    )
+    return root
+
+
+def test_still_windows_are_left_out_of_training_only(tmp_path):
+    path = held_frames_dataset(tmp_path / "held")
+    base = dict(val_shards=0, val_batches=0, batch_size=8, batches_per_epoch=12)
+    cfg = cfg_for(path, still_keep=0.0, **base)
+    loader = make_loader(cfg.path, cfg, train=True)
+    starts = [int(s) for b in loader for s in b["start"]]
+    assert len(starts) == 12 * 8 and all(s % 2 == 0 for s in starts)
+    stats = loader.stats.as_dict()
+    assert stats["still_skipped"] > 0 and "still windows left out" in loader.stats.summary()
+    # kept at 1 (the default) the still half trains too; validation always sees every window
+    keep = cfg_for(path, **base)
+    assert any(int(s) % 2 for b in make_loader(keep.path, keep, train=True) for s in b["start"])
+    val = {int(s) for b in make_loader(cfg.path, cfg, train=False) for s in b["start"]}
+    assert val == set(range(24 - 2))
+
+
+def test_still_windows_measure_the_last_transition():
+    frames = np.zeros((5, 3, 8, 8), dtype=np.uint8)
+    frames[2:, :, :4] = 200  # changes between frames 1 and 2 only; s = 0 ends there
+    frames[4, 0, 0, 0] = 201  # one grey level on one value: noise, still
+    starts = np.arange(3)
+    assert still_windows(frames, starts, 2, 1, 0.5).tolist() == [False, True, True]
+    assert still_windows(frames, np.array([0]), 1, 2, 0.5).tolist() == [False]  # o[0] -> o[2]
+    assert still_windows(frames, np.array([2]), 2, 1, 0.0).tolist() == [False]  # exact
 
 
 # --------------------------------------------------------------------------- ranks, workers, epochs
