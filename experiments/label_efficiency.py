@@ -90,22 +90,33 @@ def steps(n: int, scale: float) -> int:
 def procgen(a: argparse.Namespace) -> dict:
     out = Path(a.out)
     c = Chain(out)
-    train, held = out / "data" / "train", out / "data" / "heldout"
-    rec = [
-        "data_prep.record",
-        f"procgen:{a.game}",
-        "--policy",
-        "sticky",
-        "--workers",
-        str(a.workers),
-    ]
-    c.run(
-        [*rec, "--episodes", a.episodes, "--seed", a.seed, "--out", train], train / "manifest.json"
-    )
-    c.run(
-        [*rec, "--episodes", max(10, a.episodes // 10), "--seed", a.seed + 1000, "--out", held],
-        held / "manifest.json",
-    )
+    if a.data:  # an earlier chain's recordings: nothing is recorded, nothing written there
+        data = Path(a.data)
+        train, held = data / "train", data / "heldout"
+        for d in (train, held):
+            if not (d / "manifest.json").is_file():
+                raise SystemExit(
+                    f"label_efficiency: --data {data}: no {d / 'manifest.json'}; expected the "
+                    "train/ and heldout/ recordings of an earlier procgen chain (its OUT/data)"
+                )
+    else:
+        train, held = out / "data" / "train", out / "data" / "heldout"
+        rec = [
+            "data_prep.record",
+            f"procgen:{a.game}",
+            "--policy",
+            "sticky",
+            "--workers",
+            str(a.workers),
+        ]
+        c.run(
+            [*rec, "--episodes", a.episodes, "--seed", a.seed, "--out", train],
+            train / "manifest.json",
+        )
+        c.run(
+            [*rec, "--episodes", max(10, a.episodes // 10), "--seed", a.seed + 1000, "--out", held],
+            held / "manifest.json",
+        )
     lam = out / "lam"
     size = ["--set", f"model.image_size={a.image_size}", f"model.impala_scale={a.impala_scale}"]
     recipe = read_yaml(CONFIGS / "lam" / "procgen_cpu.yaml")
@@ -330,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=HelpFormatter,
     )
     pg.add_argument("--game", default="bigfish", help="Procgen game to record")
+    pg.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="use the recordings in DIR/train and DIR/heldout (an earlier chain's OUT/data) "
+        "instead of recording; --game, --episodes and --seed then name and seed the runs only",
+    )
     pg.add_argument(
         "--episodes", type=int, default=900, help="train episodes (bigfish: ~110 frames each)"
     )

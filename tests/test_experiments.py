@@ -1,5 +1,6 @@
 """experiments/rl_curves.py: the commands each method runs and the table built from their
-curves (the lapo rl runs themselves are replaced by written metrics.csv files)."""
+curves (the lapo rl runs themselves are replaced by written metrics.csv files);
+experiments/label_efficiency.py: reading an earlier chain's recordings."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import label_efficiency  # noqa: E402
 import rl_curves  # noqa: E402
 
 
@@ -72,3 +74,40 @@ def test_an_unknown_method_is_refused(tmp_path, capsys):
         rl_curves.main(["--policy", "P", "--env", "babyai:X", "--out", str(tmp_path),
                         "--methods", "latent,ppo"])  # fmt: skip
     assert "unknown ppo" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- label_efficiency --data
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_label_efficiency_reads_an_earlier_recording_with_data(tmp_path, monkeypatch):
+    """--data DIR: no recording step, and stage 1 trains on DIR/train."""
+    ran = []
+
+    def run(self, argv, marker):
+        ran.append([str(a) for a in argv])
+        if "pretrain" in ran[-1]:
+            raise _Stop
+
+    monkeypatch.setattr(label_efficiency.Chain, "run", run)
+    data = tmp_path / "rec"
+    for split in ("train", "heldout"):
+        (data / split).mkdir(parents=True)
+        (data / split / "manifest.json").write_text("{}")
+    with pytest.raises(_Stop):
+        label_efficiency.main(["procgen", "--game", "miner", "--out", str(tmp_path / "exp"),
+                               "--data", str(data)])  # fmt: skip
+    assert len(ran) == 1 and not any("data_prep.record" in a for a in ran[0])
+    assert ran[0][ran[0].index("--data") + 1] == str(data / "train")
+    assert not (tmp_path / "exp" / "data").exists()
+
+
+def test_label_efficiency_names_a_data_folder_without_recordings(tmp_path, capsys):
+    (tmp_path / "rec" / "train").mkdir(parents=True)
+    (tmp_path / "rec" / "train" / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit, match="heldout"):
+        label_efficiency.main(["procgen", "--out", str(tmp_path / "exp"),
+                               "--data", str(tmp_path / "rec")])  # fmt: skip
