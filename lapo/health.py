@@ -49,6 +49,8 @@ class HealthThresholds:
     """Continuous actions: share of the action variance the probe explains on held-out windows."""
     min_probe_windows: int = 100
     """Fewer labelled val windows than this: the probe's held-out part (a fifth) is too small to judge."""
+    still_note_share: float = 0.5
+    """A failing latent_used or probe check adds a note when at least this share of the validation windows are still (o[t+1] within data.still_threshold of o[t]): half the data can teach the latent nothing."""
     min_policy_r2: float = 0.02
     """Stage 2: share of the variance of the IDM's z[t] across val windows that the policy's latent explains (1 - latent_mse / latent_mse_baseline). Always answering the mean latent scores about 0 (a little below: the baseline uses each batch's own mean); the BabyAI demo's policy 0.37; a policy cloned from sticky-random Procgen video -0.20."""
 
@@ -223,7 +225,10 @@ def assess(
     failed = [k for k, c in checks.items() if c["passed"] is False]
     made = [k for k, c in checks.items() if c["passed"] is not None]
     verdict = "fail" if failed else ("pass" if made else "unknown")
-    return {"verdict": verdict, "failed": failed, "checks": checks, "thresholds": asdict(t)}
+    out = {"verdict": verdict, "failed": failed, "checks": checks, "thresholds": asdict(t)}
+    if metrics.get(f"{prefix}still_share") is not None:  # not a check: it explains one
+        out["still_share"] = float(metrics[f"{prefix}still_share"])
+    return out
 
 
 def assess_policy(
@@ -265,4 +270,15 @@ def warning_text(
             f"      likely: {causes}.",
             f"      try: {fixes}.",
         ]
+    share = health.get("still_share")
+    if (
+        share is not None
+        and share >= THRESHOLDS.still_note_share
+        and {"latent_used", "probe"} & set(health["failed"])
+    ):
+        lines.append(
+            f"  note: {share:.0%} of the validation windows are still (o[t+1] within "
+            "data.still_threshold of o[t]): they show nothing of the action; data.still_keep=0.1 "
+            "spends training on the windows where something moves"
+        )
     return "\n".join(lines)

@@ -124,7 +124,7 @@ class LAMModule(StageModule):
     # ------------------------------------------------------------------ validation
 
     def on_validation_epoch_start(self) -> None:
-        self._val = ValidationSums()
+        self._val = ValidationSums(self.cfg.data.still_threshold)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         frames = batch["frames"]  # (B, k+1, C, H, W) uint8

@@ -29,7 +29,8 @@ from lapo.probe import fit_probe
 class ValidationSums:
     """One rank's sums over a validation pass of stage 1 (`add` per batch, `finish` once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, still_threshold: float = 0.5) -> None:
+        self.still_threshold = still_threshold  # data.still_threshold, grey levels
         self.sums: dict[str, float] = {}  # loss term -> sum over windows
         self.n = 0  # windows
         self.counts: Tensor | None = None  # (heads, num_codes) code histogram
@@ -45,6 +46,11 @@ class ValidationSums:
         b = frames.shape[0]
         for k, v in logs.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v) * b
+        change = (frames[:, -1].float() - frames[:, -2].float()).abs().flatten(1).mean(1)  # (B,)
+        if not frames.dtype.is_floating_point:  # uint8 grey levels; floats are in [0, 1]
+            change = change / 255.0
+        still = float((change < self.still_threshold / 255.0).sum())
+        self.sums["still_share"] = self.sums.get("still_share", 0.0) + still
         self.n += b
         codes = enc["codes"]  # (B, heads) long or None
         if codes is not None and model.num_codes > 0:

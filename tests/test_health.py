@@ -94,6 +94,18 @@ def test_beating_copy_is_not_enough():
     assert text.count("try:") == 2
 
 
+def test_a_latent_failure_on_mostly_still_video_names_still_keep():
+    m = {**HEALTHY, "val/latent_gain_db": 0.01, "val/still_share": 0.72}
+    health = assess(m)
+    assert health["failed"] == ["latent_used"] and health["still_share"] == pytest.approx(0.72)
+    text = warning_text(health, step=100)
+    assert "72% of the validation windows are still" in text and "data.still_keep" in text
+    # moving video, or a failure the still windows do not explain: no note
+    assert "still_keep" not in warning_text(assess({**m, "val/still_share": 0.2}), step=100)
+    assert "still_keep" not in warning_text(assess({**m, **{"val/psnr": 14.0,
+        "val/latent_gain_db": 9.0}}), step=100)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("changes", "fails"),
     [
@@ -258,11 +270,12 @@ def test_pretrain_writes_the_health_verdict(data, tmp_path):
         "beats_copy", "codes_used", "latent_spread", "latent_used", "probe",
     }  # fmt: skip
     for key in ("val/latent_gain_db", "val/latent_zero_gain_db", "val/psnr_shuffled",
-                "val/latent_spread", "val/health_failed"):  # fmt: skip
+                "val/latent_spread", "val/health_failed", "val/still_share"):  # fmt: skip
         assert key in written, key
     latent_used = health["checks"]["latent_used"]
     assert latent_used["value"] == pytest.approx(written["val/latent_gain_db"])
     assert written["val/health_failed"] == len(health["failed"])
+    assert 0.0 <= written["val/still_share"] < 0.5  # the test video's square always moves
 
 
 def test_pretrain_flags_a_world_model_blind_to_the_latent(data, tmp_path, monkeypatch):
