@@ -273,7 +273,7 @@ def warning_text(
     share = health.get("still_share")
     if (
         share is not None
-        and share >= THRESHOLDS.still_note_share
+        and share >= health["thresholds"]["still_note_share"]
         and {"latent_used", "probe"} & set(health["failed"])
     ):
         lines.append(

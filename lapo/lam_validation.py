@@ -24,6 +24,7 @@ from lapo.models import (
     usage_from_counts,
 )
 from lapo.probe import fit_probe
+from lapo.windows import still_transitions
 
 
 class ValidationSums:
@@ -46,10 +47,8 @@ class ValidationSums:
         b = frames.shape[0]
         for k, v in logs.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v) * b
-        change = (frames[:, -1].float() - frames[:, -2].float()).abs().flatten(1).mean(1)  # (B,)
-        if not frames.dtype.is_floating_point:  # uint8 grey levels; floats are in [0, 1]
-            change = change / 255.0
-        still = float((change < self.still_threshold / 255.0).sum())
+        pair = frames[:, -2:].cpu().numpy()  # (B, 2, C, H, W) uint8: o[t], o[t+1]
+        still = float(still_transitions(pair[:, 0], pair[:, 1], self.still_threshold).sum())
         self.sums["still_share"] = self.sums.get("still_share", 0.0) + still
         self.n += b
         codes = enc["codes"]  # (B, heads) long or None

@@ -241,18 +241,22 @@ def padded_context(rows: np.ndarray, first: np.ndarray, context: int, gap: int) 
     return np.maximum(ctx, np.asarray(first, dtype=np.int64)[:, None])
 
 
+def still_transitions(prev: np.ndarray, nxt: np.ndarray, threshold: float) -> np.ndarray:
+    """bool (N,): True where frame nxt[i] differs from prev[i] by less than ``threshold``
+    grey levels, as the mean absolute difference over pixels and channels (uint8 (N, ...))."""
+    diff = np.abs(nxt.astype(np.int16) - prev.astype(np.int16))  # (N, C, H, W)
+    return diff.reshape(len(diff), -1).mean(axis=1) < threshold
+
+
 def still_windows(
     frames: np.ndarray, starts: np.ndarray, context: int, gap: int, threshold: float
 ) -> np.ndarray:
-    """Which windows are still: bool (N,), True where o[t+1] differs from o[t] by less than
-    ``threshold`` grey levels, as the mean absolute difference over pixels and channels.
+    """Which windows are still (`still_transitions` of o[t] and o[t+1]): bool (N,).
 
     frames: a clip's uint8 frames (T, C, H, W); starts: (N,) first frames of its windows.
     """
     last = np.asarray(starts, dtype=np.int64) + context * gap  # (N,) index of o[t+1]
-    nxt = frames[last].astype(np.int16)  # (N, C, H, W)
-    diff = np.abs(nxt - frames[last - gap].astype(np.int16))  # (N, C, H, W)
-    return diff.reshape(len(last), -1).mean(axis=1) < threshold
+    return still_transitions(frames[last - gap], frames[last], threshold)
 
 
 def pick_starts(starts: np.ndarray, limit: int, rng: np.random.Generator | None) -> np.ndarray:
