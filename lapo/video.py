@@ -94,6 +94,17 @@ def _decode_decord(data: bytes, num_threads: int) -> np.ndarray:
         raise
 
 
+def rgb_array(frame: av.VideoFrame, **resize) -> np.ndarray:
+    """The frame as uint8 RGB (H, W, 3), optionally scaled (``width``, ``height``, ``interpolation``).
+
+    Always single-threaded swscale. PyAV keeps one swscale context per thread, and by
+    default that context runs its own pool of slice threads; a process forked afterwards
+    (a DataLoader worker) inherits the context but not its threads, and hangs for good
+    when it uses or frees it. Frames here are small, so slice threads bought nothing.
+    """
+    return frame.reformat(format="rgb24", threads=1, **resize).to_ndarray()
+
+
 class _DecordLayoutError(RuntimeError):
     pass
 
@@ -107,7 +118,7 @@ def _decode_pyav(data: bytes, num_threads: int) -> np.ndarray:
             raise VideoDecodeError("no video stream")
         stream = container.streams.video[0]
         stream.codec_context.thread_count = max(num_threads, 1)
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        frames = [rgb_array(f) for f in container.decode(stream)]
     if not frames:
         raise VideoDecodeError("video has no frames")
     return np.stack(frames)  # (T, H, W, 3)
@@ -195,7 +206,7 @@ def encode_video(
             vf = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
             # swscale's default (bilinear) chroma subsampling smears colour edges of small game
             # frames; area averaging keeps the round-trip error about 4x lower.
-            vf = to_yuv.reformat(vf, format="yuv420p", interpolation="AREA")
+            vf = to_yuv.reformat(vf, format="yuv420p", interpolation="AREA", threads=1)
             vf.pts = i
             container.mux(stream.encode(vf))
         container.mux(stream.encode(None))
@@ -272,7 +283,7 @@ def open_video_file(path: str | Path) -> tuple[float, Iterator[av.VideoFrame]]:
 def iter_video_file(path: str | Path) -> tuple[float, Iterator[np.ndarray]]:
     """Like :func:`open_video_file`, yielding uint8 RGB frames (H, W, 3)."""
     fps, frames = open_video_file(path)
-    return fps, (f.to_ndarray(format="rgb24") for f in frames)
+    return fps, (rgb_array(f) for f in frames)
 
 
 def read_video_file(path: str | Path) -> tuple[np.ndarray, float]:
@@ -331,8 +342,7 @@ def square_frame(frame: av.VideoFrame | np.ndarray, size: int, mode: str = "crop
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     if mode == "crop":
         nh, nw = max(nh, size), max(nw, size)
-    img = frame.reformat(width=nw, height=nh, format="rgb24", interpolation="AREA")
-    img = img.to_ndarray(format="rgb24")  # (nh, nw, 3)
+    img = rgb_array(frame, width=nw, height=nh, interpolation="AREA")  # (nh, nw, 3)
     if mode == "crop":
         top, left = (nh - size) // 2, (nw - size) // 2
         return np.ascontiguousarray(img[top : top + size, left : left + size])

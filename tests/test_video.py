@@ -163,3 +163,38 @@ def test_falls_back_to_pyav_without_decord(monkeypatch):
     assert video.decode_video_bytes(data).shape == (5, 16, 32, 3)
     monkeypatch.undo()
     assert video.set_backend() == "decord"
+
+
+def _decode_in_child(data: bytes, q) -> None:
+    q.put(video.decode_video_bytes(data, backend="pyav").shape)
+
+
+@pytest.mark.parametrize("from_thread", [False, True])
+def test_a_forked_worker_decodes_after_the_parent_did(from_thread):
+    """PyAV decoding in this process leaves nothing a forked DataLoader worker chokes on.
+
+    A worker forked after the parent decoded with PyAV (or resized a frame) must decode
+    too, and must not hang tearing down the parent's per-thread swscale state, also when
+    the fork comes from a thread other than the one that decoded.
+    """
+    import multiprocessing as mp
+    import threading
+
+    data = video.encode_video(moving_frames(6, 48, 64), fps=10)
+    assert video.decode_video_bytes(data, backend="pyav").shape == (6, 48, 64, 3)
+    video.square_frame(moving_frames(1, 48, 64)[0], 32)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_decode_in_child, args=(data, q), daemon=True)
+    starter = threading.Thread(target=child.start)
+    if from_thread:
+        starter.start()
+        starter.join()
+    else:
+        child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung, "a worker forked after PyAV decoding hung"
+    assert child.exitcode == 0 and q.get(timeout=5) == (6, 48, 64, 3)
