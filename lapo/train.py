@@ -79,7 +79,8 @@ class StageModule(L.LightningModule):
         cfg = self.optim_cfg
         opt = adamw(self.named_parameters(), decayed, lr=cfg.lr, weight_decay=cfg.weight_decay,
                     betas=cfg.betas)  # fmt: skip
-        budget = time_budget(self.trainer)  # trainer.max_minutes: the cosine follows the clock too
+        # trainer.max_minutes: the cosine follows the clock too (no trainer, as in a plain loop: steps)
+        budget = time_budget(self._trainer) if self._trainer is not None else None
         clock = (lambda: budget.fraction) if budget is not None else None
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.optim_cfg, self.trainer_cfg.max_steps, clock)
