@@ -14,7 +14,11 @@ budget for
   - idm-supervised: an IDM of the same encoder trained from scratch on the same N labels;
   - idm-supervised from stage 1: the pretrained IDM itself trained on the same N labels
     (`lapo finetune --method idm-supervised --lam RUN`), as many updates as the one above;
-  - ceiling: the supervised IDM trained on every label of the train set.
+  - ceiling: the supervised IDM trained on every label of the train set;
+  - identifiable: the most an IDM that reads the action from o[t+1] can score when actions
+    are drawn uniformly, measured in the emulator (experiments/action_ceiling.py: every
+    action tried from the same states, those with the same next frame counted as one),
+    written to OUT/eval/action_ceiling.json.
 
 babyai: record expert (BabyAI bot) demos with random detours, pretrain stage 1 and clone the latent policy
 on them as unlabelled video, then closed-loop success rate of
@@ -40,6 +44,8 @@ from pathlib import Path
 
 from lapo.cli_args import HelpFormatter, RawHelpFormatter
 from lapo.config import CONFIGS, read_yaml
+from lapo.identifiability import measure
+from lapo.io import atomic_write_json
 from lapo.stages import run_step
 
 
@@ -117,6 +123,12 @@ def procgen(a: argparse.Namespace) -> dict:
             [*rec, "--episodes", max(10, a.episodes // 10), "--seed", a.seed + 1000, "--out", held],
             held / "manifest.json",
         )
+    identifiable = out / "eval" / "action_ceiling.json"
+    if a.action_states and not identifiable.is_file():  # seconds: no model, only the emulator
+        found = measure(f"procgen:{a.game}", states=a.action_states, policy="sticky", seed=a.seed,
+                        max_episode_steps=30)  # fmt: skip
+        identifiable.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(identifiable, found)
     lam = out / "lam"
     size = ["--set", f"model.image_size={a.image_size}", f"model.impala_scale={a.impala_scale}"]
     recipe = read_yaml(CONFIGS / "lam" / "procgen_cpu.yaml")
@@ -225,8 +237,11 @@ def procgen(a: argparse.Namespace) -> dict:
              if b in lam_idm_budgets else None, "ceiling": ceiling}
         )  # fmt: skip
     lam_m = metrics(ev / "lapo.json")
+    found = metrics(identifiable) if identifiable.is_file() else {}
     res = {
         "experiment": "procgen", "game": a.game, "rows": rows, "ceiling_run": n_all,
+        "identifiable": found.get("ceiling"), "identifiable_run": found or None,
+        "still_share": lam_m.get("still_share"),
         "seconds": c.seconds(),
         "probe_accuracy": lam_m.get("probe_accuracy"),
         "probe_majority_baseline": lam_m.get("probe_majority_baseline"),
@@ -245,6 +260,10 @@ def procgen(a: argparse.Namespace) -> dict:
         *(f"| {r['budget']} | {r['lapo']:.3f} | {_cell(r['lapo_stage1_labels'])} | "
           f"{_cell(r['idm_supervised'])} | {_cell(r['idm_from_stage1'])} | {_cell(r['ceiling'])} |" for r in rows),
         "",
+        f"identifiable: {_cell(res['identifiable'])}, the most an IDM that reads the action from "
+        "o[t+1] can score under uniform actions (those with the same next frame are one, "
+        "measured in the emulator)" + ("" if res["still_share"] is None else
+        f"; {res['still_share']:.3f} of the held-out windows are still"),
         f"latent probe accuracy {res['probe_accuracy']} (majority {res['probe_majority_baseline']}); "
         f"FDM PSNR {res['fdm_psnr']} dB (copy-last-frame {res['fdm_psnr_copy_baseline']} dB)",
         *(f"stage 1 with {b} labels: probe {m['probe_accuracy']}, FDM PSNR {m['fdm_psnr']} dB"
@@ -396,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
         dest="ceiling",
         action="store_false",
         help="skip the all-labels supervised IDM (its cells stay empty)",
+    )
+    pg.add_argument(
+        "--action-states",
+        type=int,
+        default=1000,
+        help="emulator states at which every action is tried for the identifiable ceiling "
+        "(experiments/action_ceiling.py; about 20 s per 1000; 0 skips it)",
     )
     pg.add_argument("--impala-scale", type=int, default=1, help="IMPALA encoder width factor")
     pg.add_argument("--idm-epochs", type=int, default=60, help="most epochs for a small budget")

@@ -584,6 +584,8 @@ class EvaluateConfig:
     """At most this many held-out windows, a seeded subset (None: the run's val_max; 0: all)."""
     batch_size: int = 256
     """Windows per forward pass."""
+    still_threshold: float = 0.5
+    """Grey levels (0-255, mean absolute difference of o[t+1] from o[t]) under which a held-out window counts as still: the decoder is also scored apart on the still windows and the others (data.still_threshold's measure)."""
     episodes: int = 20
     """Rollout episodes, seeded 0..N-1; the random policy plays the same seeds."""
     max_steps: int = 500
@@ -608,6 +610,7 @@ class EvaluateConfig:
             "must be >= 0 (0: all)",
         )
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.still_threshold >= 0.0, "still_threshold", "must be >= 0")
         _check(self.episodes >= 1, "episodes", "must be >= 1")
         _check(self.max_steps >= 1, "max_steps", "must be >= 1")
         _check(

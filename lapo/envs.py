@@ -22,11 +22,16 @@ Frames are what a policy acts from and what the video holds:
 Procgen has no terminal observation: when an episode ends the game resets at
 once. `step` then returns the previous frame again with `info["terminal_frame"]
 = False`; MiniGrid's terminal observation is real (`True`).
+
+`snapshot()` / `restore(state)` save and bring back the whole state (Procgen: the game's
+own serialized state; MiniGrid: a deep copy), so an action can be tried and undone:
+`lapo.identifiability` probes every action at a state this way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import io
 import re
@@ -90,6 +95,15 @@ class Env:
     def expert_action(self) -> int:
         raise EnvError(f"{self.spec}: no expert policy (only babyai:* levels have the BabyAI bot)")
 
+    def snapshot(self) -> object:
+        """An opaque copy of the current state, for `restore`; later steps do not change it."""
+        raise EnvError(f"{self.spec}: {type(self).__name__} cannot save and restore its state")
+
+    def restore(self, state: object) -> None:
+        """Back to the state `snapshot` returned: the following steps (and resets without a
+        seed) play exactly as they would have from there. A state can be restored many times."""
+        raise EnvError(f"{self.spec}: {type(self).__name__} cannot save and restore its state")
+
     def close(self) -> None:
         pass
 
@@ -138,7 +152,7 @@ class ProcgenEnv(Env):
         self.num_actions = len(combos)
         self.action_meanings = ["+".join(c) if c else "NOOP" for c in combos]
         self.sample_actions = tuple(range(self.num_actions))
-        self._auto_seed, self._env, self._frame = seed, None, None
+        self._auto_seed, self._env, self._frame, self._pending = seed, None, None, None
 
     def _make(self, level: int):
         return self.gym3_env(1, num_levels=1, start_level=level, rand_seed=level)
@@ -194,6 +208,18 @@ class ProcgenEnv(Env):
             return self._frame, reward, True, {"terminal_frame": False, "success": success}
         self._frame = self._pending
         return self._frame, reward, False, {}
+
+    def snapshot(self) -> tuple:
+        """(gym3 env, its game state, frames, auto seed). The env object itself is kept: a step
+        that ends the episode drops it from `self`, and `restore` must bring it back."""
+        states = None if self._env is None else self._env.get_state()
+        return self._env, states, self._frame, self._pending, self._auto_seed
+
+    def restore(self, state: tuple) -> None:
+        env, states, self._frame, self._pending, self._auto_seed = state
+        if env is not None:
+            env.set_state(states)
+        self._env = env
 
 
 class MiniGridEnv(Env):
@@ -278,6 +304,19 @@ class MiniGridEnv(Env):
             taken = None if self._last == self._suggested else self._last
         self._suggested = int(self._bot.replan(taken))
         return self._suggested
+
+    def snapshot(self) -> tuple:
+        """A deep copy of the gymnasium env (wrappers, grid, RNG) and of the BabyAI bot that
+        plays it, copied together so that the copied bot plays the copied env."""
+        return copy.deepcopy(
+            (self._env, self._bot, self._suggested, self._last, self.mission, self._auto_seed)
+        )
+
+    def restore(self, state: tuple) -> None:
+        # copy again: the snapshot must stay as it was for the next restore
+        (self._env, self._bot, self._suggested, self._last, self.mission,
+         self._auto_seed) = copy.deepcopy(state)  # fmt: skip
+        self._u = self._env.unwrapped
 
 
 def _valid_minigrid_ids(prefix: str) -> list[str]:

@@ -7,6 +7,12 @@ trained on.
 
 - ``decoder_accuracy`` (discrete) or ``decoder_mse`` (continuous): agent.label
   (IDM + decoder) against the true action of each window.
+- ``still_share``, ``decoder_accuracy_still`` and ``decoder_accuracy_moving`` (or the
+  ``_mse`` ones), ``still_majority_baseline``: the share of held-out windows whose o[t+1]
+  is within ``still_threshold`` grey levels of o[t], and the decoder on those and on the
+  rest. A still window shows nothing of its action: there no decoder beats the best
+  constant guess, so a low ``decoder_accuracy`` with most windows still is the video's
+  limit, not the model's.
 - ``policy_accuracy`` / ``policy_mse``: agent.act on the context alone, when the
   run has a policy.
 - ``probe_accuracy`` and ``probe_majority_baseline`` (``probe_mse`` /
@@ -101,7 +107,8 @@ def _offline(cfg: EvaluateConfig, agent, model: Path, labeled: str | Path,
     windows, sel = heldout_split(
         agent, labeled, seed=ft.seed, val_fraction=frac, max_windows=val_max
     )
-    res = collect(agent, windows, batch_size=cfg.batch_size, device=device, progress=cfg.progress)
+    res = collect(agent, windows, batch_size=cfg.batch_size, device=device, progress=cfg.progress,
+                  still_threshold=cfg.still_threshold)  # fmt: skip
     metrics = offline_metrics(agent, res, windows.ids, seed=cfg.seed)
     metrics["labeled"] = str(Path(labeled).resolve())
     metrics["split"] = {"rule": "lapo.labelled.select_budget", "seed": ft.seed,
@@ -116,7 +123,8 @@ def _offline(cfg: EvaluateConfig, agent, model: Path, labeled: str | Path,
                                title=f"latent actions of held-out windows ({agent.method})")  # fmt: skip
         plots["latents"] = str(path)
     if budget_runs is not None:
-        rows = budget_curve(budget_runs, windows, batch_size=cfg.batch_size, device=device)
+        rows = budget_curve(budget_runs, windows, batch_size=cfg.batch_size, device=device,
+                            still_threshold=cfg.still_threshold)  # fmt: skip
         metrics["label_budgets"] = rows
         key = "decoder_accuracy" if discrete else "decoder_mse"
         ok = [r for r in rows if r.get(key) is not None]

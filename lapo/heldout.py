@@ -6,6 +6,13 @@ with the run's seed and val_fraction), so none of these windows was trained on.
 turns those into decoder and policy accuracy (or MSE), the latent probe, the world model's
 PSNR against copying o[t], and codebook perplexity and usage; `budget_curve` scores each
 run of a label-budget curve on the same windows.
+
+The decoder is also scored apart on the still windows (o[t+1] within `still_threshold` grey
+levels of o[t], the measure `data.still_keep` uses) and on the others. A still window shows
+nothing of the action, so on those no model that reads the action from the frames' change
+can beat the best constant guess (`still_majority_baseline`); where a decoder falls short
+overall, the split tells a latent that missed visible actions from video whose actions
+mostly do not show.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from lapo.models.common import psnr_from_mse
 from lapo.models.quantizers import code_histogram, perplexity_from_counts, usage_from_counts
 from lapo.probe import fit_probe
 from lapo.runs import load_agent, read_budget_curve
+from lapo.windows import still_transitions
 
 # --------------------------------------------------------------------------- held-out data
 
@@ -35,10 +43,19 @@ def heldout_split(agent, labeled: str | Path, *, seed: int, val_fraction: float,
 
 
 @torch.no_grad()
-def collect(agent, windows, *, batch_size: int, device: str, progress: bool = True) -> dict:
+def collect(
+    agent,
+    windows,
+    *,
+    batch_size: int,
+    device: str,
+    progress: bool = True,
+    still_threshold: float = 0.5,
+) -> dict:
     """Run the agent over held-out windows; keep only small per-window results.
 
-    Returns numpy arrays: true (N,) or (N, D); label (decoder's action) and act
+    Returns numpy arrays: true (N,) or (N, D); still (N,) bool, o[t+1] within
+    `still_threshold` grey levels of o[t]; label (decoder's action) and act
     (policy's action) or None; latent (N, latent_dim) or None; codes (N, heads) or
     None; fdm_psnr and fdm_psnr_copy_baseline, the PSNRs of the world model's and of
     copying o[t]'s squared error pooled over every window.
@@ -46,7 +63,7 @@ def collect(agent, windows, *, batch_size: int, device: str, progress: bool = Tr
     lapo_lam = agent.lam if agent.method == "lapo" else None
     can_label = agent.method != "bc"
     can_act = agent.has_policy
-    out: dict = {"true": [], "label": [], "act": [], "latent": [], "codes": []}
+    out: dict = {"true": [], "still": [], "label": [], "act": [], "latent": [], "codes": []}
     fdm_sum = copy_sum = 0.0
     has_fdm = False
     n = len(windows)
@@ -55,6 +72,10 @@ def collect(agent, windows, *, batch_size: int, device: str, progress: bool = Tr
         idx = torch.arange(i, min(i + batch_size, n))
         frames = windows.frames[windows.index[idx]].to(device)  # (B, k+1, 3, H, W) uint8
         out["true"].append(windows.actions[idx])
+        pair = windows.frames[windows.index[idx][:, -2:]].numpy()  # (B, 2, 3, H, W) uint8
+        out["still"].append(
+            torch.from_numpy(still_transitions(pair[:, 0], pair[:, 1], still_threshold))
+        )
         if can_label:
             out["label"].append(agent.label(frames)["action"].cpu())
         if can_act:
@@ -104,6 +125,7 @@ def offline_metrics(agent, res: dict, ids: list[tuple[str, int]], *, seed: int =
     else:
         m["decoder_mse"] = score(res["label"], true, False)
         m["policy_mse"] = score(res["act"], true, False)
+    m.update(still_split(res, agent.action_space))
     m["fdm_psnr"] = res["fdm_psnr"]
     m["fdm_psnr_copy_baseline"] = res["fdm_psnr_copy_baseline"]
     probe_keys = (
@@ -133,10 +155,32 @@ def offline_metrics(agent, res: dict, ids: list[tuple[str, int]], *, seed: int =
     return m
 
 
+def still_split(res: dict, space: dict) -> dict:
+    """The decoder scored apart on still and moving windows (see the module docstring).
+
+    still_share: the share of still windows; decoder_accuracy_still / _moving (discrete) or
+    decoder_mse_still / _moving, None where a part is empty or the agent cannot label;
+    still_majority_baseline: the best constant guess on the still windows (discrete).
+    """
+    still, true, pred = res["still"], res["true"], res["label"]
+    n = len(true)
+    discrete = space["type"] == "discrete"
+    key = "decoder_accuracy" if discrete else "decoder_mse"
+    out: dict = {"still_share": float(still.mean()) if n else None}
+    for part, mask in (("still", still), ("moving", ~still)):
+        out[f"{key}_{part}"] = None if pred is None else score(pred[mask], true[mask], discrete)
+    if discrete:
+        counts = np.bincount(true[still], minlength=space["n"])
+        out["still_majority_baseline"] = float(counts.max() / still.sum()) if still.any() else None
+    return out
+
+
 # --------------------------------------------------------------------------- label budgets
 
 
-def budget_curve(budget_runs: str | Path, windows, *, batch_size: int, device: str) -> list[dict]:
+def budget_curve(
+    budget_runs: str | Path, windows, *, batch_size: int, device: str, still_threshold: float = 0.5
+) -> list[dict]:
     """Score each run of a label-budget curve (`lapo finetune --label-budgets`) on `windows`.
 
     A budget that has no run (more labels than the data holds) keeps its error.
@@ -147,9 +191,12 @@ def budget_curve(budget_runs: str | Path, windows, *, batch_size: int, device: s
             rows.append(row)
             continue
         fitted = load_agent(row["run"]).to(device)
-        res = collect(fitted, windows, batch_size=batch_size, device=device, progress=False)
+        res = collect(fitted, windows, batch_size=batch_size, device=device, progress=False,
+                      still_threshold=still_threshold)  # fmt: skip
         discrete = fitted.action_space["type"] == "discrete"
         key = "decoder_accuracy" if discrete else "decoder_mse"
+        split = {k: v for k, v in still_split(res, fitted.action_space).items()
+                 if k.startswith(key)}  # fmt: skip
         rows.append({"budget": row["budget"], key: score(res["label"], res["true"], discrete),
-                     "run": row["run"]})  # fmt: skip
+                     **split, "run": row["run"]})  # fmt: skip
     return rows

@@ -155,6 +155,16 @@ def test_metrics_match_an_independent_computation(metrics, babyai, run):
     assert m["codebook_usage"] == pytest.approx(usage)
     counts = np.bincount(actions.numpy(), minlength=7)
     assert m["decoder_majority_baseline"] == pytest.approx(counts.max() / counts.sum())
+    # the still / moving split: o[t+1] within 0.5 grey levels of o[t], by its own measure
+    diff = (frames[:, -1].double() - frames[:, -2].double()).abs().flatten(1).mean(1)
+    still = (diff < 0.5).numpy()
+    assert 0 < still.sum() < len(still)  # BabyAI's turns and bumps against walls are still
+    right = (label["action"] == actions).numpy()
+    assert m["still_share"] == pytest.approx(still.mean())
+    assert m["decoder_accuracy_still"] == pytest.approx(right[still].mean())
+    assert m["decoder_accuracy_moving"] == pytest.approx(right[~still].mean())
+    still_counts = np.bincount(actions.numpy()[still], minlength=7)
+    assert m["still_majority_baseline"] == pytest.approx(still_counts.max() / still.sum())
 
 
 def test_rollouts_are_seeded_bounded_and_finite():
@@ -243,6 +253,8 @@ def test_pipeline_end_to_end_with_label_budgets(babyai, tmp_path):
     assert "exceeds" in rows[100000]["error"]
     # the budget-30 refit has RUN_F's settings and data: the same decoder, the same accuracy
     assert rows[30]["decoder_accuracy"] == pytest.approx(m["decoder_accuracy"])
+    for key in ("decoder_accuracy_still", "decoder_accuracy_moving"):  # the split, per budget
+        assert rows[30][key] == pytest.approx(m[key])
     assert Path(m["plots"]["budgets"]).is_file()
     for key in KEYS[:7]:
         assert math.isfinite(m[key]), key

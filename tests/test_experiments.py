@@ -5,6 +5,7 @@ experiments/label_efficiency.py: reading an earlier chain's recordings."""
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -84,7 +85,8 @@ class _Stop(Exception):
 
 
 def test_label_efficiency_reads_an_earlier_recording_with_data(tmp_path, monkeypatch):
-    """--data DIR: no recording step, and stage 1 trains on DIR/train."""
+    """--data DIR: no recording step, and stage 1 trains on DIR/train; the identifiable
+    ceiling is measured in the emulator before it."""
     ran = []
 
     def run(self, argv, marker):
@@ -99,8 +101,11 @@ def test_label_efficiency_reads_an_earlier_recording_with_data(tmp_path, monkeyp
         (data / split / "manifest.json").write_text("{}")
     with pytest.raises(_Stop):
         label_efficiency.main(["procgen", "--game", "miner", "--out", str(tmp_path / "exp"),
-                               "--data", str(data)])  # fmt: skip
+                               "--data", str(data), "--action-states", "12"])  # fmt: skip
     assert len(ran) == 1 and not any("data_prep.record" in a for a in ran[0])
+    found = json.loads((tmp_path / "exp" / "eval" / "action_ceiling.json").read_text())
+    assert found["spec"] == "procgen:miner" and found["states"] == 12
+    assert 1 / 15 <= found["ceiling"] <= 1
     assert ran[0][ran[0].index("--data") + 1] == str(data / "train")
     assert not (tmp_path / "exp" / "data").exists()
 
