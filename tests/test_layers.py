@@ -26,7 +26,7 @@ LAYERS: dict[str, list[str]] = {
         "config": "lapo.config lapo.cli_args",
         "data": "lapo.shards lapo.validate lapo.windows lapo.timeline lapo.split lapo.ring "
         "lapo.stream lapo.loader lapo.labelled lapo.ingest lapo.ingest_plan lapo.source_video "
-        "lapo.envs lapo.record lapo.data",
+        "lapo.envs lapo.identifiability lapo.record lapo.data",
         "models": "lapo.models.* lapo.agent lapo.probe lapo.health",
         "runs": "lapo.runs lapo.resume lapo.checkpoint lapo.optim lapo.sharding lapo.callbacks "
         "lapo.train lapo.trainer lapo.rollouts lapo.plots",
