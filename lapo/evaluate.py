@@ -287,4 +287,11 @@ def run(args: argparse.Namespace) -> int:
             "random_success_rate")  # fmt: skip
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
     print(f"lapo evaluate: {shown} -> {_out_paths(args.out)[0]}")
+    still, acc = metrics.get("still_share"), metrics.get("decoder_accuracy_still")
+    moving = metrics.get("decoder_accuracy_moving")
+    if all(isinstance(x, float) for x in (still, acc, moving)):  # discrete, both parts there
+        print(f"lapo evaluate: {still:.0%} of the held-out windows are still (o[t+1] within "
+              f"{cfg.still_threshold} grey levels of o[t]); the decoder scores {acc:.3f} there "
+              f"(best constant {metrics['still_majority_baseline']:.3f}) and "
+              f"{moving:.3f} on the others")  # fmt: skip
     return 0

@@ -248,6 +248,7 @@ def test_pipeline_end_to_end_with_label_budgets(babyai, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads(out.read_text())
     assert "decoder_accuracy" in res.stdout
+    assert f"{m['still_share']:.0%} of the held-out windows are still" in res.stdout
     rows = {r["budget"]: r for r in m["label_budgets"]}
     assert 0 <= rows[10]["decoder_accuracy"] <= 1 and 0 <= rows[30]["decoder_accuracy"] <= 1
     assert "exceeds" in rows[100000]["error"]
