@@ -153,8 +153,6 @@ class ModelConfig(EncoderConfig):
     """Continuous: how the vector is bounded."""
     continuous_noise: float = 0.1
     """Continuous: std of Gaussian noise added while training (an information limit)."""
-    idm_motion: bool = False
-    """The IDM also sees o[t+1] - o[t] as one more frame (centred on 0.5): where something moved, and which way, handed to its first layer instead of learnt from the stacked frames."""
     fdm: Literal["pixel", "latent"] = "pixel"
     """World model target: pixels (U-Net, LAPO) or a learned embedding with an EMA target encoder (LAOM)."""
     fdm_channels: int = 32

@@ -108,25 +108,6 @@ def test_frames_of_another_size_are_resized():
     assert pred.shape == (2, 3, 16, 16)
 
 
-@pytest.mark.parametrize("encoder", ["impala", "transformer"])
-def test_idm_motion_hands_the_change_to_the_encoder(encoder):
-    """model.idm_motion: the encoder gets o[t+1] - o[t] (as 0.5 + diff / 2) after the frames."""
-    model = LatentActionModel(tiny_cfg(idm_motion=True, encoder=encoder), context=2)
-    frames, _ = sprite_windows(3)
-    seen = []
-    model.idm.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    loss, _, _ = model.loss(frames)
-    x = prepare_frames(frames, 16)  # (3, 3, 3, 16, 16)
-    assert seen[0].shape == (3, 4, 3, 16, 16)
-    assert torch.allclose(seen[0][:, :3], x)
-    assert torch.allclose(seen[0][:, 3], 0.5 + 0.5 * (x[:, 2] - x[:, 1]))
-    loss.backward()  # the extra frame's weights learn like the others
-    assert first_idm_weight(model).grad.abs().sum() > 0
-    plain = LatentActionModel(tiny_cfg(encoder=encoder), context=2)
-    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
-    assert extra > 0  # one more frame's worth of input weights, nothing else
-
-
 def test_wrong_window_length_names_the_fault():
     model = LatentActionModel(tiny_cfg(), context=2)
     frames, _ = sprite_windows(2, context=3)

@@ -1,7 +1,6 @@
 """Inverse dynamics model: a window o[t-k+1..t+1] -> pre-quantisation latent action.
 
-The IDM sees the k context frames and the next frame, so it can tell what changed; with
-`model.idm_motion` it also gets that change, o[t+1] - o[t], as one more frame.
+The IDM sees the k context frames and the next frame, so it can tell what changed.
 The bottleneck that turns its output into the latent action z[t] is a sibling module
 (`LatentActionModel.bottleneck`), which keeps the IDM a pure encoder and lets stage 2
 regress either side of the quantiser.
@@ -9,7 +8,6 @@ regress either side of the quantiser.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,10 +21,9 @@ class IDM(nn.Module):
         """cfg: lapo.config.ModelConfig; context: k, the number of frames before o[t+1]."""
         super().__init__()
         self.context = context
-        self.motion = bool(getattr(cfg, "idm_motion", False))
         self.encoder = build_encoder(
             cfg,
-            num_frames=context + 1 + self.motion,
+            num_frames=context + 1,
             image_size=cfg.image_size,
             out_dim=cfg.embed_dim,
             in_channels=in_channels,
@@ -35,9 +32,6 @@ class IDM(nn.Module):
 
     def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
         """frames (B, k+1, C, S, S) float in [0, 1] -> (features (B, embed_dim), pre (B, latent_dim))."""
-        if self.motion:  # the change o[t+1] - o[t], in [0, 1] like the frames
-            change = 0.5 + 0.5 * (frames[:, -1:] - frames[:, -2:-1])  # (B, 1, C, S, S)
-            frames = torch.cat([frames, change], dim=1)  # (B, k+2, C, S, S)
         feats = self.encoder(frames)  # (B, embed_dim)
         pre = self.head(F.relu(feats))  # (B, latent_dim)
         return feats, pre
