@@ -8,9 +8,15 @@ import pytest
 from lapo.envs import PROCGEN_GAMES, EnvError, episode_seeds, make_env, make_policy
 
 
-def rollout(env, seed: int, actions) -> tuple[list[np.ndarray], list[float], list[bool]]:
+def rollout(
+    env, seed: int, actions, before_step=None
+) -> tuple[list[np.ndarray], list[float], list[bool]]:
+    """Frames, rewards and dones of `actions` from reset(seed), stopping at the episode's
+    end; `before_step(env)`, if given, is called before each step."""
     frames, rewards, dones = [env.reset(seed)], [], []
     for a in actions:
+        if before_step is not None:
+            before_step(env)
         frame, reward, done, _ = env.step(int(a))
         frames.append(frame)
         rewards.append(reward)

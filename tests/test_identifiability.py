@@ -13,6 +13,7 @@ import pytest
 
 from lapo.envs import Env, EnvError, make_env
 from lapo.identifiability import measure, outcome_classes
+from tests.test_envs import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -23,20 +24,13 @@ LEFT, RIGHT, FORWARD, PICKUP, DROP, TOGGLE, DONE = range(7)
 
 
 def play(env: Env, seed: int, actions, probe: bool) -> tuple[list, list, list]:
-    """Frames, rewards and dones of `actions` from reset(seed), stopping at the episode's
-    end; with `probe`, every sampled action is tried (and undone) before each step."""
-    frames, rewards, dones = [env.reset(seed)], [], []
-    for a in actions:
-        if probe:
-            classes = outcome_classes(env, env.sample_actions)
-            assert sorted(a for g in classes for a in g) == sorted(env.sample_actions)
-        frame, reward, done, _ = env.step(int(a))
-        frames.append(frame)
-        rewards.append(reward)
-        dones.append(done)
-        if done:
-            break
-    return frames, rewards, dones
+    """`rollout`; with `probe`, every sampled action is tried (and undone) before each step."""
+
+    def try_all(env: Env) -> None:
+        classes = outcome_classes(env, env.sample_actions)
+        assert sorted(a for g in classes for a in g) == sorted(env.sample_actions)
+
+    return rollout(env, seed, actions, before_step=try_all if probe else None)
 
 
 def assert_same(a, b) -> None:
