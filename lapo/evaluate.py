@@ -58,7 +58,7 @@ import torch
 
 from lapo.cli_args import RawHelpFormatter, add_config_arguments, config_from_args
 from lapo.config import EvaluateConfig, FinetuneConfig, load_config, to_dict
-from lapo.heldout import budget_curve, collect, heldout_split, offline_metrics
+from lapo.heldout import budget_curve, collect, heldout_split, offline_metrics, still_mask
 from lapo.io import atomic_write_json
 from lapo.rollouts import rollout_metrics
 from lapo.runs import load_agent
@@ -107,9 +107,9 @@ def _offline(cfg: EvaluateConfig, agent, model: Path, labeled: str | Path,
     windows, sel = heldout_split(
         agent, labeled, seed=ft.seed, val_fraction=frac, max_windows=val_max
     )
-    res = collect(agent, windows, batch_size=cfg.batch_size, device=device, progress=cfg.progress,
-                  still_threshold=cfg.still_threshold)  # fmt: skip
-    metrics = offline_metrics(agent, res, windows.ids, seed=cfg.seed)
+    res = collect(agent, windows, batch_size=cfg.batch_size, device=device, progress=cfg.progress)
+    still = still_mask(windows, cfg.still_threshold)  # (N,) bool, shared by the budget runs
+    metrics = offline_metrics(agent, res, windows.ids, still, seed=cfg.seed)
     metrics["labeled"] = str(Path(labeled).resolve())
     metrics["split"] = {"rule": "lapo.labelled.select_budget", "seed": ft.seed,
                         "val_fraction": frac, "heldout_episodes": sel.heldout_episodes}  # fmt: skip
@@ -123,8 +123,7 @@ def _offline(cfg: EvaluateConfig, agent, model: Path, labeled: str | Path,
                                title=f"latent actions of held-out windows ({agent.method})")  # fmt: skip
         plots["latents"] = str(path)
     if budget_runs is not None:
-        rows = budget_curve(budget_runs, windows, batch_size=cfg.batch_size, device=device,
-                            still_threshold=cfg.still_threshold)  # fmt: skip
+        rows = budget_curve(budget_runs, windows, still, batch_size=cfg.batch_size, device=device)
         metrics["label_budgets"] = rows
         key = "decoder_accuracy" if discrete else "decoder_mse"
         ok = [r for r in rows if r.get(key) is not None]

@@ -43,19 +43,10 @@ def heldout_split(agent, labeled: str | Path, *, seed: int, val_fraction: float,
 
 
 @torch.no_grad()
-def collect(
-    agent,
-    windows,
-    *,
-    batch_size: int,
-    device: str,
-    progress: bool = True,
-    still_threshold: float = 0.5,
-) -> dict:
+def collect(agent, windows, *, batch_size: int, device: str, progress: bool = True) -> dict:
     """Run the agent over held-out windows; keep only small per-window results.
 
-    Returns numpy arrays: true (N,) or (N, D); still (N,) bool, o[t+1] within
-    `still_threshold` grey levels of o[t]; label (decoder's action) and act
+    Returns numpy arrays: true (N,) or (N, D); label (decoder's action) and act
     (policy's action) or None; latent (N, latent_dim) or None; codes (N, heads) or
     None; fdm_psnr and fdm_psnr_copy_baseline, the PSNRs of the world model's and of
     copying o[t]'s squared error pooled over every window.
@@ -63,7 +54,7 @@ def collect(
     lapo_lam = agent.lam if agent.method == "lapo" else None
     can_label = agent.method != "bc"
     can_act = agent.has_policy
-    out: dict = {"true": [], "still": [], "label": [], "act": [], "latent": [], "codes": []}
+    out: dict = {"true": [], "label": [], "act": [], "latent": [], "codes": []}
     fdm_sum = copy_sum = 0.0
     has_fdm = False
     n = len(windows)
@@ -72,10 +63,6 @@ def collect(
         idx = torch.arange(i, min(i + batch_size, n))
         frames = windows.frames[windows.index[idx]].to(device)  # (B, k+1, 3, H, W) uint8
         out["true"].append(windows.actions[idx])
-        pair = windows.frames[windows.index[idx][:, -2:]].numpy()  # (B, 2, 3, H, W) uint8
-        out["still"].append(
-            torch.from_numpy(still_transitions(pair[:, 0], pair[:, 1], still_threshold))
-        )
         if can_label:
             out["label"].append(agent.label(frames)["action"].cpu())
         if can_act:
@@ -110,8 +97,21 @@ def score(pred: np.ndarray | None, true: np.ndarray, discrete: bool) -> float | 
     return float(((pred.astype(np.float64) - true) ** 2).mean())
 
 
-def offline_metrics(agent, res: dict, ids: list[tuple[str, int]], *, seed: int = 0) -> dict:
-    """Metrics of `collect`'s results (see the module docstring for each key)."""
+def still_mask(windows, threshold: float, batch_size: int = 1024) -> np.ndarray:
+    """(N,) bool: which windows are still, o[t+1] within `threshold` grey levels of o[t].
+    A property of the windows alone, so one mask serves every run scored on them."""
+    parts = []
+    for i in range(0, len(windows), batch_size):
+        pair = windows.frames[windows.index[i : i + batch_size, -2:]].numpy()  # (B, 2, 3, H, W)
+        parts.append(still_transitions(pair[:, 0], pair[:, 1], threshold))
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
+
+
+def offline_metrics(
+    agent, res: dict, ids: list[tuple[str, int]], still: np.ndarray, *, seed: int = 0
+) -> dict:
+    """Metrics of `collect`'s results on windows whose `still_mask` is `still` (see the
+    module docstring for each key)."""
     discrete = agent.action_space["type"] == "discrete"
     true = res["true"]
     m: dict = {"heldout_windows": int(res["n"]), "heldout_episodes": len({e for e, _ in ids})}
@@ -125,7 +125,7 @@ def offline_metrics(agent, res: dict, ids: list[tuple[str, int]], *, seed: int =
     else:
         m["decoder_mse"] = score(res["label"], true, False)
         m["policy_mse"] = score(res["act"], true, False)
-    m.update(still_split(res, agent.action_space))
+    m.update(still_split(res, still, agent.action_space))
     m["fdm_psnr"] = res["fdm_psnr"]
     m["fdm_psnr_copy_baseline"] = res["fdm_psnr_copy_baseline"]
     probe_keys = (
@@ -155,14 +155,14 @@ def offline_metrics(agent, res: dict, ids: list[tuple[str, int]], *, seed: int =
     return m
 
 
-def still_split(res: dict, space: dict) -> dict:
+def still_split(res: dict, still: np.ndarray, space: dict) -> dict:
     """The decoder scored apart on still and moving windows (see the module docstring).
 
     still_share: the share of still windows; decoder_accuracy_still / _moving (discrete) or
     decoder_mse_still / _moving, None where a part is empty or the agent cannot label;
     still_majority_baseline: the best constant guess on the still windows (discrete).
     """
-    still, true, pred = res["still"], res["true"], res["label"]
+    true, pred = res["true"], res["label"]
     n = len(true)
     discrete = space["type"] == "discrete"
     key = "decoder_accuracy" if discrete else "decoder_mse"
@@ -179,7 +179,7 @@ def still_split(res: dict, space: dict) -> dict:
 
 
 def budget_curve(
-    budget_runs: str | Path, windows, *, batch_size: int, device: str, still_threshold: float = 0.5
+    budget_runs: str | Path, windows, still: np.ndarray, *, batch_size: int, device: str
 ) -> list[dict]:
     """Score each run of a label-budget curve (`lapo finetune --label-budgets`) on `windows`.
 
@@ -191,11 +191,10 @@ def budget_curve(
             rows.append(row)
             continue
         fitted = load_agent(row["run"]).to(device)
-        res = collect(fitted, windows, batch_size=batch_size, device=device, progress=False,
-                      still_threshold=still_threshold)  # fmt: skip
+        res = collect(fitted, windows, batch_size=batch_size, device=device, progress=False)
         discrete = fitted.action_space["type"] == "discrete"
         key = "decoder_accuracy" if discrete else "decoder_mse"
-        split = {k: v for k, v in still_split(res, fitted.action_space).items()
+        split = {k: v for k, v in still_split(res, still, fitted.action_space).items()
                  if k.startswith(key)}  # fmt: skip
         rows.append({"budget": row["budget"], key: score(res["label"], res["true"], discrete),
                      **split, "run": row["run"]})  # fmt: skip
