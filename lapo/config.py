@@ -163,6 +163,8 @@ class ModelConfig(EncoderConfig):
     """Pixel world model predicts o[t+1] - o[t] on top of o[t] (starts near a copy of o[t]); false: the frame itself through a sigmoid, as LAPO does."""
     fdm_loss_scale: Literal["none", "copy"] = "none"
     """Pixel world model: "copy" divides the MSE by the batch's MSE of copying o[t] (no gradient), so 1.0 means no better than a copy whatever the share of pixels that move. Small moving sprites give MSEs near 1e-4, which the VQ commitment term (order 1) otherwise drowns: the IDM then serves the codebook and the latent collapses."""
+    fdm_loss: Literal["mse", "l1"] = "mse"
+    """Pixel world model: the per-pixel error it is trained on. Under "mse" a world model unsure where a sprite goes draws a faint copy at each place it might be, and gets half the credit for the move without the latent; under "l1" it must commit, so which way something moved is worth as much as that it moved. `fdm_loss_scale: copy` then divides by copying o[t]'s error of the same kind. PSNR and every score stay MSE-based."""
     ema_decay: float = 0.995
     """Latent world model: EMA decay of the target encoder."""
     fdm_latent_loss: Literal["cosine", "mse"] = "cosine"
