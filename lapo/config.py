@@ -163,8 +163,10 @@ class ModelConfig(EncoderConfig):
     """Pixel world model predicts o[t+1] - o[t] on top of o[t] (starts near a copy of o[t]); false: the frame itself through a sigmoid, as LAPO does."""
     fdm_loss_scale: Literal["none", "copy"] = "none"
     """Pixel world model: "copy" divides the MSE by the batch's MSE of copying o[t] (no gradient), so 1.0 means no better than a copy whatever the share of pixels that move. Small moving sprites give MSEs near 1e-4, which the VQ commitment term (order 1) otherwise drowns: the IDM then serves the codebook and the latent collapses."""
-    fdm_loss: Literal["mse", "l1"] = "mse"
-    """Pixel world model: the per-pixel error it is trained on. Under "mse" a world model unsure where a sprite goes draws a faint copy at each place it might be, and gets half the credit for the move without the latent; under "l1" it must commit, so which way something moved is worth as much as that it moved. `fdm_loss_scale: copy` then divides by copying o[t]'s error of the same kind. PSNR and every score stay MSE-based."""
+    fdm_loss: Literal["mse", "huber"] = "mse"
+    """Pixel world model: the per-pixel error it is trained on. Under "mse" a world model unsure where a sprite goes draws a faint copy at each place it might be, and gets half the credit for the move without the latent. "huber" is quadratic for errors under `fdm_huber_delta` (the near-static background, as under MSE) and linear above it, where a sprite's pixels land: a blend earns nothing there, so which way something moved is worth as much as that it moved. `fdm_loss_scale: copy` then divides by copying o[t]'s error of the same kind. PSNR and every score stay MSE-based. (Plain L1, tried: the U-Net's small output on every static pixel then costs as much as the sprite, and it fell behind copying.)"""
+    fdm_huber_delta: float = 0.05
+    """Pixel world model, fdm_loss huber: the error (on [0, 1] pixels; 0.05 is about 13 grey levels) where the loss turns from quadratic to linear."""
     ema_decay: float = 0.995
     """Latent world model: EMA decay of the target encoder."""
     fdm_latent_loss: Literal["cosine", "mse"] = "cosine"
@@ -197,6 +199,7 @@ class ModelConfig(EncoderConfig):
         _check(self.num_actions >= 0, "model.num_actions", "must be >= 0")
         _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
         _check(self.fdm_channels >= 1, "model.fdm_channels", "must be >= 1")
+        _check(self.fdm_huber_delta > 0, "model.fdm_huber_delta", "must be > 0")
         _check(self.vq_commitment >= 0, "model.vq_commitment", "must be >= 0")
         _check(self.vq_dead_code_threshold >= 0, "model.vq_dead_code_threshold", "must be >= 0")
         _check(0.0 <= self.ema_decay < 1.0, "model.ema_decay", "must be in [0, 1)")

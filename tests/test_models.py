@@ -305,20 +305,21 @@ def test_fdm_loss_scale_copy_divides_by_the_copy_baseline():
     assert ls["fdm_loss"] > 10 * ls["fdm_mse"]  # the sprite moves few pixels: MSEs are small
 
 
-def test_fdm_loss_l1_is_scaled_by_copying_l1_and_keeps_the_logged_mse():
-    """fdm_loss=l1: the objective is L1 / L1(copy o[t]); fdm_mse and PSNR stay MSE."""
+def test_fdm_loss_huber_is_scaled_by_copying_huber_and_keeps_the_logged_mse():
+    """fdm_loss=huber: the objective is Huber / Huber(copy o[t]); fdm_mse and PSNR stay MSE."""
     frames, _ = sprite_windows(8, seed=3)
     torch.manual_seed(0)
     mse = LatentActionModel(tiny_cfg(fdm_loss_scale="copy"), context=2)
     torch.manual_seed(0)
-    l1 = LatentActionModel(tiny_cfg(fdm_loss_scale="copy", fdm_loss="l1"), context=2)
+    l1 = LatentActionModel(tiny_cfg(fdm_loss_scale="copy", fdm_loss="huber"), context=2)
     mse.eval(), l1.eval()
     with torch.no_grad():
         _, lm, pred = mse.loss(frames)
         _, ll, _ = l1.loss(frames)
         x = l1.prepare(frames)
-        want = F.l1_loss(l1.fdm(x[:, :-1], l1.encode(frames)["latent"]), x[:, -1])
-        copy_l1 = F.l1_loss(x[:, -2], x[:, -1])
+        d = l1.cfg.fdm_huber_delta
+        want = F.smooth_l1_loss(l1.fdm(x[:, :-1], l1.encode(frames)["latent"]), x[:, -1], beta=d)
+        copy_l1 = F.smooth_l1_loss(x[:, -2], x[:, -1], beta=d)
     assert torch.isclose(lm["fdm_mse"], ll["fdm_mse"]) and torch.isclose(lm["psnr"], ll["psnr"])
     assert torch.isclose(ll["fdm_loss"], want / copy_l1, rtol=1e-3)
     assert not torch.isclose(ll["fdm_loss"], lm["fdm_loss"], rtol=1e-2)

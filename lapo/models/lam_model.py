@@ -200,14 +200,13 @@ class LatentActionModel(nn.Module):
             fdm_mse = F.mse_loss(pred_next, nxt)
             logs["fdm_mse"] = fdm_mse
             copy_mse = F.mse_loss(x[:, -2], nxt).detach()
-            if self.cfg.fdm_loss == "l1":
-                fdm_loss = F.l1_loss(pred_next, nxt)
-                copy_err = F.l1_loss(x[:, -2], nxt).detach()
-                floor = 1e-4
-            else:
-                fdm_loss, copy_err, floor = fdm_mse, copy_mse, 1e-5
+            fdm_loss, copy_err = fdm_mse, copy_mse
+            if self.cfg.fdm_loss == "huber":
+                delta = self.cfg.fdm_huber_delta
+                fdm_loss = F.smooth_l1_loss(pred_next, nxt, beta=delta)
+                copy_err = F.smooth_l1_loss(x[:, -2], nxt, beta=delta).detach()
             if self.cfg.fdm_loss_scale == "copy":  # 1.0 == as good as copying o[t]
-                fdm_loss = fdm_loss / copy_err.clamp_min(floor)  # a still batch: bounded
+                fdm_loss = fdm_loss / copy_err.clamp_min(1e-5)  # a still batch: bounded
             pred_next = pred_next.clamp(0.0, 1.0) if self.fdm.residual else pred_next
             # the squared errors behind the PSNRs, so a validation pass can pool them
             logs["pred_mse"] = F.mse_loss(pred_next.detach(), nxt)
