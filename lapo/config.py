@@ -153,6 +153,8 @@ class ModelConfig(EncoderConfig):
     """Continuous: how the vector is bounded."""
     continuous_noise: float = 0.1
     """Continuous: std of Gaussian noise added while training (an information limit)."""
+    idm_pool: Literal["flatten", "max"] = "flatten"
+    """How the IDM's IMPALA encoder turns its last feature map into features. "flatten" (LAPO): every cell has its own weights, so z[t] can say where in the frame something changed, and a narrow world model that cannot find a small sprite itself then learns to read its place from z[t] instead of the action. "max": one 1x1 map applied at every cell, then the maximum over the frame, so z[t] carries what changed, not where."""
     fdm: Literal["pixel", "latent"] = "pixel"
     """World model target: pixels (U-Net, LAPO) or a learned embedding with an EMA target encoder (LAOM)."""
     fdm_channels: int = 32
@@ -200,6 +202,11 @@ class ModelConfig(EncoderConfig):
         _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
         _check(self.fdm_channels >= 1, "model.fdm_channels", "must be >= 1")
         _check(self.fdm_huber_delta > 0, "model.fdm_huber_delta", "must be > 0")
+        _check(
+            self.idm_pool == "flatten" or self.encoder == "impala",
+            "model.idm_pool",
+            f"{self.idm_pool!r} needs model.encoder impala, got {self.encoder!r}",
+        )
         _check(self.vq_commitment >= 0, "model.vq_commitment", "must be >= 0")
         _check(self.vq_dead_code_threshold >= 0, "model.vq_dead_code_threshold", "must be >= 0")
         _check(0.0 <= self.ema_decay < 1.0, "model.ema_decay", "must be in [0, 1)")

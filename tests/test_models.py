@@ -513,3 +513,27 @@ def test_ddp_codebooks_stay_identical(tmp_path):
     assert torch.equal(r0["None"]["codebook"], r1["None"]["codebook"])
     assert not r0["False"]["synced"]
     assert not torch.equal(r0["False"]["codebook"], r1["False"]["codebook"])  # the check can fail
+
+
+def test_idm_pool_max_says_what_moved_not_where():
+    """model.idm_pool=max: the same motion 8 px away (the encoder's stride) gives nearly the
+    same features (the zero padding at the frame's edge is all that differs), while the
+    flattening head tells the two places apart."""
+    from lapo.models.idm import IDM
+
+    frames = torch.zeros(2, 3, 3, 32, 32)
+    for t in range(3):  # a 2x2 sprite stepping right, at two places 8 px apart
+        frames[0, t, :, 8:10, 8 + t : 10 + t] = 1.0
+        frames[1, t, :, 16:18, 16 + t : 18 + t] = 1.0
+    torch.manual_seed(0)
+    pooled = IDM(tiny_cfg(image_size=32, idm_pool="max"), context=2).eval()
+    torch.manual_seed(0)
+    flat = IDM(tiny_cfg(image_size=32), context=2).eval()
+    with torch.no_grad():
+        fp, _ = pooled(frames)
+        ff, _ = flat(frames)
+    rel_pooled = ((fp[0] - fp[1]).norm() / fp[0].norm()).item()
+    rel_flat = ((ff[0] - ff[1]).norm() / ff[0].norm()).item()
+    assert rel_pooled < rel_flat / 3
+    with pytest.raises(ConfigError, match="model.idm_pool"):
+        tiny_cfg(idm_pool="max", encoder="transformer")

@@ -68,16 +68,25 @@ class ImpalaEncoder(nn.Module):
         out_dim: int,
         scale: int = 4,
         in_channels: int = 3,
+        pool: str = "flatten",
     ):
         super().__init__()
+        if pool not in ("flatten", "max"):
+            raise ValueError(f"lapo/models/encoders.py: pool {pool!r} not in flatten, max")
         self.num_frames = num_frames
+        self.pool = pool
         chans = [c * scale for c in IMPALA_CHANNELS]
         stages, c_in, side = [], in_channels * num_frames, image_size
         for c_out in chans:
             stages.append(ImpalaStage(c_in, c_out))
             c_in, side = c_out, (side + 1) // 2
         self.stages = nn.Sequential(*stages)
-        self.fc = nn.Linear(c_in * side * side, out_dim)
+        if pool == "max":
+            # the same features at every cell, then the strongest response anywhere: the
+            # output says what the frames show, not where
+            self.fc = nn.Conv2d(c_in, out_dim, 1)
+        else:
+            self.fc = nn.Linear(c_in * side * side, out_dim)
         self.out_dim = out_dim
 
     def forward(self, frames: Tensor) -> Tensor:
@@ -89,6 +98,8 @@ class ImpalaEncoder(nn.Module):
         )
         x = rearrange(frames, "b t c h w -> b (t c) h w")  # (B, T*C, H, W)
         x = self.stages(x)  # (B, C', H/8, W/8)
+        if self.pool == "max":
+            return self.fc(F.relu(x)).amax(dim=(2, 3))  # (B, out_dim)
         x = F.relu(rearrange(x, "b c h w -> b (c h w)"))  # (B, C'*H/8*W/8)
         return self.fc(x)  # (B, out_dim)
 
@@ -195,7 +206,13 @@ class SpaceTimeEncoder(nn.Module):
 
 
 def build_encoder(
-    cfg, *, num_frames: int, image_size: int, out_dim: int, in_channels: int = 3
+    cfg,
+    *,
+    num_frames: int,
+    image_size: int,
+    out_dim: int,
+    in_channels: int = 3,
+    pool: str = "flatten",
 ) -> nn.Module:
     """The encoder that `cfg` names for windows of `num_frames`.
 
@@ -211,6 +228,12 @@ def build_encoder(
             out_dim=out_dim,
             scale=cfg.impala_scale,
             in_channels=in_channels,
+            pool=pool,
+        )
+    if pool != "flatten":
+        raise ValueError(
+            f"lapo/models/encoders.py: pool {pool!r} (model.idm_pool) needs encoder impala, "
+            f"got {kind!r}"
         )
     if kind == "transformer":
         return SpaceTimeEncoder(

@@ -27,6 +27,7 @@ class IDM(nn.Module):
             image_size=cfg.image_size,
             out_dim=cfg.embed_dim,
             in_channels=in_channels,
+            pool=cfg.idm_pool,
         )
         self.head = nn.Linear(cfg.embed_dim, cfg.latent_dim)
 
