@@ -98,9 +98,10 @@ ADVICE = {
     ),
     "probe": (
         "a probe from z[t] to the true action does no better than the majority action",
-        "z[t] encodes something other than the action (see latent_used), or the actions have "
-        "no visible effect in these frames",
-        "the fixes for latent_used; model.sup_weight > 0 with a few labels (LAOM)",
+        "z[t] encodes something other than the action (see latent_used), such as where in "
+        "the frame something changed, or the actions have no visible effect in these frames",
+        "model.idm_pool=max (z[t] then cannot say where); the fixes for latent_used; "
+        "model.sup_weight > 0 with a few labels (LAOM)",
     ),
 }
 
